@@ -1,0 +1,21 @@
+// Generates the etcd v3 API (client and server) from server/proto with a vendored protoc,
+// so a fresh machine needs no system protoc.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+    }
+    let protos = [
+        "proto/etcd/kv.proto",
+        "proto/etcd/auth.proto",
+        "proto/etcd/rpc.proto",
+        "proto/oxcd/internal.proto",
+    ];
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&protos, &["proto/etcd", "proto/oxcd"])?;
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Ok(())
+}

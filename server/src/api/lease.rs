@@ -1,0 +1,101 @@
+use crate::error::EtcdError;
+use crate::pb::etcdserverpb::{
+    lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use crate::pb::oxcdpb::raft_request::Request as Raft;
+use crate::server::{Applied, EtcdServer};
+use futures::StreamExt;
+use prost::Message;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct LeaseService(pub Arc<EtcdServer>);
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut r = req.into_inner();
+        self.0.check_quota(r.encoded_len()).await?;
+        if r.id == 0 {
+            r.id = self.0.next_id();
+        }
+        match self.0.propose(Raft::LeaseGrant(r)).await? {
+            Applied::LeaseGrant(mut resp) => {
+                self.0.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.0.propose(Raft::LeaseRevoke(req.into_inner())).await? {
+            Applied::LeaseRevoke(mut resp) => {
+                self.0.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let server = self.0.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(r)) = inbound.next().await {
+                // The header is taken before renewing, so its revision is never newer than the
+                // renewal (etcd does the same).
+                let header = Some(server.header(server.store.current_rev()));
+                let ttl = match server.lessor.renew(r.id) {
+                    Ok(ttl) => ttl,
+                    Err(EtcdError::LeaseNotFound) => 0,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(LeaseKeepAliveResponse { header, id: r.id, ttl })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let r = req.into_inner();
+        self.0.read_barrier().await?;
+        let mut resp = match self.0.lessor.time_to_live(r.id) {
+            Some(info) => LeaseTimeToLiveResponse {
+                header: None,
+                id: r.id,
+                ttl: info.remaining,
+                granted_ttl: info.granted,
+                keys: if r.keys { info.keys } else { vec![] },
+            },
+            None => LeaseTimeToLiveResponse { header: None, id: r.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+        };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self.0.lessor.ids().into_iter().map(|id| LeaseStatus { id }).collect();
+        let mut resp = LeaseLeasesResponse { header: None, leases };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+}

@@ -1,0 +1,96 @@
+use super::ETCD_API_VERSION;
+use crate::pb::etcdserverpb::{
+    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
+    AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
+    HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse,
+};
+use crate::pb::oxcdpb::raft_request::Request as Raft;
+use crate::server::{Applied, EtcdServer};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub struct MaintenanceService(pub Arc<EtcdServer>);
+
+fn not_yet(what: &str) -> Status {
+    Status::unimplemented(format!("oxcd: {what} is not supported yet"))
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let mut r = req.into_inner();
+        if r.action == AlarmAction::Get as i32 {
+            let alarms = self
+                .0
+                .alarms
+                .lock()
+                .iter()
+                .map(|(m, a)| crate::pb::etcdserverpb::AlarmMember { member_id: *m, alarm: *a })
+                .collect();
+            let mut resp = AlarmResponse { header: None, alarms };
+            self.0.fill(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
+        if r.member_id == 0 {
+            r.member_id = self.0.member.id;
+        }
+        match self.0.propose(Raft::Alarm(r)).await? {
+            Applied::Alarm(mut resp) => {
+                resp.header = None;
+                self.0.fill(&mut resp.header);
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.0;
+        let size = s.store.size_on_disk() as i64;
+        let errors = s
+            .alarms
+            .lock()
+            .iter()
+            .map(|(m, a)| {
+                let name = AlarmType::try_from(*a).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+                format!("memberID:{m} alarm:{name} ")
+            })
+            .collect();
+        let mut resp = StatusResponse {
+            header: None,
+            version: ETCD_API_VERSION.to_string(),
+            db_size: size,
+            leader: s.raft_status.leader.load(Ordering::Relaxed),
+            raft_index: s.raft_status.commit.load(Ordering::Relaxed),
+            raft_term: s.raft_status.term.load(Ordering::Relaxed),
+            raft_applied_index: s.applied_index(),
+            errors,
+            db_size_in_use: size,
+            is_learner: s.member.is_learner,
+        };
+        s.fill(&mut resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        Err(not_yet("Defragment"))
+    }
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(not_yet("Hash"))
+    }
+    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(not_yet("HashKV"))
+    }
+
+    type SnapshotStream = ReceiverStream<Result<SnapshotResponse, Status>>;
+
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(not_yet("Snapshot"))
+    }
+    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(not_yet("MoveLeader"))
+    }
+}

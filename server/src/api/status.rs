@@ -1,0 +1,67 @@
+//! The one place where core errors become etcd's gRPC status codes and messages
+//! (etcd's `rpctypes`), so clients react to oxcd exactly as to etcd.
+
+use crate::error::EtcdError;
+use tonic::{Code, Status};
+
+impl From<EtcdError> for Status {
+    fn from(e: EtcdError) -> Status {
+        let (code, msg) = match &e {
+            EtcdError::EmptyKey
+            | EtcdError::KeyNotFound
+            | EtcdError::ValueProvided
+            | EtcdError::LeaseProvided
+            | EtcdError::TooManyOps
+            | EtcdError::DuplicateKey
+            | EtcdError::RequestTooLarge => (Code::InvalidArgument, e.to_string()),
+            EtcdError::Compacted => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted".into(),
+            ),
+            EtcdError::FutureRev => (
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision".into(),
+            ),
+            EtcdError::NoSpace => (
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded".into(),
+            ),
+            EtcdError::LeaseNotFound => {
+                (Code::NotFound, "etcdserver: requested lease not found".into())
+            }
+            EtcdError::LeaseExists => (
+                Code::FailedPrecondition,
+                "etcdserver: lease already exists".into(),
+            ),
+            EtcdError::LeaseTtlTooLarge => {
+                (Code::OutOfRange, "etcdserver: too large lease TTL".into())
+            }
+            EtcdError::NoLeader | EtcdError::Timeout | EtcdError::Stopped => {
+                (Code::Unavailable, e.to_string())
+            }
+            EtcdError::Internal(_) => (Code::Unknown, e.to_string()),
+        };
+        Status::new(code, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_match_etcd_rpctypes() {
+        let s: Status = EtcdError::Compacted.into();
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert_eq!(
+            s.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+        let s: Status = EtcdError::DuplicateKey.into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "etcdserver: duplicate key given in txn request");
+        let s: Status = EtcdError::LeaseNotFound.into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(s.message(), "etcdserver: requested lease not found");
+    }
+}

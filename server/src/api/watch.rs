@@ -1,0 +1,42 @@
+use crate::pb::etcdserverpb::{watch_server::Watch, ResponseHeader, WatchRequest, WatchResponse};
+use crate::mvcc::Store;
+use crate::server::EtcdServer;
+use crate::watch::{WatchContext, WatchHub, WatchStream};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct WatchService(pub Arc<EtcdServer>);
+
+impl WatchContext for EtcdServer {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn hub(&self) -> &WatchHub {
+        &self.hub
+    }
+    fn header(&self, rev: i64) -> ResponseHeader {
+        EtcdServer::header(self, rev)
+    }
+    fn max_request_bytes(&self) -> usize {
+        self.cfg.max_request_bytes
+    }
+    fn progress_interval(&self) -> Duration {
+        self.cfg.watch_progress_interval
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(128);
+        let stream = WatchStream::new(self.0.clone(), tx);
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

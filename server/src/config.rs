@@ -1,0 +1,401 @@
+//! Server configuration: etcd 3.4's flags, each also read from `ETCD_<FLAG_NAME>`.
+
+use clap::Parser;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("invalid value {value:?} for --{flag}: {why}")]
+    Invalid { flag: &'static str, value: String, why: String },
+    #[error("--{0} is not supported yet by oxcd")]
+    Unsupported(&'static str),
+}
+
+/// Default quota when `--quota-backend-bytes` is 0, as etcd's DefaultQuotaBytes.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "oxcd", disable_version_flag = true, about = "etcd-compatible distributed key-value store")]
+pub struct Flags {
+    /// Print the version and exit.
+    #[arg(long)]
+    pub version: bool,
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+    /// Path to the data directory (default: "<name>.oxcd").
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Path to the dedicated WAL directory.
+    #[arg(long, env = "ETCD_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic.
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379")]
+    pub listen_client_urls: String,
+    /// Client URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://127.0.0.1:2379")]
+    pub advertise_client_urls: String,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// Peer URLs of this member advertised to the cluster.
+    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration for bootstrapping ("name=peerURL,...").
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// Initial cluster state ("new" or "existing").
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+    /// Initial cluster token for the cluster during bootstrap.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// Number of committed transactions to trigger a snapshot (and release the WAL before it).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    pub snapshot_count: u64,
+    /// Raise alarms when backend size exceeds the given quota (0 defaults to low space quota).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u64,
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128)]
+    pub max_txn_ops: u64,
+    /// Interpret 'auto-compaction-retention' as 'periodic' or 'revision'.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_MODE", default_value = "periodic")]
+    pub auto_compaction_mode: String,
+    /// Auto compaction retention (0 disables): hours or a duration for periodic, revisions for revision.
+    #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
+    pub auto_compaction_retention: String,
+    /// Duration of periodic watch progress notifications.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
+    pub experimental_watch_progress_notify_interval: String,
+    /// Log level: debug, info, warn, error, panic or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: text or json (oxcd).
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// Logger implementation (accepted for compatibility; oxcd always logs through tracing).
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
+    pub logger: String,
+
+    // Flags of features still to come: accepted by name so that the error is clear.
+    #[arg(long, env = "ETCD_CERT_FILE", hide = true)]
+    pub cert_file: Option<String>,
+    #[arg(long, env = "ETCD_KEY_FILE", hide = true)]
+    pub key_file: Option<String>,
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", hide = true)]
+    pub trusted_ca_file: Option<String>,
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", hide = true)]
+    pub client_cert_auth: Option<String>,
+    #[arg(long, env = "ETCD_AUTO_TLS", hide = true)]
+    pub auto_tls: Option<String>,
+    #[arg(long, env = "ETCD_PEER_CERT_FILE", hide = true)]
+    pub peer_cert_file: Option<String>,
+    #[arg(long, env = "ETCD_PEER_KEY_FILE", hide = true)]
+    pub peer_key_file: Option<String>,
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", hide = true)]
+    pub peer_trusted_ca_file: Option<String>,
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", hide = true)]
+    pub peer_auto_tls: Option<String>,
+    #[arg(long, env = "ETCD_AUTH_TOKEN", hide = true)]
+    pub auth_token: Option<String>,
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", hide = true)]
+    pub listen_metrics_urls: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoCompaction {
+    Off,
+    Periodic(Duration),
+    Revision(i64),
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub wal_dir: PathBuf,
+    pub listen_client: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    /// (name, peer urls) of the initial cluster.
+    pub initial_cluster: Vec<(String, Vec<String>)>,
+    pub initial_cluster_token: String,
+    pub heartbeat: Duration,
+    pub election_ticks: usize,
+    pub snapshot_count: u64,
+    pub quota_backend_bytes: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub auto_compaction: AutoCompaction,
+    pub watch_progress_interval: Duration,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+fn invalid(flag: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { flag, value: value.to_string(), why: why.into() }
+}
+
+fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<String> = s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        return Err(invalid(flag, s, "no URL given"));
+    }
+    for u in &urls {
+        let parsed = url::Url::parse(u).map_err(|e| invalid(flag, u, e.to_string()))?;
+        match parsed.scheme() {
+            "http" | "unix" => {}
+            "https" | "unixs" => return Err(invalid(flag, u, "TLS is not supported yet by oxcd")),
+            other => return Err(invalid(flag, u, format!("URL scheme must be http, https, unix or unixs: {other}"))),
+        }
+        if parsed.port().is_none() {
+            return Err(invalid(flag, u, "missing port in address"));
+        }
+    }
+    Ok(urls)
+}
+
+fn resolve(flag: &'static str, u: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let parsed = url::Url::parse(u).map_err(|e| invalid(flag, u, e.to_string()))?;
+    let host = parsed.host_str().unwrap_or("");
+    let port = parsed.port().unwrap_or(0);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| invalid(flag, u, e.to_string()))?
+        .collect();
+    // "localhost" resolves to both families; etcd listens on the first, so do we.
+    Ok(addrs.into_iter().take(1).collect())
+}
+
+/// Parses Go-style durations ("10s", "5m", "1h", "1h30m", "500ms").
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "ns" => n / 1e9,
+            "us" | "µs" => n / 1e6,
+            "ms" => n / 1e3,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(secs);
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+impl Flags {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        for (set, name) in [
+            (self.cert_file.is_some(), "cert-file"),
+            (self.key_file.is_some(), "key-file"),
+            (self.trusted_ca_file.is_some(), "trusted-ca-file"),
+            (self.client_cert_auth.is_some(), "client-cert-auth"),
+            (self.auto_tls.is_some(), "auto-tls"),
+            (self.peer_cert_file.is_some(), "peer-cert-file"),
+            (self.peer_key_file.is_some(), "peer-key-file"),
+            (self.peer_trusted_ca_file.is_some(), "peer-trusted-ca-file"),
+            (self.peer_auto_tls.is_some(), "peer-auto-tls"),
+            (self.auth_token.is_some(), "auth-token"),
+            (self.listen_metrics_urls.is_some(), "listen-metrics-urls"),
+        ] {
+            if set {
+                return Err(ConfigError::Unsupported(name));
+            }
+        }
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.oxcd", self.name)));
+        let wal_dir = self.wal_dir.clone().unwrap_or_else(|| data_dir.join("member").join("wal"));
+        let mut listen_client = Vec::new();
+        for u in split_urls("listen-client-urls", &self.listen_client_urls)? {
+            listen_client.extend(resolve("listen-client-urls", &u)?);
+        }
+        let advertise_client_urls = split_urls("advertise-client-urls", &self.advertise_client_urls)?;
+        split_urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let initial_advertise_peer_urls =
+            split_urls("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
+        let ic = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={}", self.name, initial_advertise_peer_urls.join(&format!(",{}=", self.name))));
+        let mut initial_cluster: Vec<(String, Vec<String>)> = Vec::new();
+        for part in ic.split(',').filter(|p| !p.trim().is_empty()) {
+            let (n, u) = part
+                .split_once('=')
+                .ok_or_else(|| invalid("initial-cluster", &ic, format!("{part:?} is not name=URL")))?;
+            let u = split_urls("initial-cluster", u)?;
+            match initial_cluster.iter_mut().find(|(name, _)| name == n) {
+                Some((_, urls)) => urls.extend(u),
+                None => initial_cluster.push((n.to_string(), u)),
+            }
+        }
+        let Some((_, my_urls)) = initial_cluster.iter().find(|(n, _)| *n == self.name) else {
+            return Err(invalid("initial-cluster", &ic, format!("couldn't find local name {:?} in the initial cluster configuration", self.name)));
+        };
+        let mut a = my_urls.clone();
+        let mut b = initial_advertise_peer_urls.clone();
+        a.sort();
+        b.sort();
+        if a != b {
+            return Err(invalid(
+                "initial-cluster",
+                &ic,
+                format!("--initial-cluster has {} but missing from --initial-advertise-peer-urls={}", a.join(","), b.join(",")),
+            ));
+        }
+        if initial_cluster.len() > 1 {
+            return Err(invalid("initial-cluster", &ic, "multi-member clusters are not supported yet by oxcd"));
+        }
+        match self.initial_cluster_state.as_str() {
+            "new" => {}
+            "existing" => return Err(invalid("initial-cluster-state", "existing", "joining an existing cluster is not supported yet by oxcd")),
+            other => return Err(invalid("initial-cluster-state", other, "must be \"new\" or \"existing\"")),
+        }
+        if self.heartbeat_interval == 0 {
+            return Err(invalid("heartbeat-interval", "0", "must be positive"));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(invalid(
+                "election-timeout",
+                &self.election_timeout.to_string(),
+                format!("should be at least as 5 times as --heartbeat-interval ({})", self.heartbeat_interval),
+            ));
+        }
+        if self.election_timeout > 50_000 {
+            return Err(invalid("election-timeout", &self.election_timeout.to_string(), "is too long, and should be set less than 50 seconds"));
+        }
+        if self.max_txn_ops == 0 {
+            return Err(invalid("max-txn-ops", "0", "must be positive"));
+        }
+        if self.snapshot_count == 0 {
+            return Err(invalid("snapshot-count", "0", "must be positive"));
+        }
+        let r = self.auto_compaction_retention.trim();
+        let auto_compaction = match self.auto_compaction_mode.as_str() {
+            "periodic" => {
+                let d = match r.parse::<u64>() {
+                    Ok(h) => Duration::from_secs(h * 3600),
+                    Err(_) => parse_go_duration(r).ok_or_else(|| invalid("auto-compaction-retention", r, "not an integer or a duration"))?,
+                };
+                if d.is_zero() { AutoCompaction::Off } else { AutoCompaction::Periodic(d) }
+            }
+            "revision" => {
+                let n: i64 = r.parse().map_err(|_| invalid("auto-compaction-retention", r, "revision mode needs an integer"))?;
+                if n < 0 {
+                    return Err(invalid("auto-compaction-retention", r, "must not be negative"));
+                }
+                if n == 0 { AutoCompaction::Off } else { AutoCompaction::Revision(n) }
+            }
+            other => return Err(invalid("auto-compaction-mode", other, "must be \"periodic\" or \"revision\"")),
+        };
+        let watch_progress_interval = parse_go_duration(&self.experimental_watch_progress_notify_interval)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| invalid("experimental-watch-progress-notify-interval", &self.experimental_watch_progress_notify_interval, "not a positive duration"))?;
+        let log_level = match self.log_level.as_str() {
+            "debug" | "info" | "warn" | "error" => self.log_level.clone(),
+            "panic" | "fatal" | "dpanic" => "error".to_string(),
+            other => return Err(invalid("log-level", other, "must be debug, info, warn, error, panic or fatal")),
+        };
+        let log_json = match self.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => return Err(invalid("log-format", other, "must be text or json")),
+        };
+        Ok(Config {
+            name: self.name,
+            data_dir,
+            wal_dir,
+            listen_client,
+            advertise_client_urls,
+            initial_advertise_peer_urls,
+            initial_cluster,
+            initial_cluster_token: self.initial_cluster_token,
+            heartbeat: Duration::from_millis(self.heartbeat_interval),
+            election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
+            snapshot_count: self.snapshot_count,
+            quota_backend_bytes: if self.quota_backend_bytes == 0 { DEFAULT_QUOTA_BYTES } else { self.quota_backend_bytes },
+            max_request_bytes: self.max_request_bytes as usize,
+            max_txn_ops: self.max_txn_ops as usize,
+            auto_compaction,
+            watch_progress_interval,
+            log_level,
+            log_json,
+        })
+    }
+}
+
+impl Config {
+    /// etcd's minimum lease TTL: 1.5 election timeouts, in whole seconds, rounded up.
+    pub fn min_lease_ttl(&self) -> i64 {
+        let election = self.heartbeat * self.election_ticks as u32;
+        ((election.as_secs_f64() * 1.5).ceil() as i64).max(1)
+    }
+
+    pub fn election_timeout(&self) -> Duration {
+        self.heartbeat * self.election_ticks as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["oxcd"];
+        v.extend_from_slice(args);
+        Flags::try_parse_from(v).expect("flags parse").into_config()
+    }
+
+    #[test]
+    fn defaults_match_etcd() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("default.oxcd"));
+        assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
+        assert_eq!(c.initial_cluster, vec![("default".into(), vec!["http://localhost:2380".into()])]);
+        assert_eq!(c.max_txn_ops, 128);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert_eq!(c.min_lease_ttl(), 2);
+        assert_eq!(c.auto_compaction, AutoCompaction::Off);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--auto-compaction-mode", "weekly"]).unwrap_err().to_string();
+        assert!(e.contains("--auto-compaction-mode"), "{e}");
+        let e = parse(&["--cert-file", "x.pem"]).unwrap_err().to_string();
+        assert!(e.contains("not supported yet"), "{e}");
+        assert!(Flags::try_parse_from(["oxcd", "--no-such-flag"]).is_err());
+        assert_eq!(
+            parse(&["--auto-compaction-retention", "90m"]).unwrap().auto_compaction,
+            AutoCompaction::Periodic(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "100"]).unwrap().auto_compaction,
+            AutoCompaction::Revision(100)
+        );
+    }
+}

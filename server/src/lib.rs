@@ -1,0 +1,16 @@
+//! oxcd: an etcd v3 compatible key-value store. Each etcd concept has one module named after
+//! it; `docs/ARCHITECTURE.md` follows a write and a read through them.
+
+pub mod api;
+pub mod apply;
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod log;
+pub mod membership;
+pub mod mvcc;
+pub mod pb;
+pub mod raft_node;
+pub mod server;
+pub mod wal;
+pub mod watch;

@@ -1,0 +1,52 @@
+//! The `oxcd` binary: an etcd-compatible server.
+
+use clap::Parser;
+use oxcd::config::Flags;
+use oxcd::server::EtcdServer;
+
+fn main() -> anyhow::Result<()> {
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => e.exit(),
+    };
+    if flags.version {
+        // Same shape as `etcd --version`.
+        println!("oxcd Version: {}", env!("CARGO_PKG_VERSION"));
+        println!("etcd API Version: {}", oxcd::api::ETCD_API_VERSION);
+        println!("Rust Version: {}", env!("CARGO_PKG_RUST_VERSION", "stable"));
+        return Ok(());
+    }
+    let cfg = match flags.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxcd: {e}");
+            std::process::exit(2);
+        }
+    };
+    oxcd::log::init(&cfg.log_level, cfg.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let server = match EtcdServer::start(cfg.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "failed to start");
+                eprintln!("oxcd: failed to start: {e:#}");
+                std::process::exit(1);
+            }
+        };
+        let mut tasks = Vec::new();
+        for addr in cfg.listen_client.clone() {
+            tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
+        }
+        tokio::select! {
+            r = futures::future::select_all(tasks) => {
+                if let (Ok(Err(e)), _, _) = r {
+                    eprintln!("oxcd: client listener failed: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,541 @@
+//! MVCC key-value store with etcd's semantics, over `sled`.
+//!
+//! Every version of every key lives in the backend under its revision (`revision.rs`); an
+//! in-memory index (`key_index.rs`, rebuilt on start like etcd's treeIndex) maps each key to
+//! its generations of revisions. A read at revision R walks the index and loads values by
+//! revision. One write transaction = one main revision; it becomes visible atomically when it
+//! commits, together with the Raft index it applies (the consistent index), in one sled batch.
+
+pub mod key_index;
+pub mod revision;
+
+use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
+use key_index::KeyIndex;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use prost::Message;
+pub use revision::Revision;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum MvccError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("mvcc backend: {0}")]
+    Backend(#[from] sled::Error),
+    #[error("mvcc backend holds a corrupt record: {0}")]
+    Corrupt(String),
+}
+
+impl From<MvccError> for crate::error::EtcdError {
+    fn from(e: MvccError) -> Self {
+        match e {
+            MvccError::Compacted => crate::error::EtcdError::Compacted,
+            MvccError::FutureRev => crate::error::EtcdError::FutureRev,
+            other => crate::error::EtcdError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MvccError>;
+
+const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
+const META_SCHEDULED_COMPACT: &[u8] = b"m/scheduled_compact_rev";
+const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
+/// Prefix of other replicated records kept beside the key space (leases, alarms, members).
+pub const LEASE_PREFIX: &[u8] = b"l/";
+pub const ALARM_PREFIX: &[u8] = b"a/";
+
+/// How far a range reaches: etcd's `range_end` after `mkGteRange`.
+#[derive(Clone, Copy, Debug)]
+pub enum RangeEnd<'a> {
+    /// Exactly one key.
+    Key,
+    /// Every key >= the start key (range_end "\0").
+    Infinity,
+    /// Keys in [key, end).
+    Before(&'a [u8]),
+}
+
+impl<'a> RangeEnd<'a> {
+    /// Interprets a request's `range_end` as etcd does.
+    pub fn from_request(range_end: &'a [u8]) -> Self {
+        match range_end {
+            [] => RangeEnd::Key,
+            [0] => RangeEnd::Infinity,
+            e => RangeEnd::Before(e),
+        }
+    }
+
+    pub fn contains(&self, start: &[u8], key: &[u8]) -> bool {
+        match self {
+            RangeEnd::Key => key == start,
+            RangeEnd::Infinity => key >= start,
+            RangeEnd::Before(e) => key >= start && key < *e,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RangeOptions {
+    /// Maximum number of keys to load (0: all).
+    pub limit: i64,
+    /// Revision to read at (0: current).
+    pub rev: i64,
+    /// Only count the keys.
+    pub count_only: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// Number of keys in the range at the revision, whatever the limit.
+    pub count: i64,
+    /// The store's current revision.
+    pub rev: i64,
+}
+
+struct State {
+    index: BTreeMap<Vec<u8>, KeyIndex>,
+    current_rev: i64,
+    compact_rev: i64,
+}
+
+/// What the backend held when the store was opened.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub consistent_index: u64,
+    /// (lease id, ttl) of every granted lease.
+    pub leases: Vec<(i64, i64)>,
+    /// (lease id, key) of every live key attached to a lease.
+    pub attached: Vec<(i64, Vec<u8>)>,
+    /// Raw alarm records.
+    pub alarms: Vec<Vec<u8>>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    state: RwLock<State>,
+}
+
+/// Reads the store at a consistent point: the index cannot change while this is held.
+pub trait ReadView {
+    /// Revision a read with `rev == 0` sees.
+    fn rev(&self) -> i64;
+    fn compact_rev(&self) -> i64;
+    fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult>;
+}
+
+fn index_range<'s>(
+    index: &'s BTreeMap<Vec<u8>, KeyIndex>,
+    key: &'s [u8],
+    end: RangeEnd<'s>,
+) -> Box<dyn Iterator<Item = (&'s Vec<u8>, &'s KeyIndex)> + 's> {
+    match end {
+        RangeEnd::Key => Box::new(index.get_key_value(key).into_iter()),
+        RangeEnd::Infinity => Box::new(index.range::<[u8], _>((Bound::Included(key), Bound::Unbounded))),
+        RangeEnd::Before(e) if e <= key => Box::new(std::iter::empty()),
+        RangeEnd::Before(e) => {
+            Box::new(index.range::<[u8], _>((Bound::Included(key), Bound::Excluded(e))))
+        }
+    }
+}
+
+fn decode_kv(bytes: &[u8]) -> Result<KeyValue> {
+    KeyValue::decode(bytes).map_err(|e| MvccError::Corrupt(e.to_string()))
+}
+
+fn read_u64(db: &sled::Db, key: &[u8]) -> Result<u64> {
+    Ok(match db.get(key)? {
+        Some(v) if v.len() == 8 => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+        _ => 0,
+    })
+}
+
+/// Range over the index at `at`, loading values through `load`.
+fn range_at(
+    state: &State,
+    key: &[u8],
+    end: RangeEnd,
+    cur: i64,
+    opts: RangeOptions,
+    load: impl Fn(Revision) -> Result<KeyValue>,
+) -> Result<RangeResult> {
+    if opts.rev > cur {
+        return Err(MvccError::FutureRev);
+    }
+    let at = if opts.rev <= 0 { cur } else { opts.rev };
+    if at < state.compact_rev {
+        return Err(MvccError::Compacted);
+    }
+    let revs: Vec<Revision> = index_range(&state.index, key, end)
+        .filter_map(|(_, ki)| ki.get(at).map(|f| f.modified))
+        .collect();
+    let count = revs.len() as i64;
+    if opts.count_only {
+        return Ok(RangeResult { kvs: vec![], count, rev: cur });
+    }
+    let take = if opts.limit <= 0 || opts.limit > count { count } else { opts.limit };
+    let kvs = revs
+        .into_iter()
+        .take(take as usize)
+        .map(load)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RangeResult { kvs, count, rev: cur })
+}
+
+impl Store {
+    /// Opens (or creates) the backend and rebuilds the index from it.
+    pub fn open(path: &Path) -> Result<(Arc<Store>, Recovered)> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()?;
+        let mut index: BTreeMap<Vec<u8>, KeyIndex> = BTreeMap::new();
+        let mut current_rev = 1; // etcd starts at revision 1 with an empty store
+        for item in db.scan_prefix([revision::KEY_PREFIX]) {
+            let (k, v) = item?;
+            let Some((rev, tomb)) = Revision::from_backend_key(&k) else {
+                return Err(MvccError::Corrupt(format!("bad revision key {k:?}")));
+            };
+            let kv = decode_kv(&v)?;
+            let ki = index.entry(kv.key.clone()).or_default();
+            if tomb {
+                ki.tombstone(rev);
+            } else {
+                ki.restore(rev, Revision::new(kv.create_revision, 0), kv.version);
+                ki.set_lease(kv.lease);
+            }
+            current_rev = current_rev.max(rev.main);
+        }
+        let scheduled = read_u64(&db, META_SCHEDULED_COMPACT)? as i64;
+        let finished = read_u64(&db, META_FINISHED_COMPACT)? as i64;
+        let compact_rev = scheduled.max(finished);
+        current_rev = current_rev.max(compact_rev);
+        let mut rec = Recovered {
+            consistent_index: read_u64(&db, META_CONSISTENT_INDEX)?,
+            ..Default::default()
+        };
+        for item in db.scan_prefix(LEASE_PREFIX) {
+            let (k, v) = item?;
+            let id = i64::from_be_bytes(k[LEASE_PREFIX.len()..].try_into().map_err(|_| MvccError::Corrupt("lease key".into()))?);
+            let ttl = i64::from_be_bytes(v.as_ref().try_into().map_err(|_| MvccError::Corrupt("lease ttl".into()))?);
+            rec.leases.push((id, ttl));
+        }
+        for item in db.scan_prefix(ALARM_PREFIX) {
+            let (k, _) = item?;
+            rec.alarms.push(k[ALARM_PREFIX.len()..].to_vec());
+        }
+        for (key, ki) in &index {
+            if ki.lease() != 0 {
+                rec.attached.push((ki.lease(), key.clone()));
+            }
+        }
+        let store = Arc::new(Store {
+            db,
+            state: RwLock::new(State { index, current_rev, compact_rev }),
+        });
+        if scheduled > finished {
+            // A compaction was cut short by a crash: finish it, as etcd does on start.
+            let keep = store.compact_index(scheduled);
+            store.compact_backend(scheduled, &keep)?;
+        }
+        Ok((store, rec))
+    }
+
+    pub fn read(&self) -> ReadTxn<'_> {
+        ReadTxn { store: self, state: self.state.read() }
+    }
+
+    /// Starts the one write transaction; applies are serialized by the caller.
+    pub fn write(&self) -> WriteTxn<'_> {
+        let state = self.state.write();
+        let begin_rev = state.current_rev;
+        WriteTxn {
+            store: self,
+            state,
+            begin_rev,
+            batch: sled::Batch::default(),
+            overlay: HashMap::new(),
+            events: Vec::new(),
+            lease_changes: Vec::new(),
+        }
+    }
+
+    pub fn current_rev(&self) -> i64 {
+        self.state.read().current_rev
+    }
+
+    pub fn compact_rev(&self) -> i64 {
+        self.state.read().compact_rev
+    }
+
+    /// Size of the backend files in bytes (etcd's dbSize).
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Makes every applied batch durable; afterwards the WAL before the consistent index can go.
+    pub fn sync(&self, consistent_index: u64) -> Result<()> {
+        self.db.insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn load(&self, rev: Revision) -> Result<KeyValue> {
+        match self.db.get(rev.to_backend_key(false))? {
+            Some(v) => decode_kv(&v),
+            None => Err(MvccError::Corrupt(format!("missing value for revision {rev:?}"))),
+        }
+    }
+
+    /// Validates and records a compaction at `rev`, compacting the index. Returns the
+    /// revisions the backend must keep; `compact_backend` then removes the rest.
+    pub fn schedule_compaction(&self, rev: i64) -> Result<HashSet<Revision>> {
+        {
+            let st = self.state.read();
+            if rev <= st.compact_rev {
+                return Err(MvccError::Compacted);
+            }
+            if rev > st.current_rev {
+                return Err(MvccError::FutureRev);
+            }
+        }
+        self.db.insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
+        Ok(self.compact_index(rev))
+    }
+
+    fn compact_index(&self, rev: i64) -> HashSet<Revision> {
+        let mut st = self.state.write();
+        st.compact_rev = rev;
+        let mut keep = HashSet::new();
+        st.index.retain(|_, ki| {
+            ki.compact(rev, &mut keep);
+            !ki.is_empty()
+        });
+        keep
+    }
+
+    /// Physically removes the history compacted away at `rev`, in bounded batches so that
+    /// writers interleave with it.
+    pub fn compact_backend(&self, rev: i64, keep: &HashSet<Revision>) -> Result<()> {
+        let end = Revision::backend_lower_bound(rev + 1);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.db.range(vec![revision::KEY_PREFIX]..end) {
+            let (k, _) = item?;
+            if let Some((r, _)) = Revision::from_backend_key(&k) {
+                if !keep.contains(&r) {
+                    batch.remove(k);
+                    n += 1;
+                }
+            }
+            if n >= 10_000 {
+                self.db.apply_batch(std::mem::take(&mut batch))?;
+                n = 0;
+            }
+        }
+        batch.insert(META_FINISHED_COMPACT, &(rev as u64).to_be_bytes());
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every event with main revision in [from, to] on keys in the range, in revision order,
+    /// read from the backend (watch catch-up).
+    pub fn events(&self, key: &[u8], end: RangeEnd, from: i64, to: i64) -> Result<Vec<Event>> {
+        let lo = Revision::backend_lower_bound(from);
+        let hi = Revision::backend_lower_bound(to.saturating_add(1));
+        let mut evs = Vec::new();
+        for item in self.db.range(lo..hi) {
+            let (k, v) = item?;
+            let Some((rev, tomb)) = Revision::from_backend_key(&k) else { continue };
+            let mut kv = decode_kv(&v)?;
+            if !end.contains(key, &kv.key) {
+                continue;
+            }
+            let r#type = if tomb {
+                kv.mod_revision = rev.main;
+                EventType::Delete
+            } else {
+                EventType::Put
+            };
+            evs.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv: None });
+        }
+        Ok(evs)
+    }
+
+    /// The version of `key` just before revision `rev` (a watch event's prev_kv), if still
+    /// in the store's history.
+    pub fn prev_kv(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+        let r = self.read();
+        let res = r
+            .range(key, RangeEnd::Key, RangeOptions { rev: rev - 1, ..Default::default() })
+            .ok()?;
+        res.kvs.into_iter().next()
+    }
+}
+
+pub struct ReadTxn<'a> {
+    store: &'a Store,
+    state: RwLockReadGuard<'a, State>,
+}
+
+impl ReadView for ReadTxn<'_> {
+    fn rev(&self) -> i64 {
+        self.state.current_rev
+    }
+    fn compact_rev(&self) -> i64 {
+        self.state.compact_rev
+    }
+    fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult> {
+        range_at(&self.state, key, end, self.state.current_rev, opts, |r| self.store.load(r))
+    }
+}
+
+/// A lease attachment that changed in a write transaction, for the lessor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseChange {
+    Attach(i64, Vec<u8>),
+    Detach(i64, Vec<u8>),
+}
+
+pub struct WriteTxn<'a> {
+    store: &'a Store,
+    state: RwLockWriteGuard<'a, State>,
+    begin_rev: i64,
+    batch: sled::Batch,
+    /// Values written by this transaction, not yet in the backend.
+    overlay: HashMap<Revision, KeyValue>,
+    events: Vec<Event>,
+    lease_changes: Vec<LeaseChange>,
+}
+
+/// What a committed write transaction changed.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// The store's revision after the transaction.
+    pub rev: i64,
+    pub events: Vec<Event>,
+    pub lease_changes: Vec<LeaseChange>,
+}
+
+impl ReadView for WriteTxn<'_> {
+    fn rev(&self) -> i64 {
+        if self.events.is_empty() {
+            self.begin_rev
+        } else {
+            self.begin_rev + 1
+        }
+    }
+    fn compact_rev(&self) -> i64 {
+        self.state.compact_rev
+    }
+    fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult> {
+        let cur = self.rev();
+        range_at(&self.state, key, end, cur, opts, |r| match self.overlay.get(&r) {
+            Some(kv) => Ok(kv.clone()),
+            None => self.store.load(r),
+        })
+    }
+}
+
+impl WriteTxn<'_> {
+    /// Whether the transaction changed keys (and so cannot be abandoned).
+    pub fn is_dirty(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    fn next_rev(&self) -> Revision {
+        Revision::new(self.begin_rev + 1, self.events.len() as i64)
+    }
+
+    /// Writes a new version of `key`; returns the transaction's revision.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+        let rev = self.next_rev();
+        let (created, version, old_lease) = match self.state.index.get(key) {
+            Some(ki) => match ki.get(rev.main) {
+                Some(f) => (f.created.main, f.version + 1, ki.lease()),
+                None => (rev.main, 1, 0),
+            },
+            None => (rev.main, 1, 0),
+        };
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: created,
+            mod_revision: rev.main,
+            version,
+            value,
+            lease,
+        };
+        self.batch.insert(rev.to_backend_key(false), kv.encode_to_vec());
+        let ki = self.state.index.entry(key.to_vec()).or_default();
+        ki.put(rev);
+        ki.set_lease(lease);
+        if old_lease != 0 {
+            self.lease_changes.push(LeaseChange::Detach(old_lease, key.to_vec()));
+        }
+        if lease != 0 {
+            self.lease_changes.push(LeaseChange::Attach(lease, key.to_vec()));
+        }
+        self.overlay.insert(rev, kv.clone());
+        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
+        rev.main
+    }
+
+    /// Deletes every live key in the range; returns (deleted, revision).
+    pub fn delete_range(&mut self, key: &[u8], end: RangeEnd) -> (i64, i64) {
+        let at = self.rev();
+        let keys: Vec<Vec<u8>> = index_range(&self.state.index, key, end)
+            .filter(|(_, ki)| ki.get(at).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            self.delete(k);
+        }
+        (keys.len() as i64, self.rev())
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        let rev = self.next_rev();
+        let tomb = KeyValue { key: key.to_vec(), ..Default::default() };
+        self.batch.insert(rev.to_backend_key(true), tomb.encode_to_vec());
+        let ki = self.state.index.entry(key.to_vec()).or_default();
+        let old_lease = ki.lease();
+        ki.tombstone(rev);
+        ki.set_lease(0);
+        if old_lease != 0 {
+            self.lease_changes.push(LeaseChange::Detach(old_lease, key.to_vec()));
+        }
+        let kv = KeyValue { key: key.to_vec(), mod_revision: rev.main, ..Default::default() };
+        self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(kv), prev_kv: None });
+    }
+
+    /// Records a replicated non-KV record (lease, alarm) in the same atomic batch.
+    pub fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key, value);
+    }
+
+    pub fn remove_record(&mut self, key: Vec<u8>) {
+        self.batch.remove(key);
+    }
+
+    /// Applies the batch with the Raft index it covers and makes the revision visible.
+    pub fn commit(mut self, consistent_index: u64) -> Result<Committed> {
+        self.batch
+            .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
+        let rev = self.rev();
+        self.store.db.apply_batch(std::mem::take(&mut self.batch))?;
+        self.state.current_rev = rev;
+        Ok(Committed {
+            rev,
+            events: std::mem::take(&mut self.events),
+            lease_changes: std::mem::take(&mut self.lease_changes),
+        })
+    }
+}

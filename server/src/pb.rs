@@ -1,0 +1,16 @@
+//! Generated protobuf types: etcd's wire API and oxcd's internal Raft payloads.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+pub mod authpb {
+    tonic::include_proto!("authpb");
+}
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+pub mod oxcdpb {
+    tonic::include_proto!("oxcdpb");
+}

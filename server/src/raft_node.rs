@@ -1,0 +1,299 @@
+//! The Raft node: the one thread that drives `RawNode` — tick, propose, take `Ready`, persist
+//! entries and hard state to the WAL with one fdatasync per Ready (group commit), send
+//! messages, hand committed entries to the applier, advance.
+//!
+//! Persisting before handing on is what keeps Raft safe: an entry is only reported committed
+//! once it is durable here (raft-rs counts the leader's own vote on persisted entries).
+
+use crate::error::EtcdError;
+use crate::lease::Lessor;
+use crate::wal::{Replayed, Wal};
+use raft::prelude::*;
+use raft::storage::MemStorage;
+use raft::StateRole;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// What the rest of the server asks of the Raft thread.
+pub enum RaftInput {
+    /// Append a command; `id` lets a refusal reach the waiting request.
+    Propose { id: u64, data: Vec<u8> },
+    /// A linearizable read asks for the index it must wait for (batched per loop turn).
+    ReadIndex(oneshot::Sender<Result<u64, EtcdError>>),
+    /// The state machine is durable up to this index: the log before it can go.
+    Release(u64),
+    Stop,
+}
+
+/// Committed entries on their way to the applier, in log order.
+pub struct CommittedBatch {
+    pub entries: Vec<Entry>,
+}
+
+/// Raft facts the API reports (Status, response headers).
+#[derive(Default)]
+pub struct RaftStatus {
+    pub term: AtomicU64,
+    pub leader: AtomicU64,
+    pub commit: AtomicU64,
+    pub is_leader: AtomicBool,
+}
+
+pub struct NodeConfig {
+    pub id: u64,
+    pub election_ticks: usize,
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+}
+
+/// Builds the node from a replayed WAL (or a new one) and the applier's durable index.
+pub fn build_storage(rep: &Replayed, applied: u64) -> raft::Result<MemStorage> {
+    let storage = if rep.snapshot.index == 0 {
+        MemStorage::new_with_conf_state(rep.snapshot.get_conf_state().clone())
+    } else {
+        let s = MemStorage::new();
+        let mut snap = Snapshot::default();
+        snap.set_metadata(rep.snapshot.clone());
+        s.wl().apply_snapshot(snap)?;
+        s
+    };
+    storage.wl().append(&rep.entries)?;
+    let mut hs = rep.hard_state.clone();
+    // The commit index may not have reached the WAL before a crash although the entries were
+    // applied: what was applied was committed, and is in the log.
+    let last = rep.entries.last().map(|e| e.index).unwrap_or(rep.snapshot.index);
+    hs.commit = hs.commit.max(applied.min(last)).max(rep.snapshot.index);
+    storage.wl().set_hardstate(hs);
+    Ok(storage)
+}
+
+pub struct RaftNode {
+    node: RawNode<MemStorage>,
+    wal: Wal,
+    inputs: Receiver<RaftInput>,
+    apply_tx: Sender<CommittedBatch>,
+    status: Arc<RaftStatus>,
+    lessor: Arc<Lessor>,
+    refuse: Box<dyn Fn(u64, EtcdError) + Send>,
+    election_timeout: Duration,
+    heartbeat: Duration,
+    pending_reads: Vec<oneshot::Sender<Result<u64, EtcdError>>>,
+    reads_in_flight: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, EtcdError>>>>,
+    read_seq: u64,
+}
+
+impl RaftNode {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: NodeConfig,
+        storage: MemStorage,
+        applied: u64,
+        wal: Wal,
+        inputs: Receiver<RaftInput>,
+        apply_tx: Sender<CommittedBatch>,
+        status: Arc<RaftStatus>,
+        lessor: Arc<Lessor>,
+        refuse: Box<dyn Fn(u64, EtcdError) + Send>,
+    ) -> raft::Result<Self> {
+        let rc = Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: 1,
+            applied,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_committed_size_per_ready: 16 * 1024 * 1024,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(crate::log::SlogToTracing, slog::o!());
+        let node = RawNode::new(&rc, storage, &logger)?;
+        Ok(RaftNode {
+            node,
+            wal,
+            inputs,
+            apply_tx,
+            status,
+            lessor,
+            refuse,
+            election_timeout: cfg.election_timeout,
+            heartbeat: cfg.heartbeat,
+            pending_reads: Vec::new(),
+            reads_in_flight: HashMap::new(),
+            read_seq: 0,
+        })
+    }
+
+    /// Runs until `Stop` or until every sender is gone.
+    pub fn run(mut self) {
+        // A sole voter need not wait an election timeout to lead.
+        let voters = self.node.raft.prs().conf().voters().ids().len();
+        if voters == 1 && self.node.raft.prs().conf().voters().contains(self.node.raft.id) {
+            if let Err(e) = self.node.campaign() {
+                tracing::error!(error = %e, "campaign failed");
+            }
+        }
+        let mut next_tick = Instant::now() + self.heartbeat;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inputs.recv_timeout(wait) {
+                Ok(input) => {
+                    if !self.handle(input) {
+                        break;
+                    }
+                    // Group commit: take every request already queued into this one Ready.
+                    let mut stop = false;
+                    while let Ok(input) = self.inputs.try_recv() {
+                        if !self.handle(input) {
+                            stop = true;
+                            break;
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick = Instant::now() + self.heartbeat;
+            }
+            self.issue_reads();
+            if let Err(e) = self.on_ready() {
+                // Failing to persist is fatal: continuing could acknowledge lost writes.
+                tracing::error!(error = %e, "raft storage failure, stopping");
+                std::process::exit(1);
+            }
+        }
+        for (_, senders) in self.reads_in_flight.drain() {
+            for s in senders {
+                let _ = s.send(Err(EtcdError::Stopped));
+            }
+        }
+    }
+
+    fn handle(&mut self, input: RaftInput) -> bool {
+        match input {
+            RaftInput::Propose { id, data } => {
+                if let Err(e) = self.node.propose(vec![], data) {
+                    let err = match e {
+                        raft::Error::ProposalDropped => EtcdError::NoLeader,
+                        other => EtcdError::Internal(other.to_string()),
+                    };
+                    (self.refuse)(id, err);
+                }
+            }
+            RaftInput::ReadIndex(tx) => self.pending_reads.push(tx),
+            RaftInput::Release(index) => {
+                if let Err(e) = self.release(index) {
+                    tracing::error!(error = %e, index, "releasing the WAL failed");
+                }
+            }
+            RaftInput::Stop => return false,
+        }
+        true
+    }
+
+    /// One ReadIndex request covers every read that arrived since the last one.
+    fn issue_reads(&mut self) {
+        if self.pending_reads.is_empty() {
+            return;
+        }
+        if self.node.raft.state != StateRole::Leader && self.node.raft.leader_id == raft::INVALID_ID {
+            for tx in self.pending_reads.drain(..) {
+                let _ = tx.send(Err(EtcdError::NoLeader));
+            }
+            return;
+        }
+        self.read_seq += 1;
+        let ctx = self.read_seq.to_be_bytes().to_vec();
+        self.node.read_index(ctx.clone());
+        self.reads_in_flight.insert(ctx, std::mem::take(&mut self.pending_reads));
+    }
+
+    fn release(&mut self, index: u64) -> Result<(), Box<dyn std::error::Error>> {
+        let store = self.node.store().clone();
+        let term = store.term(index)?;
+        let conf = self.node.raft.prs().conf().to_conf_state();
+        self.wal.release_to(index, term, &conf)?;
+        store.wl().compact(index)?;
+        Ok(())
+    }
+
+    fn send_committed(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Some(last) = entries.last() {
+            self.status.commit.fetch_max(last.index, Ordering::Relaxed);
+        }
+        let _ = self.apply_tx.send(CommittedBatch { entries });
+    }
+
+    fn on_ready(&mut self) -> Result<(), Box<dyn std::error::Error>> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        // Single member for now: there are no peers to send `ready.messages()` to.
+        if !ready.snapshot().is_empty() {
+            self.node.mut_store().wl().apply_snapshot(ready.snapshot().clone())?;
+        }
+        let committed = ready.take_committed_entries();
+        self.send_committed(committed);
+        if !ready.entries().is_empty() {
+            self.node.mut_store().wl().append(ready.entries())?;
+        }
+        let hs = ready.hs().cloned();
+        if let Some(hs) = &hs {
+            self.node.mut_store().wl().set_hardstate(hs.clone());
+            self.status.term.store(hs.term, Ordering::Relaxed);
+        }
+        self.wal.append(ready.entries(), hs.as_ref())?;
+        self.wal.sync()?;
+        for rs in ready.take_read_states() {
+            if let Some(senders) = self.reads_in_flight.remove(&rs.request_ctx) {
+                for s in senders {
+                    let _ = s.send(Ok(rs.index));
+                }
+            }
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.node.store().rl().hard_state().clone();
+            hs.commit = commit;
+            self.node.mut_store().wl().set_hardstate(hs.clone());
+            // Written now, made durable by the next sync; recovery also derives it.
+            self.wal.append(&[], Some(&hs))?;
+        }
+        let committed = light.take_committed_entries();
+        self.send_committed(committed);
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        let was_leader = self.status.is_leader.load(Ordering::Relaxed);
+        let is_leader = role == StateRole::Leader;
+        self.status.leader.store(leader, Ordering::Relaxed);
+        self.status.is_leader.store(is_leader, Ordering::Relaxed);
+        if is_leader && !was_leader {
+            tracing::info!(term = self.node.raft.term, "became leader");
+            // etcd extends every lease by an election timeout on promotion.
+            self.lessor.promote(self.election_timeout);
+        } else if !is_leader && was_leader {
+            tracing::info!(leader, "lost leadership");
+            self.lessor.demote();
+        }
+    }
+}
