@@ -323,7 +323,8 @@ impl EtcdServer {
         tokio::spawn(async move {
             let (interval, mut samples) = match mode {
                 AutoCompaction::Periodic(d) => ((d / 10).max(Duration::from_secs(1)), std::collections::VecDeque::new()),
-                AutoCompaction::Revision(_) => (Duration::from_secs(5 * 60).min(Duration::from_secs(1).max(Duration::from_millis(1000))), std::collections::VecDeque::new()),
+                // etcd's revision compactor runs every 5 minutes.
+                AutoCompaction::Revision(_) => (Duration::from_secs(5 * 60), std::collections::VecDeque::new()),
                 AutoCompaction::Off => return,
             };
             let mut tick = tokio::time::interval(interval);

@@ -121,6 +121,9 @@ pub struct Recovered {
 pub struct Store {
     db: sled::Db,
     state: RwLock<State>,
+    /// Backend size cache: sled measures it with file system calls, too slow per request.
+    size: std::sync::atomic::AtomicU64,
+    size_at: parking_lot::Mutex<std::time::Instant>,
 }
 
 /// Reads the store at a consistent point: the index cannot change while this is held.
@@ -237,9 +240,12 @@ impl Store {
                 rec.attached.push((ki.lease(), key.clone()));
             }
         }
+        let size = db.size_on_disk().unwrap_or(0);
         let store = Arc::new(Store {
             db,
             state: RwLock::new(State { index, current_rev, compact_rev }),
+            size: std::sync::atomic::AtomicU64::new(size),
+            size_at: parking_lot::Mutex::new(std::time::Instant::now()),
         });
         if scheduled > finished {
             // A compaction was cut short by a crash: finish it, as etcd does on start.
@@ -278,7 +284,13 @@ impl Store {
 
     /// Size of the backend files in bytes (etcd's dbSize).
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut at = self.size_at.lock();
+        if at.elapsed() >= std::time::Duration::from_millis(100) {
+            *at = std::time::Instant::now();
+            self.size.store(self.db.size_on_disk().unwrap_or(0), Relaxed);
+        }
+        self.size.load(Relaxed)
     }
 
     /// Makes every applied batch durable; afterwards the WAL before the consistent index can go.
