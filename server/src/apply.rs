@@ -320,15 +320,23 @@ fn compare_to_path(view: &impl ReadView, t: &TxnRequest, path: &mut Vec<bool>) {
     }
 }
 
+/// Which of etcd's `checkRequests` passes to run over the chosen branches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Puts need their lease and, with ignore flags, an existing key.
+    Puts,
+    /// Ranges at a revision must be readable.
+    Ranges,
+}
+
 /// Checks the ops of the chosen branches against the state before the txn (etcd's
-/// `checkRequests`): puts need their lease and, with ignore flags, an existing key; ranges
-/// at a revision must be readable.
-fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[bool], pos: &mut usize, write: bool) -> Result<()> {
+/// `checkRequests`): all puts first (write txns only), then all ranges, as etcd orders them.
+fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[bool], pos: &mut usize, check: Check) -> Result<()> {
     let ok = path[*pos];
     *pos += 1;
     for op in if ok { &t.success } else { &t.failure } {
         match &op.request {
-            Some(request_op::Request::RequestPut(p)) if write => {
+            Some(request_op::Request::RequestPut(p)) if check == Check::Puts => {
                 if p.lease != 0 && !lessor.exists(p.lease) {
                     return Err(EtcdError::LeaseNotFound);
                 }
@@ -339,7 +347,7 @@ fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[boo
                     }
                 }
             }
-            Some(request_op::Request::RequestRange(r)) if r.revision != 0 => {
+            Some(request_op::Request::RequestRange(r)) if check == Check::Ranges && r.revision != 0 => {
                 if r.revision > view.rev() {
                     return Err(EtcdError::FutureRev);
                 }
@@ -347,7 +355,7 @@ fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[boo
                     return Err(EtcdError::Compacted);
                 }
             }
-            Some(request_op::Request::RequestTxn(inner)) => check_path(view, lessor, inner, path, pos, write)?,
+            Some(request_op::Request::RequestTxn(inner)) => check_path(view, lessor, inner, path, pos, check)?,
             _ => {}
         }
     }
@@ -380,8 +388,10 @@ fn apply_txn_ops(txn: &mut WriteTxn, t: &TxnRequest, path: &[bool], pos: &mut us
 pub fn txn(txn: &mut WriteTxn, lessor: &Lessor, t: &TxnRequest) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_to_path(txn, t, &mut path);
-    let write = !is_txn_read_only(t);
-    check_path(txn, lessor, t, &path, &mut 0, write)?;
+    if !is_txn_read_only(t) {
+        check_path(txn, lessor, t, &path, &mut 0, Check::Puts)?;
+    }
+    check_path(txn, lessor, t, &path, &mut 0, Check::Ranges)?;
     let mut resp = apply_txn_ops(txn, t, &path, &mut 0)?;
     resp.header = header(txn.rev());
     Ok(resp)
@@ -393,7 +403,7 @@ pub fn read_only_txn(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse
     let mut path = Vec::new();
     compare_to_path(view, t, &mut path);
     let lessor = Lessor::new(1);
-    check_path(view, &lessor, t, &path, &mut 0, false)?;
+    check_path(view, &lessor, t, &path, &mut 0, Check::Ranges)?;
     fn run(view: &impl ReadView, t: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse> {
         let ok = path[*pos];
         *pos += 1;

@@ -232,10 +232,10 @@ impl<C: WatchContext> WatchStream<C> {
             let compact = self.ctx.store().compact_rev();
             if w.next_rev < compact {
                 self.watchers.remove(&id);
-                let rev = self.ctx.store().current_rev();
+                // etcd answers a compacted watcher with a header of revision 0.
                 return self
                     .send(WatchResponse {
-                        header: Some(self.ctx.header(rev)),
+                        header: Some(self.ctx.header(0)),
                         watch_id: id,
                         compact_revision: compact,
                         canceled: true,
@@ -293,7 +293,11 @@ impl<C: WatchContext> WatchStream<C> {
         if prev_kv {
             for e in &mut evs {
                 if let Some(kv) = &e.kv {
-                    e.prev_kv = self.ctx.store().prev_kv(&kv.key, kv.mod_revision);
+                    // A create event has no previous version, whatever came before (etcd).
+                    let create = e.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+                    if !create {
+                        e.prev_kv = self.ctx.store().prev_kv(&kv.key, kv.mod_revision);
+                    }
                 }
             }
         }

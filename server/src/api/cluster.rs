@@ -40,7 +40,8 @@ impl Cluster for ClusterService {
                 is_learner: m.is_learner,
             }],
         };
-        self.0.fill(&mut resp.header);
+        // etcd's Cluster API headers carry no revision.
+        resp.header = Some(self.0.header(0));
         Ok(Response::new(resp))
     }
 }

@@ -219,7 +219,8 @@ impl Store {
         }
         let scheduled = read_u64(&db, META_SCHEDULED_COMPACT)? as i64;
         let finished = read_u64(&db, META_FINISHED_COMPACT)? as i64;
-        let compact_rev = scheduled.max(finished);
+        // etcd's compactMainRev is -1 until the first compaction; txn checks compare with it.
+        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? { scheduled.max(finished) } else { -1 };
         current_rev = current_rev.max(compact_rev);
         let mut rec = Recovered {
             consistent_index: read_u64(&db, META_CONSISTENT_INDEX)?,

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs the whole oxcd test suite. On a fresh Debian machine it first installs
+# what the tests need: real etcd 3.4 + etcdctl (the reference implementation
+# the tests compare against) and, if missing, a Rust toolchain.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" -eq 0 ]; then
+        $SUDO apt-get update
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y "$@"
+}
+
+# etcd-server / etcd-client provide /usr/bin/etcd and /usr/bin/etcdctl.
+missing=()
+[ -x /usr/bin/etcd ] || missing+=(etcd-server)
+[ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+    # The Debian package may start an etcd service listening on 2379; the
+    # tests start their own servers on random ports, so stop it (best effort).
+    $SUDO systemctl stop etcd 2>/dev/null \
+        || $SUDO service etcd stop 2>/dev/null \
+        || $SUDO pkill -x etcd 2>/dev/null \
+        || true
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] || { echo "cargo (a Rust toolchain) is required" >&2; exit 1; }
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+etcd --version | head -n 1
+etcdctl version | head -n 1
+cargo --version
+
+# Release mode: the durability and differential tests generate real load.
+# --no-fail-fast: report every failing test binary, not just the first.
+cargo test --workspace --release --no-fail-fast "$@"
