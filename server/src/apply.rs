@@ -15,7 +15,10 @@ use std::cmp::Ordering;
 use std::collections::HashSet;
 
 fn header(rev: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader { revision: rev, ..Default::default() })
+    Some(ResponseHeader {
+        revision: rev,
+        ..Default::default()
+    })
 }
 
 // ---- checks made before a request is proposed (etcd's v3rpc/key.go) ----
@@ -100,12 +103,17 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
             } else {
                 Some(d.range_end.clone())
             };
-            dels.push(Interval { start: d.key.clone(), end });
+            dels.push(Interval {
+                start: d.key.clone(),
+                end,
+            });
         }
     }
     let mut puts: HashSet<Vec<u8>> = HashSet::new();
     for r in reqs {
-        let Some(request_op::Request::RequestTxn(t)) = &r.request else { continue };
+        let Some(request_op::Request::RequestTxn(t)) = &r.request else {
+            continue;
+        };
         let (puts_then, dels_then) = check_intervals(&t.success)?;
         let (puts_else, dels_else) = check_intervals(&t.failure)?;
         for k in &puts_then {
@@ -128,7 +136,9 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
         dels.extend(dels_else);
     }
     for r in reqs {
-        let Some(request_op::Request::RequestPut(p)) = &r.request else { continue };
+        let Some(request_op::Request::RequestPut(p)) = &r.request else {
+            continue;
+        };
         if puts.contains(&p.key) || dels.iter().any(|d| d.contains(&p.key)) {
             return Err(EtcdError::DuplicateKey);
         }
@@ -138,20 +148,26 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval
 }
 
 pub fn is_txn_read_only(r: &TxnRequest) -> bool {
-    r.success.iter().chain(r.failure.iter()).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(_)) | None => true,
-        Some(request_op::Request::RequestTxn(t)) => is_txn_read_only(t),
-        _ => false,
-    })
+    r.success
+        .iter()
+        .chain(r.failure.iter())
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(_)) | None => true,
+            Some(request_op::Request::RequestTxn(t)) => is_txn_read_only(t),
+            _ => false,
+        })
 }
 
 /// Whether a request writes keys and so needs backend space (etcd's quota check).
 pub fn txn_has_puts(r: &TxnRequest) -> bool {
-    r.success.iter().chain(r.failure.iter()).any(|op| match &op.request {
-        Some(request_op::Request::RequestPut(_)) => true,
-        Some(request_op::Request::RequestTxn(t)) => txn_has_puts(t),
-        _ => false,
-    })
+    r.success
+        .iter()
+        .chain(r.failure.iter())
+        .any(|op| match &op.request {
+            Some(request_op::Request::RequestPut(_)) => true,
+            Some(request_op::Request::RequestTxn(t)) => txn_has_puts(t),
+            _ => false,
+        })
 }
 
 // ---- execution ----
@@ -169,7 +185,11 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     let rr = view.range(
         &r.key,
         RangeEnd::from_request(&r.range_end),
-        RangeOptions { limit, rev: r.revision, count_only: r.count_only },
+        RangeOptions {
+            limit,
+            rev: r.revision,
+            count_only: r.count_only,
+        },
     )?;
     let mut kvs = rr.kvs;
     if r.max_mod_revision != 0 {
@@ -185,12 +205,16 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
         kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
     }
     let mut order = r.sort_order;
-    if r.sort_target != range_request::SortTarget::Key as i32 && order == range_request::SortOrder::None as i32 {
+    if r.sort_target != range_request::SortTarget::Key as i32
+        && order == range_request::SortOrder::None as i32
+    {
         order = range_request::SortOrder::Ascend as i32;
     }
     if order != range_request::SortOrder::None as i32 {
         let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
-            match range_request::SortTarget::try_from(r.sort_target).unwrap_or(range_request::SortTarget::Key) {
+            match range_request::SortTarget::try_from(r.sort_target)
+                .unwrap_or(range_request::SortTarget::Key)
+            {
                 range_request::SortTarget::Key => a.key.cmp(&b.key),
                 range_request::SortTarget::Version => a.version.cmp(&b.version),
                 range_request::SortTarget::Create => a.create_revision.cmp(&b.create_revision),
@@ -216,7 +240,12 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
             kv.value.clear();
         }
     }
-    Ok(RangeResponse { header: header(rr.rev), kvs, more, count: rr.count })
+    Ok(RangeResponse {
+        header: header(rr.rev),
+        kvs,
+        more,
+        count: rr.count,
+    })
 }
 
 pub fn put(txn: &mut WriteTxn, r: &PutRequest) -> Result<PutResponse> {
@@ -242,7 +271,10 @@ pub fn put(txn: &mut WriteTxn, r: &PutRequest) -> Result<PutResponse> {
         }
     }
     let rev = txn.put(&r.key, value, lease);
-    Ok(PutResponse { header: header(rev), prev_kv })
+    Ok(PutResponse {
+        header: header(rev),
+        prev_kv,
+    })
 }
 
 pub fn delete_range(txn: &mut WriteTxn, r: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
@@ -253,7 +285,11 @@ pub fn delete_range(txn: &mut WriteTxn, r: &DeleteRangeRequest) -> Result<Delete
         vec![]
     };
     let (deleted, rev) = txn.delete_range(&r.key, end);
-    Ok(DeleteRangeResponse { header: header(rev), deleted, prev_kvs })
+    Ok(DeleteRangeResponse {
+        header: header(rev),
+        deleted,
+        prev_kvs,
+    })
 }
 
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
@@ -295,7 +331,11 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
 }
 
 fn apply_compare(view: &impl ReadView, c: &Compare) -> bool {
-    let Ok(rr) = view.range(&c.key, RangeEnd::from_request(&c.range_end), RangeOptions::default()) else {
+    let Ok(rr) = view.range(
+        &c.key,
+        RangeEnd::from_request(&c.range_end),
+        RangeOptions::default(),
+    ) else {
         return false;
     };
     if rr.kvs.is_empty() {
@@ -331,7 +371,14 @@ enum Check {
 
 /// Checks the ops of the chosen branches against the state before the txn (etcd's
 /// `checkRequests`): all puts first (write txns only), then all ranges, as etcd orders them.
-fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[bool], pos: &mut usize, check: Check) -> Result<()> {
+fn check_path(
+    view: &impl ReadView,
+    lessor: &Lessor,
+    t: &TxnRequest,
+    path: &[bool],
+    pos: &mut usize,
+    check: Check,
+) -> Result<()> {
     let ok = path[*pos];
     *pos += 1;
     for op in if ok { &t.success } else { &t.failure } {
@@ -347,7 +394,9 @@ fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[boo
                     }
                 }
             }
-            Some(request_op::Request::RequestRange(r)) if check == Check::Ranges && r.revision != 0 => {
+            Some(request_op::Request::RequestRange(r))
+                if check == Check::Ranges && r.revision != 0 =>
+            {
                 if r.revision > view.rev() {
                     return Err(EtcdError::FutureRev);
                 }
@@ -355,33 +404,48 @@ fn check_path(view: &impl ReadView, lessor: &Lessor, t: &TxnRequest, path: &[boo
                     return Err(EtcdError::Compacted);
                 }
             }
-            Some(request_op::Request::RequestTxn(inner)) => check_path(view, lessor, inner, path, pos, check)?,
+            Some(request_op::Request::RequestTxn(inner)) => {
+                check_path(view, lessor, inner, path, pos, check)?
+            }
             _ => {}
         }
     }
     Ok(())
 }
 
-fn apply_txn_ops(txn: &mut WriteTxn, t: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse> {
+fn apply_txn_ops(
+    txn: &mut WriteTxn,
+    t: &TxnRequest,
+    path: &[bool],
+    pos: &mut usize,
+) -> Result<TxnResponse> {
     let ok = path[*pos];
     *pos += 1;
     let mut responses = Vec::new();
     for op in if ok { &t.success } else { &t.failure } {
         let resp = match &op.request {
-            Some(request_op::Request::RequestRange(r)) => Some(response_op::Response::ResponseRange(range(txn, r)?)),
-            Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(put(txn, p)?)),
-            Some(request_op::Request::RequestDeleteRange(d)) => {
-                Some(response_op::Response::ResponseDeleteRange(delete_range(txn, d)?))
+            Some(request_op::Request::RequestRange(r)) => {
+                Some(response_op::Response::ResponseRange(range(txn, r)?))
             }
-            Some(request_op::Request::RequestTxn(inner)) => {
-                Some(response_op::Response::ResponseTxn(apply_txn_ops(txn, inner, path, pos)?))
+            Some(request_op::Request::RequestPut(p)) => {
+                Some(response_op::Response::ResponsePut(put(txn, p)?))
             }
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(
+                response_op::Response::ResponseDeleteRange(delete_range(txn, d)?),
+            ),
+            Some(request_op::Request::RequestTxn(inner)) => Some(
+                response_op::Response::ResponseTxn(apply_txn_ops(txn, inner, path, pos)?),
+            ),
             None => None,
         };
         responses.push(ResponseOp { response: resp });
     }
     // Nested txn responses carry an empty header in etcd; the caller sets the outer one.
-    Ok(TxnResponse { header: Some(ResponseHeader::default()), succeeded: ok, responses })
+    Ok(TxnResponse {
+        header: Some(ResponseHeader::default()),
+        succeeded: ok,
+        responses,
+    })
 }
 
 /// Executes a txn as one write transaction (one revision if it changes anything).
@@ -404,19 +468,32 @@ pub fn read_only_txn(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse
     compare_to_path(view, t, &mut path);
     let lessor = Lessor::new(1);
     check_path(view, &lessor, t, &path, &mut 0, Check::Ranges)?;
-    fn run(view: &impl ReadView, t: &TxnRequest, path: &[bool], pos: &mut usize) -> Result<TxnResponse> {
+    fn run(
+        view: &impl ReadView,
+        t: &TxnRequest,
+        path: &[bool],
+        pos: &mut usize,
+    ) -> Result<TxnResponse> {
         let ok = path[*pos];
         *pos += 1;
         let mut responses = Vec::new();
         for op in if ok { &t.success } else { &t.failure } {
             let resp = match &op.request {
-                Some(request_op::Request::RequestRange(r)) => Some(response_op::Response::ResponseRange(range(view, r)?)),
-                Some(request_op::Request::RequestTxn(inner)) => Some(response_op::Response::ResponseTxn(run(view, inner, path, pos)?)),
+                Some(request_op::Request::RequestRange(r)) => {
+                    Some(response_op::Response::ResponseRange(range(view, r)?))
+                }
+                Some(request_op::Request::RequestTxn(inner)) => Some(
+                    response_op::Response::ResponseTxn(run(view, inner, path, pos)?),
+                ),
                 _ => None,
             };
             responses.push(ResponseOp { response: resp });
         }
-        Ok(TxnResponse { header: Some(ResponseHeader::default()), succeeded: ok, responses })
+        Ok(TxnResponse {
+            header: Some(ResponseHeader::default()),
+            succeeded: ok,
+            responses,
+        })
     }
     let mut resp = run(view, t, &path, &mut 0)?;
     resp.header = header(view.rev());
@@ -428,33 +505,70 @@ mod tests {
     use super::*;
 
     fn put_op(k: &str) -> RequestOp {
-        RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: k.into(), ..Default::default() })) }
-    }
-    fn del_op(k: &str, end: &str) -> RequestOp {
         RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+            request: Some(request_op::Request::RequestPut(PutRequest {
                 key: k.into(),
-                range_end: end.into(),
                 ..Default::default()
             })),
         }
     }
+    fn del_op(k: &str, end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: k.into(),
+                    range_end: end.into(),
+                    ..Default::default()
+                },
+            )),
+        }
+    }
     fn txn_op(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
-        RequestOp { request: Some(request_op::Request::RequestTxn(TxnRequest { compare: vec![], success, failure })) }
+        RequestOp {
+            request: Some(request_op::Request::RequestTxn(TxnRequest {
+                compare: vec![],
+                success,
+                failure,
+            })),
+        }
     }
 
     #[test]
     fn duplicate_keys_are_rejected_as_etcd_does() {
-        let t = |s: Vec<RequestOp>| check_txn(&TxnRequest { compare: vec![], success: s, failure: vec![] }, 128);
-        assert_eq!(t(vec![put_op("a"), put_op("a")]), Err(EtcdError::DuplicateKey));
-        assert_eq!(t(vec![put_op("b"), del_op("a", "c")]), Err(EtcdError::DuplicateKey));
-        assert_eq!(t(vec![put_op("a"), del_op("a", "")]), Err(EtcdError::DuplicateKey));
+        let t = |s: Vec<RequestOp>| {
+            check_txn(
+                &TxnRequest {
+                    compare: vec![],
+                    success: s,
+                    failure: vec![],
+                },
+                128,
+            )
+        };
+        assert_eq!(
+            t(vec![put_op("a"), put_op("a")]),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            t(vec![put_op("b"), del_op("a", "c")]),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            t(vec![put_op("a"), del_op("a", "")]),
+            Err(EtcdError::DuplicateKey)
+        );
         assert_eq!(t(vec![put_op("c"), del_op("a", "c")]), Ok(()));
         // Deletes may overlap deletes.
         assert_eq!(t(vec![del_op("a", "c"), del_op("b", "")]), Ok(()));
         // Then and else of a nested txn may both write the same key.
-        assert_eq!(t(vec![txn_op(vec![put_op("a")], vec![put_op("a")])]), Ok(()));
-        assert_eq!(t(vec![put_op("a"), txn_op(vec![put_op("a")], vec![])]), Err(EtcdError::DuplicateKey));
+        assert_eq!(
+            t(vec![txn_op(vec![put_op("a")], vec![put_op("a")])]),
+            Ok(())
+        );
+        assert_eq!(
+            t(vec![put_op("a"), txn_op(vec![put_op("a")], vec![])]),
+            Err(EtcdError::DuplicateKey)
+        );
         // A from-key delete ("\0" end) does not conflict in etcd 3.4's interval check.
         assert_eq!(t(vec![put_op("b"), del_op("a", "\0")]), Ok(()));
     }
@@ -462,10 +576,18 @@ mod tests {
     #[test]
     fn too_many_ops_and_empty_ops() {
         let many: Vec<RequestOp> = (0..5).map(|i| put_op(&format!("k{i}"))).collect();
-        let r = TxnRequest { compare: vec![], success: many, failure: vec![] };
+        let r = TxnRequest {
+            compare: vec![],
+            success: many,
+            failure: vec![],
+        };
         assert_eq!(check_txn(&r, 4), Err(EtcdError::TooManyOps));
         assert_eq!(check_txn(&r, 5), Ok(()));
-        let r = TxnRequest { compare: vec![], success: vec![RequestOp { request: None }], failure: vec![] };
+        let r = TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp { request: None }],
+            failure: vec![],
+        };
         assert_eq!(check_txn(&r, 5), Err(EtcdError::KeyNotFound));
     }
 }

@@ -9,7 +9,11 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("invalid value {value:?} for --{flag}: {why}")]
-    Invalid { flag: &'static str, value: String, why: String },
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
     #[error("--{0} is not supported yet by oxcd")]
     Unsupported(&'static str),
 }
@@ -18,7 +22,11 @@ pub enum ConfigError {
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "oxcd", disable_version_flag = true, about = "etcd-compatible distributed key-value store")]
+#[command(
+    name = "oxcd",
+    disable_version_flag = true,
+    about = "etcd-compatible distributed key-value store"
+)]
 pub struct Flags {
     /// Print the version and exit.
     #[arg(long)]
@@ -33,16 +41,32 @@ pub struct Flags {
     #[arg(long, env = "ETCD_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
     /// URLs to listen on for client traffic.
-    #[arg(long, env = "ETCD_LISTEN_CLIENT_URLS", default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub listen_client_urls: String,
     /// Client URLs of this member advertised to the cluster.
-    #[arg(long, env = "ETCD_ADVERTISE_CLIENT_URLS", default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub advertise_client_urls: String,
     /// URLs to listen on for peer traffic.
-    #[arg(long, env = "ETCD_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub listen_peer_urls: String,
     /// Peer URLs of this member advertised to the cluster.
-    #[arg(long, env = "ETCD_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
     pub initial_advertise_peer_urls: String,
     /// Initial cluster configuration for bootstrapping ("name=peerURL,...").
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
@@ -51,7 +75,11 @@ pub struct Flags {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", default_value = "new")]
     pub initial_cluster_state: String,
     /// Initial cluster token for the cluster during bootstrap.
-    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
     pub initial_cluster_token: String,
     /// Time (in milliseconds) of a heartbeat interval.
     #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
@@ -78,7 +106,11 @@ pub struct Flags {
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
     /// Duration of periodic watch progress notifications.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m")]
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m"
+    )]
     pub experimental_watch_progress_notify_interval: String,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
@@ -147,11 +179,19 @@ pub struct Config {
 }
 
 fn invalid(flag: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { flag, value: value.to_string(), why: why.into() }
+    ConfigError::Invalid {
+        flag,
+        value: value.to_string(),
+        why: why.into(),
+    }
 }
 
 fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
-    let urls: Vec<String> = s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    let urls: Vec<String> = s
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
     if urls.is_empty() {
         return Err(invalid(flag, s, "no URL given"));
     }
@@ -160,7 +200,13 @@ fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
         match parsed.scheme() {
             "http" | "unix" => {}
             "https" | "unixs" => return Err(invalid(flag, u, "TLS is not supported yet by oxcd")),
-            other => return Err(invalid(flag, u, format!("URL scheme must be http, https, unix or unixs: {other}"))),
+            other => {
+                return Err(invalid(
+                    flag,
+                    u,
+                    format!("URL scheme must be http, https, unix or unixs: {other}"),
+                ))
+            }
         }
         if parsed.port().is_none() {
             return Err(invalid(flag, u, "missing port in address"));
@@ -193,7 +239,9 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let n: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let secs = match &rest[..unit_len] {
             "ns" => n / 1e9,
             "us" | "µs" => n / 1e6,
@@ -228,25 +276,37 @@ impl Flags {
                 return Err(ConfigError::Unsupported(name));
             }
         }
-        let data_dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.oxcd", self.name)));
-        let wal_dir = self.wal_dir.clone().unwrap_or_else(|| data_dir.join("member").join("wal"));
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.oxcd", self.name)));
+        let wal_dir = self
+            .wal_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("member").join("wal"));
         let mut listen_client = Vec::new();
         for u in split_urls("listen-client-urls", &self.listen_client_urls)? {
             listen_client.extend(resolve("listen-client-urls", &u)?);
         }
-        let advertise_client_urls = split_urls("advertise-client-urls", &self.advertise_client_urls)?;
+        let advertise_client_urls =
+            split_urls("advertise-client-urls", &self.advertise_client_urls)?;
         split_urls("listen-peer-urls", &self.listen_peer_urls)?;
-        let initial_advertise_peer_urls =
-            split_urls("initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
-        let ic = self
-            .initial_cluster
-            .clone()
-            .unwrap_or_else(|| format!("{}={}", self.name, initial_advertise_peer_urls.join(&format!(",{}=", self.name))));
+        let initial_advertise_peer_urls = split_urls(
+            "initial-advertise-peer-urls",
+            &self.initial_advertise_peer_urls,
+        )?;
+        let ic = self.initial_cluster.clone().unwrap_or_else(|| {
+            format!(
+                "{}={}",
+                self.name,
+                initial_advertise_peer_urls.join(&format!(",{}=", self.name))
+            )
+        });
         let mut initial_cluster: Vec<(String, Vec<String>)> = Vec::new();
         for part in ic.split(',').filter(|p| !p.trim().is_empty()) {
-            let (n, u) = part
-                .split_once('=')
-                .ok_or_else(|| invalid("initial-cluster", &ic, format!("{part:?} is not name=URL")))?;
+            let (n, u) = part.split_once('=').ok_or_else(|| {
+                invalid("initial-cluster", &ic, format!("{part:?} is not name=URL"))
+            })?;
             let u = split_urls("initial-cluster", u)?;
             match initial_cluster.iter_mut().find(|(name, _)| name == n) {
                 Some((_, urls)) => urls.extend(u),
@@ -254,7 +314,14 @@ impl Flags {
             }
         }
         let Some((_, my_urls)) = initial_cluster.iter().find(|(n, _)| *n == self.name) else {
-            return Err(invalid("initial-cluster", &ic, format!("couldn't find local name {:?} in the initial cluster configuration", self.name)));
+            return Err(invalid(
+                "initial-cluster",
+                &ic,
+                format!(
+                    "couldn't find local name {:?} in the initial cluster configuration",
+                    self.name
+                ),
+            ));
         };
         let mut a = my_urls.clone();
         let mut b = initial_advertise_peer_urls.clone();
@@ -264,16 +331,36 @@ impl Flags {
             return Err(invalid(
                 "initial-cluster",
                 &ic,
-                format!("--initial-cluster has {} but missing from --initial-advertise-peer-urls={}", a.join(","), b.join(",")),
+                format!(
+                    "--initial-cluster has {} but missing from --initial-advertise-peer-urls={}",
+                    a.join(","),
+                    b.join(",")
+                ),
             ));
         }
         if initial_cluster.len() > 1 {
-            return Err(invalid("initial-cluster", &ic, "multi-member clusters are not supported yet by oxcd"));
+            return Err(invalid(
+                "initial-cluster",
+                &ic,
+                "multi-member clusters are not supported yet by oxcd",
+            ));
         }
         match self.initial_cluster_state.as_str() {
             "new" => {}
-            "existing" => return Err(invalid("initial-cluster-state", "existing", "joining an existing cluster is not supported yet by oxcd")),
-            other => return Err(invalid("initial-cluster-state", other, "must be \"new\" or \"existing\"")),
+            "existing" => {
+                return Err(invalid(
+                    "initial-cluster-state",
+                    "existing",
+                    "joining an existing cluster is not supported yet by oxcd",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "initial-cluster-state",
+                    other,
+                    "must be \"new\" or \"existing\"",
+                ))
+            }
         }
         if self.heartbeat_interval == 0 {
             return Err(invalid("heartbeat-interval", "0", "must be positive"));
@@ -282,11 +369,18 @@ impl Flags {
             return Err(invalid(
                 "election-timeout",
                 &self.election_timeout.to_string(),
-                format!("should be at least as 5 times as --heartbeat-interval ({})", self.heartbeat_interval),
+                format!(
+                    "should be at least as 5 times as --heartbeat-interval ({})",
+                    self.heartbeat_interval
+                ),
             ));
         }
         if self.election_timeout > 50_000 {
-            return Err(invalid("election-timeout", &self.election_timeout.to_string(), "is too long, and should be set less than 50 seconds"));
+            return Err(invalid(
+                "election-timeout",
+                &self.election_timeout.to_string(),
+                "is too long, and should be set less than 50 seconds",
+            ));
         }
         if self.max_txn_ops == 0 {
             return Err(invalid("max-txn-ops", "0", "must be positive"));
@@ -299,26 +393,69 @@ impl Flags {
             "periodic" => {
                 let d = match r.parse::<u64>() {
                     Ok(h) => Duration::from_secs(h * 3600),
-                    Err(_) => parse_go_duration(r).ok_or_else(|| invalid("auto-compaction-retention", r, "not an integer or a duration"))?,
+                    Err(_) => parse_go_duration(r).ok_or_else(|| {
+                        invalid(
+                            "auto-compaction-retention",
+                            r,
+                            "not an integer or a duration",
+                        )
+                    })?,
                 };
-                if d.is_zero() { AutoCompaction::Off } else { AutoCompaction::Periodic(d) }
+                if d.is_zero() {
+                    AutoCompaction::Off
+                } else {
+                    AutoCompaction::Periodic(d)
+                }
             }
             "revision" => {
-                let n: i64 = r.parse().map_err(|_| invalid("auto-compaction-retention", r, "revision mode needs an integer"))?;
+                let n: i64 = r.parse().map_err(|_| {
+                    invalid(
+                        "auto-compaction-retention",
+                        r,
+                        "revision mode needs an integer",
+                    )
+                })?;
                 if n < 0 {
-                    return Err(invalid("auto-compaction-retention", r, "must not be negative"));
+                    return Err(invalid(
+                        "auto-compaction-retention",
+                        r,
+                        "must not be negative",
+                    ));
                 }
-                if n == 0 { AutoCompaction::Off } else { AutoCompaction::Revision(n) }
+                if n == 0 {
+                    AutoCompaction::Off
+                } else {
+                    AutoCompaction::Revision(n)
+                }
             }
-            other => return Err(invalid("auto-compaction-mode", other, "must be \"periodic\" or \"revision\"")),
+            other => {
+                return Err(invalid(
+                    "auto-compaction-mode",
+                    other,
+                    "must be \"periodic\" or \"revision\"",
+                ))
+            }
         };
-        let watch_progress_interval = parse_go_duration(&self.experimental_watch_progress_notify_interval)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| invalid("experimental-watch-progress-notify-interval", &self.experimental_watch_progress_notify_interval, "not a positive duration"))?;
+        let watch_progress_interval =
+            parse_go_duration(&self.experimental_watch_progress_notify_interval)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    invalid(
+                        "experimental-watch-progress-notify-interval",
+                        &self.experimental_watch_progress_notify_interval,
+                        "not a positive duration",
+                    )
+                })?;
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" | "dpanic" => "error".to_string(),
-            other => return Err(invalid("log-level", other, "must be debug, info, warn, error, panic or fatal")),
+            other => {
+                return Err(invalid(
+                    "log-level",
+                    other,
+                    "must be debug, info, warn, error, panic or fatal",
+                ))
+            }
         };
         let log_json = match self.log_format.as_str() {
             "text" => false,
@@ -337,7 +474,11 @@ impl Flags {
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,
-            quota_backend_bytes: if self.quota_backend_bytes == 0 { DEFAULT_QUOTA_BYTES } else { self.quota_backend_bytes },
+            quota_backend_bytes: if self.quota_backend_bytes == 0 {
+                DEFAULT_QUOTA_BYTES
+            } else {
+                self.quota_backend_bytes
+            },
             max_request_bytes: self.max_request_bytes as usize,
             max_txn_ops: self.max_txn_ops as usize,
             auto_compaction,
@@ -375,7 +516,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("default.oxcd"));
         assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
-        assert_eq!(c.initial_cluster, vec![("default".into(), vec!["http://localhost:2380".into()])]);
+        assert_eq!(
+            c.initial_cluster,
+            vec![("default".into(), vec!["http://localhost:2380".into()])]
+        );
         assert_eq!(c.max_txn_ops, 128);
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.min_lease_ttl(), 2);
@@ -384,17 +528,28 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        let e = parse(&["--auto-compaction-mode", "weekly"]).unwrap_err().to_string();
+        let e = parse(&["--auto-compaction-mode", "weekly"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--auto-compaction-mode"), "{e}");
         let e = parse(&["--cert-file", "x.pem"]).unwrap_err().to_string();
         assert!(e.contains("not supported yet"), "{e}");
         assert!(Flags::try_parse_from(["oxcd", "--no-such-flag"]).is_err());
         assert_eq!(
-            parse(&["--auto-compaction-retention", "90m"]).unwrap().auto_compaction,
+            parse(&["--auto-compaction-retention", "90m"])
+                .unwrap()
+                .auto_compaction,
             AutoCompaction::Periodic(Duration::from_secs(5400))
         );
         assert_eq!(
-            parse(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "100"]).unwrap().auto_compaction,
+            parse(&[
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "100"
+            ])
+            .unwrap()
+            .auto_compaction,
             AutoCompaction::Revision(100)
         );
     }

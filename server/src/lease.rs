@@ -47,7 +47,10 @@ impl Lessor {
     /// `min_ttl`: etcd's minimum lease TTL (1.5 election timeouts, rounded up to seconds).
     pub fn new(min_ttl: i64) -> Self {
         Lessor {
-            inner: Mutex::new(Inner { leases: HashMap::new(), primary: false }),
+            inner: Mutex::new(Inner {
+                leases: HashMap::new(),
+                primary: false,
+            }),
             min_ttl,
         }
     }
@@ -65,7 +68,11 @@ impl Lessor {
             return Err(EtcdError::LeaseExists);
         }
         let ttl = ttl.max(self.min_ttl);
-        let mut l = Lease { ttl, expiry: None, keys: BTreeSet::new() };
+        let mut l = Lease {
+            ttl,
+            expiry: None,
+            keys: BTreeSet::new(),
+        };
         if inner.primary {
             l.refresh(Duration::ZERO);
         }
@@ -76,7 +83,14 @@ impl Lessor {
     /// Restores a lease found in the backend on start.
     pub fn recover(&self, id: i64, ttl: i64) {
         let mut inner = self.inner.lock();
-        inner.leases.insert(id, Lease { ttl: ttl.max(self.min_ttl), expiry: None, keys: BTreeSet::new() });
+        inner.leases.insert(
+            id,
+            Lease {
+                ttl: ttl.max(self.min_ttl),
+                expiry: None,
+                keys: BTreeSet::new(),
+            },
+        );
     }
 
     /// Removes a lease; returns its keys in ascending order (to delete in one revision).
@@ -92,7 +106,11 @@ impl Lessor {
 
     /// Keys attached to a lease, ascending (for a revoke about to be applied).
     pub fn keys(&self, id: i64) -> Option<Vec<Vec<u8>>> {
-        self.inner.lock().leases.get(&id).map(|l| l.keys.iter().cloned().collect())
+        self.inner
+            .lock()
+            .leases
+            .get(&id)
+            .map(|l| l.keys.iter().cloned().collect())
     }
 
     pub fn attach(&self, id: i64, key: Vec<u8>) {
@@ -137,7 +155,11 @@ impl Lessor {
             }
             None => l.ttl,
         };
-        Some(LeaseInfo { remaining, granted: l.ttl, keys: l.keys.iter().cloned().collect() })
+        Some(LeaseInfo {
+            remaining,
+            granted: l.ttl,
+            keys: l.keys.iter().cloned().collect(),
+        })
     }
 
     pub fn ids(&self) -> Vec<i64> {
@@ -186,7 +208,10 @@ mod tests {
         let l = Lessor::new(2);
         assert_eq!(l.grant(1, 1).unwrap(), 2);
         assert_eq!(l.grant(1, 5), Err(EtcdError::LeaseExists));
-        assert_eq!(l.grant(2, MAX_LEASE_TTL + 1), Err(EtcdError::LeaseTtlTooLarge));
+        assert_eq!(
+            l.grant(2, MAX_LEASE_TTL + 1),
+            Err(EtcdError::LeaseTtlTooLarge)
+        );
     }
 
     #[test]

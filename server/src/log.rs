@@ -3,8 +3,11 @@
 use slog::{Drain, OwnedKVList, Record};
 
 pub fn init(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},raft=warn,sled=warn,h2=warn,tower=warn,hyper=warn")));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},raft=warn,sled=warn,h2=warn,tower=warn,hyper=warn"
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -24,7 +24,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     oxcd::log::init(&cfg.log_level, cfg.log_json);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let server = match EtcdServer::start(cfg.clone()) {
             Ok(s) => s,

@@ -21,7 +21,10 @@ use tokio::sync::oneshot;
 /// What the rest of the server asks of the Raft thread.
 pub enum RaftInput {
     /// Append a command; `id` lets a refusal reach the waiting request.
-    Propose { id: u64, data: Vec<u8> },
+    Propose {
+        id: u64,
+        data: Vec<u8>,
+    },
     /// A linearizable read asks for the index it must wait for (batched per loop turn).
     ReadIndex(oneshot::Sender<Result<u64, EtcdError>>),
     /// The state machine is durable up to this index: the log before it can go.
@@ -65,7 +68,11 @@ pub fn build_storage(rep: &Replayed, applied: u64) -> raft::Result<MemStorage> {
     let mut hs = rep.hard_state.clone();
     // The commit index may not have reached the WAL before a crash although the entries were
     // applied: what was applied was committed, and is in the log.
-    let last = rep.entries.last().map(|e| e.index).unwrap_or(rep.snapshot.index);
+    let last = rep
+        .entries
+        .last()
+        .map(|e| e.index)
+        .unwrap_or(rep.snapshot.index);
     hs.commit = hs.commit.max(applied.min(last)).max(rep.snapshot.index);
     storage.wl().set_hardstate(hs);
     Ok(storage)
@@ -133,7 +140,15 @@ impl RaftNode {
     pub fn run(mut self) {
         // A sole voter need not wait an election timeout to lead.
         let voters = self.node.raft.prs().conf().voters().ids().len();
-        if voters == 1 && self.node.raft.prs().conf().voters().contains(self.node.raft.id) {
+        if voters == 1
+            && self
+                .node
+                .raft
+                .prs()
+                .conf()
+                .voters()
+                .contains(self.node.raft.id)
+        {
             if let Err(e) = self.node.campaign() {
                 tracing::error!(error = %e, "campaign failed");
             }
@@ -206,7 +221,8 @@ impl RaftNode {
         if self.pending_reads.is_empty() {
             return;
         }
-        if self.node.raft.state != StateRole::Leader && self.node.raft.leader_id == raft::INVALID_ID {
+        if self.node.raft.state != StateRole::Leader && self.node.raft.leader_id == raft::INVALID_ID
+        {
             for tx in self.pending_reads.drain(..) {
                 let _ = tx.send(Err(EtcdError::NoLeader));
             }
@@ -215,7 +231,8 @@ impl RaftNode {
         self.read_seq += 1;
         let ctx = self.read_seq.to_be_bytes().to_vec();
         self.node.read_index(ctx.clone());
-        self.reads_in_flight.insert(ctx, std::mem::take(&mut self.pending_reads));
+        self.reads_in_flight
+            .insert(ctx, std::mem::take(&mut self.pending_reads));
     }
 
     fn release(&mut self, index: u64) -> Result<(), Box<dyn std::error::Error>> {
@@ -247,7 +264,10 @@ impl RaftNode {
         }
         // Single member for now: there are no peers to send `ready.messages()` to.
         if !ready.snapshot().is_empty() {
-            self.node.mut_store().wl().apply_snapshot(ready.snapshot().clone())?;
+            self.node
+                .mut_store()
+                .wl()
+                .apply_snapshot(ready.snapshot().clone())?;
         }
         let committed = ready.take_committed_entries();
         self.send_committed(committed);

@@ -90,8 +90,17 @@ fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
 impl EtcdServer {
     /// Opens or creates the member's data dir and starts Raft and the applier.
     pub fn start(cfg: Config) -> anyhow::Result<Arc<EtcdServer>> {
-        let (name, peer_urls) = cfg.initial_cluster.iter().find(|(n, _)| *n == cfg.name).cloned().ok_or_else(|| anyhow::anyhow!("local member missing from the initial cluster"))?;
-        let ids: Vec<u64> = cfg.initial_cluster.iter().map(|(_, urls)| membership::member_id(urls, &cfg.initial_cluster_token)).collect();
+        let (name, peer_urls) = cfg
+            .initial_cluster
+            .iter()
+            .find(|(n, _)| *n == cfg.name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("local member missing from the initial cluster"))?;
+        let ids: Vec<u64> = cfg
+            .initial_cluster
+            .iter()
+            .map(|(_, urls)| membership::member_id(urls, &cfg.initial_cluster_token))
+            .collect();
         let member = Member {
             id: membership::member_id(&peer_urls, &cfg.initial_cluster_token),
             name,
@@ -109,7 +118,13 @@ impl EtcdServer {
             let mut meta = SnapshotMetadata::default();
             meta.set_conf_state(ConfState::from((ids.clone(), vec![])));
             let wal = Wal::create(&cfg.wal_dir, meta.clone())?;
-            (wal, Replayed { snapshot: meta, ..Default::default() })
+            (
+                wal,
+                Replayed {
+                    snapshot: meta,
+                    ..Default::default()
+                },
+            )
         };
         let applied = recovered.consistent_index.max(replayed.snapshot.index);
         tracing::info!(
@@ -139,7 +154,9 @@ impl EtcdServer {
 
         let hub = Arc::new(WatchHub::default());
         let raft_status = Arc::new(RaftStatus::default());
-        raft_status.term.store(replayed.hard_state.term, Ordering::Relaxed);
+        raft_status
+            .term
+            .store(replayed.hard_state.term, Ordering::Relaxed);
         let waiters = Arc::new(Waiters::default());
         let (raft_tx, raft_rx) = mpsc::channel();
         let (apply_tx, apply_rx) = mpsc::channel::<CommittedBatch>();
@@ -163,7 +180,9 @@ impl EtcdServer {
             lessor.clone(),
             Box::new(move |id, err| refuse_waiters.complete(id, Err(err))),
         )?;
-        std::thread::Builder::new().name("raft".into()).spawn(move || node.run())?;
+        std::thread::Builder::new()
+            .name("raft".into())
+            .spawn(move || node.run())?;
 
         let applier = Applier {
             store: store.clone(),
@@ -177,7 +196,9 @@ impl EtcdServer {
             released: applied,
             snapshot_count: cfg.snapshot_count,
         };
-        std::thread::Builder::new().name("apply".into()).spawn(move || applier.run(apply_rx))?;
+        std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || applier.run(apply_rx))?;
 
         let seed: u64 = rand::random::<u64>() >> 2;
         let server = Arc::new(EtcdServer {
@@ -216,7 +237,11 @@ impl EtcdServer {
     /// Fills a header from the applier: revision kept if set, else the current one (etcd's
     /// `header.fill`).
     pub fn fill(&self, h: &mut Option<ResponseHeader>) {
-        let rev = h.as_ref().map(|h| h.revision).filter(|r| *r != 0).unwrap_or_else(|| self.store.current_rev());
+        let rev = h
+            .as_ref()
+            .map(|h| h.revision)
+            .filter(|r| *r != 0)
+            .unwrap_or_else(|| self.store.current_rev());
         *h = Some(self.header(rev));
     }
 
@@ -228,7 +253,11 @@ impl EtcdServer {
     /// Replicates a request and waits for the result of applying it.
     pub async fn propose(&self, req: Request) -> Result<Applied> {
         let id = self.next_id() as u64;
-        let data = RaftRequest { id, request: Some(req) }.encode_to_vec();
+        let data = RaftRequest {
+            id,
+            request: Some(req),
+        }
+        .encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
@@ -250,8 +279,13 @@ impl EtcdServer {
     /// Waits until this member has applied everything committed when the read began.
     pub async fn read_barrier(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.raft_tx.send(RaftInput::ReadIndex(tx)).map_err(|_| EtcdError::Stopped)?;
-        let index = tokio::time::timeout(self.request_timeout(), rx).await.map_err(|_| EtcdError::Timeout)?.map_err(|_| EtcdError::Stopped)??;
+        self.raft_tx
+            .send(RaftInput::ReadIndex(tx))
+            .map_err(|_| EtcdError::Stopped)?;
+        let index = tokio::time::timeout(self.request_timeout(), rx)
+            .await
+            .map_err(|_| EtcdError::Timeout)?
+            .map_err(|_| EtcdError::Stopped)??;
         let mut applied = self.applied_rx.clone();
         tokio::time::timeout(self.request_timeout(), applied.wait_for(|a| *a >= index))
             .await
@@ -277,7 +311,11 @@ impl EtcdServer {
         if self.store.size_on_disk() + cost as u64 <= self.cfg.quota_backend_bytes {
             return Ok(());
         }
-        let req = AlarmRequest { action: AlarmAction::Activate as i32, member_id: self.member.id, alarm: AlarmType::Nospace as i32 };
+        let req = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.member.id,
+            alarm: AlarmType::Nospace as i32,
+        };
         if let Err(e) = self.propose(Request::Alarm(req)).await {
             tracing::warn!(error = %e, "raising the NOSPACE alarm failed");
         }
@@ -300,7 +338,9 @@ impl EtcdServer {
                     }
                     let (s, inf) = (self.clone(), in_flight.clone());
                     tokio::spawn(async move {
-                        let r = s.propose(Request::LeaseRevoke(LeaseRevokeRequest { id })).await;
+                        let r = s
+                            .propose(Request::LeaseRevoke(LeaseRevokeRequest { id }))
+                            .await;
                         if let Err(e) = r {
                             if e != EtcdError::LeaseNotFound {
                                 tracing::warn!(lease = id, error = %e, "revoking an expired lease failed");
@@ -322,9 +362,15 @@ impl EtcdServer {
         }
         tokio::spawn(async move {
             let (interval, mut samples) = match mode {
-                AutoCompaction::Periodic(d) => ((d / 10).max(Duration::from_secs(1)), std::collections::VecDeque::new()),
+                AutoCompaction::Periodic(d) => (
+                    (d / 10).max(Duration::from_secs(1)),
+                    std::collections::VecDeque::new(),
+                ),
                 // etcd's revision compactor runs every 5 minutes.
-                AutoCompaction::Revision(_) => (Duration::from_secs(5 * 60), std::collections::VecDeque::new()),
+                AutoCompaction::Revision(_) => (
+                    Duration::from_secs(5 * 60),
+                    std::collections::VecDeque::new(),
+                ),
                 AutoCompaction::Off => return,
             };
             let mut tick = tokio::time::interval(interval);
@@ -339,7 +385,10 @@ impl EtcdServer {
                         let now = tokio::time::Instant::now();
                         samples.push_back((now, rev));
                         let mut target = None;
-                        while samples.front().is_some_and(|(t, _)| now.duration_since(*t) >= d) {
+                        while samples
+                            .front()
+                            .is_some_and(|(t, _)| now.duration_since(*t) >= d)
+                        {
                             target = samples.pop_front().map(|(_, r)| r);
                         }
                         target
@@ -351,10 +400,18 @@ impl EtcdServer {
                 if target <= self.store.compact_rev() || target <= 0 {
                     continue;
                 }
-                match self.propose(Request::Compaction(CompactionRequest { revision: target, physical: false })).await {
+                match self
+                    .propose(Request::Compaction(CompactionRequest {
+                        revision: target,
+                        physical: false,
+                    }))
+                    .await
+                {
                     Ok(_) => tracing::info!(revision = target, "auto compaction done"),
                     Err(EtcdError::Compacted) => {}
-                    Err(e) => tracing::warn!(revision = target, error = %e, "auto compaction failed"),
+                    Err(e) => {
+                        tracing::warn!(revision = target, error = %e, "auto compaction failed")
+                    }
                 }
             }
         });
@@ -419,7 +476,10 @@ impl Applier {
     }
 
     fn no_space(&self) -> bool {
-        self.alarms.lock().iter().any(|(_, a)| *a == AlarmType::Nospace as i32)
+        self.alarms
+            .lock()
+            .iter()
+            .any(|(_, a)| *a == AlarmType::Nospace as i32)
     }
 
     /// Runs `f` in one write transaction and commits it with the entry's index.
@@ -463,13 +523,16 @@ impl Applier {
                 }
                 self.write(index, |t| apply::put(t, &p)).map(Applied::Put)
             }
-            Request::DeleteRange(d) => self.write(index, |t| apply::delete_range(t, &d)).map(Applied::DeleteRange),
+            Request::DeleteRange(d) => self
+                .write(index, |t| apply::delete_range(t, &d))
+                .map(Applied::DeleteRange),
             Request::Txn(t) => {
                 if self.no_space() && apply::txn_has_puts(&t) {
                     return Err(EtcdError::NoSpace);
                 }
                 let lessor = self.lessor.clone();
-                self.write(index, |w| apply::txn(w, &lessor, &t)).map(Applied::Txn)
+                self.write(index, |w| apply::txn(w, &lessor, &t))
+                    .map(Applied::Txn)
             }
             Request::Compaction(c) => {
                 let keep = self.store.schedule_compaction(c.revision)?;
@@ -482,7 +545,12 @@ impl Applier {
                     }
                     let _ = done_tx.send(());
                 });
-                let resp = CompactionResponse { header: Some(ResponseHeader { revision: self.store.current_rev(), ..Default::default() }) };
+                let resp = CompactionResponse {
+                    header: Some(ResponseHeader {
+                        revision: self.store.current_rev(),
+                        ..Default::default()
+                    }),
+                };
                 Ok(Applied::Compaction(resp, c.physical.then_some(done_rx)))
             }
             Request::LeaseGrant(g) => {
@@ -496,7 +564,15 @@ impl Applier {
                     t.put_record(k, ttl.to_be_bytes().to_vec());
                     Ok(mvcc::ReadView::rev(t))
                 })?;
-                Ok(Applied::LeaseGrant(LeaseGrantResponse { header: Some(ResponseHeader { revision: rev, ..Default::default() }), id: g.id, ttl, error: String::new() }))
+                Ok(Applied::LeaseGrant(LeaseGrantResponse {
+                    header: Some(ResponseHeader {
+                        revision: rev,
+                        ..Default::default()
+                    }),
+                    id: g.id,
+                    ttl,
+                    error: String::new(),
+                }))
             }
             Request::LeaseRevoke(r) => {
                 let keys = self.lessor.keys(r.id).ok_or(EtcdError::LeaseNotFound)?;
@@ -510,7 +586,12 @@ impl Applier {
                     Ok(mvcc::ReadView::rev(t))
                 })?;
                 let _ = self.lessor.revoke(r.id);
-                Ok(Applied::LeaseRevoke(LeaseRevokeResponse { header: Some(ResponseHeader { revision: rev, ..Default::default() }) }))
+                Ok(Applied::LeaseRevoke(LeaseRevokeResponse {
+                    header: Some(ResponseHeader {
+                        revision: rev,
+                        ..Default::default()
+                    }),
+                }))
             }
             Request::Alarm(a) => self.apply_alarm(index, a).map(Applied::Alarm),
         }
@@ -522,7 +603,9 @@ impl Applier {
         match action {
             AlarmAction::Get => {}
             AlarmAction::Activate => {
-                if a.alarm != AlarmType::None as i32 && self.alarms.lock().insert((a.member_id, a.alarm)) {
+                if a.alarm != AlarmType::None as i32
+                    && self.alarms.lock().insert((a.member_id, a.alarm))
+                {
                     tracing::warn!(member = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm raised");
                     changed.push((a.member_id, a.alarm));
                     self.write(index, |t| {
@@ -542,9 +625,26 @@ impl Applier {
             }
         }
         let alarms = match action {
-            AlarmAction::Get => self.alarms.lock().iter().map(|(m, a)| AlarmMember { member_id: *m, alarm: *a }).collect(),
-            _ => changed.into_iter().map(|(m, a)| AlarmMember { member_id: m, alarm: a }).collect(),
+            AlarmAction::Get => self
+                .alarms
+                .lock()
+                .iter()
+                .map(|(m, a)| AlarmMember {
+                    member_id: *m,
+                    alarm: *a,
+                })
+                .collect(),
+            _ => changed
+                .into_iter()
+                .map(|(m, a)| AlarmMember {
+                    member_id: m,
+                    alarm: a,
+                })
+                .collect(),
         };
-        Ok(AlarmResponse { header: Some(ResponseHeader::default()), alarms })
+        Ok(AlarmResponse {
+            header: Some(ResponseHeader::default()),
+            alarms,
+        })
     }
 }

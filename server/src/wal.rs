@@ -29,7 +29,11 @@ pub enum WalError {
     #[error("wal io: {0}")]
     Io(#[from] std::io::Error),
     #[error("wal: corrupt record in {file} at offset {offset}: {why}")]
-    Corrupt { file: String, offset: u64, why: String },
+    Corrupt {
+        file: String,
+        offset: u64,
+        why: String,
+    },
     #[error("wal: bad protobuf: {0}")]
     Decode(#[from] protobuf::ProtobufError),
 }
@@ -104,14 +108,26 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl Wal {
     pub fn exists(dir: &Path) -> bool {
         fs::read_dir(dir)
-            .map(|mut d| d.any(|e| e.map(|e| e.path().extension().is_some_and(|x| x == "wal")).unwrap_or(false)))
+            .map(|mut d| {
+                d.any(|e| {
+                    e.map(|e| e.path().extension().is_some_and(|x| x == "wal"))
+                        .unwrap_or(false)
+                })
+            })
             .unwrap_or(false)
     }
 
     /// Creates a new log whose history starts at `snapshot` (index 0 for a new member).
     pub fn create(dir: &Path, snapshot: SnapshotMetadata) -> Result<Wal> {
         fs::create_dir_all(dir)?;
-        let mut wal = Wal::open_segment(dir, 0, snapshot.index + 1, Vec::new(), snapshot, HardState::default())?;
+        let mut wal = Wal::open_segment(
+            dir,
+            0,
+            snapshot.index + 1,
+            Vec::new(),
+            snapshot,
+            HardState::default(),
+        )?;
         wal.write_segment_header()?;
         wal.sync()?;
         Ok(wal)
@@ -128,7 +144,11 @@ impl Wal {
         let path = dir.join(segment_name(seq, first_index));
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         sync_dir(dir)?;
-        segments.push(Segment { seq, path, last_index: 0 });
+        segments.push(Segment {
+            seq,
+            path,
+            last_index: 0,
+        });
         Ok(Wal {
             dir: dir.to_path_buf(),
             segments,
@@ -182,7 +202,8 @@ impl Wal {
                                 if e.index <= rep.snapshot.index {
                                     // already covered by the snapshot point
                                 } else {
-                                    let first = rep.entries.first().map(|f| f.index).unwrap_or(e.index);
+                                    let first =
+                                        rep.entries.first().map(|f| f.index).unwrap_or(e.index);
                                     if e.index < first {
                                         rep.entries.clear();
                                     } else {
@@ -192,7 +213,9 @@ impl Wal {
                                     rep.entries.push(e);
                                 }
                             }
-                            REC_HARD_STATE => rep.hard_state = HardState::parse_from_bytes(payload)?,
+                            REC_HARD_STATE => {
+                                rep.hard_state = HardState::parse_from_bytes(payload)?
+                            }
                             REC_SNAPSHOT => {
                                 let s = SnapshotMetadata::parse_from_bytes(payload)?;
                                 rep.entries.retain(|e| e.index > s.index);
@@ -226,21 +249,32 @@ impl Wal {
                     }
                 }
             }
-            segments.push(Segment { seq, path, last_index });
+            segments.push(Segment {
+                seq,
+                path,
+                last_index,
+            });
         }
-        if rep.entries.first().is_some_and(|e| e.index != rep.snapshot.index + 1) {
+        if rep
+            .entries
+            .first()
+            .is_some_and(|e| e.index != rep.snapshot.index + 1)
+        {
             return Err(WalError::Corrupt {
                 file: dir.display().to_string(),
                 offset: 0,
                 why: format!(
                     "gap in the log: snapshot at {} but first entry {}",
-                    rep.snapshot.index,
-                    rep.entries[0].index
+                    rep.snapshot.index, rep.entries[0].index
                 ),
             });
         }
         let Some(cur) = segments.last() else {
-            return Err(WalError::Corrupt { file: dir.display().to_string(), offset: 0, why: "no segment".into() });
+            return Err(WalError::Corrupt {
+                file: dir.display().to_string(),
+                offset: 0,
+                why: "no segment".into(),
+            });
         };
         let file = OpenOptions::new().append(true).open(&cur.path)?;
         let size = file.metadata()?.len();
@@ -304,7 +338,11 @@ impl Wal {
         let path = self.dir.join(segment_name(seq, first));
         self.file = OpenOptions::new().create(true).append(true).open(&path)?;
         sync_dir(&self.dir)?;
-        self.segments.push(Segment { seq, path, last_index: 0 });
+        self.segments.push(Segment {
+            seq,
+            path,
+            last_index: 0,
+        });
         self.size = 0;
         self.write_segment_header()?;
         self.sync()
@@ -366,10 +404,12 @@ mod tests {
     fn replays_entries_hard_state_and_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Wal::create(dir.path(), SnapshotMetadata::default()).unwrap();
-        w.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs(1, 2))).unwrap();
+        w.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs(1, 2)))
+            .unwrap();
         w.sync().unwrap();
         // A new leader rewrites index 3 onwards.
-        w.append(&[entry(3, 2), entry(4, 2)], Some(&hs(2, 4))).unwrap();
+        w.append(&[entry(3, 2), entry(4, 2)], Some(&hs(2, 4)))
+            .unwrap();
         w.sync().unwrap();
         drop(w);
         let (_, rep) = Wal::open(dir.path()).unwrap();
@@ -387,7 +427,12 @@ mod tests {
             w.sync().unwrap();
         }
         drop(w);
-        let seg = fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let seg = fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let good = fs::read(&seg).unwrap();
 
         // Torn tail: half a record at the end.
@@ -396,7 +441,11 @@ mod tests {
         fs::write(&seg, &torn).unwrap();
         let (_, rep) = Wal::open(dir.path()).unwrap();
         assert_eq!(rep.entries.len(), 5);
-        assert_eq!(fs::read(&seg).unwrap(), good, "tail truncated to the last valid record");
+        assert_eq!(
+            fs::read(&seg).unwrap(),
+            good,
+            "tail truncated to the last valid record"
+        );
 
         // A flipped byte in the middle, valid records after it.
         let mut bad = good.clone();
@@ -411,7 +460,8 @@ mod tests {
     fn release_deletes_old_segments_and_keeps_later_entries() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Wal::create(dir.path(), SnapshotMetadata::default()).unwrap();
-        w.append(&[entry(1, 1), entry(2, 1)], Some(&hs(1, 2))).unwrap();
+        w.append(&[entry(1, 1), entry(2, 1)], Some(&hs(1, 2)))
+            .unwrap();
         w.sync().unwrap();
         w.release_to(2, 1, &ConfState::default()).unwrap();
         w.append(&[entry(3, 1)], Some(&hs(1, 3))).unwrap();
@@ -420,7 +470,10 @@ mod tests {
         drop(w);
         let (_, rep) = Wal::open(dir.path()).unwrap();
         assert_eq!(rep.snapshot.index, 2);
-        assert_eq!(rep.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            rep.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            vec![3]
+        );
         assert_eq!(rep.hard_state, hs(1, 3));
     }
 }

@@ -104,11 +104,19 @@ pub struct WatchStream<C: WatchContext> {
 
 impl<C: WatchContext> WatchStream<C> {
     pub fn new(ctx: Arc<C>, out: Out) -> Self {
-        WatchStream { ctx, out, watchers: BTreeMap::new(), next_id: 0 }
+        WatchStream {
+            ctx,
+            out,
+            watchers: BTreeMap::new(),
+            next_id: 0,
+        }
     }
 
     /// Serves one gRPC watch stream until the client goes away.
-    pub async fn run(mut self, mut inbound: impl futures::Stream<Item = Result<WatchRequest, tonic::Status>> + Unpin) {
+    pub async fn run(
+        mut self,
+        mut inbound: impl futures::Stream<Item = Result<WatchRequest, tonic::Status>> + Unpin,
+    ) {
         use futures::StreamExt;
         let mut events = self.ctx.hub().subscribe();
         let mut progress = tokio::time::interval(self.ctx.progress_interval());
@@ -162,7 +170,12 @@ impl<C: WatchContext> WatchStream<C> {
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
                 let rev = self.ctx.store().current_rev();
-                self.send(WatchResponse { header: Some(self.ctx.header(rev)), watch_id: -1, ..Default::default() }).await
+                self.send(WatchResponse {
+                    header: Some(self.ctx.header(rev)),
+                    watch_id: -1,
+                    ..Default::default()
+                })
+                .await
             }
             None => Ok(()),
         }
@@ -173,13 +186,20 @@ impl<C: WatchContext> WatchStream<C> {
             c.key = vec![0];
         }
         let cur = self.ctx.store().current_rev();
-        let start = if c.start_revision == 0 { cur + 1 } else { c.start_revision };
+        let start = if c.start_revision == 0 {
+            cur + 1
+        } else {
+            c.start_revision
+        };
         let err = if c.range_end.len() > 1 || (c.range_end.len() == 1 && c.range_end[0] != 0) {
             (c.key.as_slice() >= c.range_end.as_slice()).then_some("mvcc: watcher range is empty")
         } else {
             None
         };
-        let err = err.or_else(|| (c.watch_id != 0 && self.watchers.contains_key(&c.watch_id)).then_some("mvcc: duplicate watch ID provided on the WatchStream"));
+        let err = err.or_else(|| {
+            (c.watch_id != 0 && self.watchers.contains_key(&c.watch_id))
+                .then_some("mvcc: duplicate watch ID provided on the WatchStream")
+        });
         if let Some(reason) = err {
             return self
                 .send(WatchResponse {
@@ -214,8 +234,13 @@ impl<C: WatchContext> WatchStream<C> {
             active: false,
         };
         self.watchers.insert(id, w);
-        self.send(WatchResponse { header: Some(self.ctx.header(cur)), watch_id: id, created: true, ..Default::default() })
-            .await?;
+        self.send(WatchResponse {
+            header: Some(self.ctx.header(cur)),
+            watch_id: id,
+            created: true,
+            ..Default::default()
+        })
+        .await?;
         if start <= cur {
             self.catch_up(id, cur).await?;
         }
@@ -225,7 +250,9 @@ impl<C: WatchContext> WatchStream<C> {
     /// Replays history [next_rev, to] of one watcher from the backend.
     async fn catch_up(&mut self, id: i64, to: i64) -> Result<(), ()> {
         loop {
-            let Some(w) = self.watchers.get(&id) else { return Ok(()) };
+            let Some(w) = self.watchers.get(&id) else {
+                return Ok(());
+            };
             if w.next_rev > to {
                 return Ok(());
             }
@@ -278,7 +305,12 @@ impl<C: WatchContext> WatchStream<C> {
                 continue;
             }
             w.next_rev = batch.rev + 1;
-            let evs: Vec<Event> = batch.events.iter().filter(|e| w.wants(e)).cloned().collect();
+            let evs: Vec<Event> = batch
+                .events
+                .iter()
+                .filter(|e| w.wants(e))
+                .cloned()
+                .collect();
             if !evs.is_empty() {
                 sends.push((*id, evs, w.prev_kv));
             }
@@ -289,12 +321,19 @@ impl<C: WatchContext> WatchStream<C> {
         Ok(())
     }
 
-    async fn deliver(&mut self, id: i64, rev: i64, mut evs: Vec<Event>, prev_kv: bool) -> Result<(), ()> {
+    async fn deliver(
+        &mut self,
+        id: i64,
+        rev: i64,
+        mut evs: Vec<Event>,
+        prev_kv: bool,
+    ) -> Result<(), ()> {
         if prev_kv {
             for e in &mut evs {
                 if let Some(kv) = &e.kv {
                     // A create event has no previous version, whatever came before (etcd).
-                    let create = e.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
+                    let create =
+                        e.r#type == EventType::Put as i32 && kv.create_revision == kv.mod_revision;
                     if !create {
                         e.prev_kv = self.ctx.store().prev_kv(&kv.key, kv.mod_revision);
                     }
@@ -308,7 +347,12 @@ impl<C: WatchContext> WatchStream<C> {
             }
             None => return Ok(()),
         };
-        let resp = WatchResponse { header: Some(self.ctx.header(rev)), watch_id: id, events: evs, ..Default::default() };
+        let resp = WatchResponse {
+            header: Some(self.ctx.header(rev)),
+            watch_id: id,
+            events: evs,
+            ..Default::default()
+        };
         let limit = self.ctx.max_request_bytes();
         if !fragment || resp.encoded_len() <= limit || resp.events.len() <= 1 {
             return self.send(resp).await;
@@ -351,7 +395,12 @@ impl<C: WatchContext> WatchStream<C> {
             }
         }
         for id in ids {
-            self.send(WatchResponse { header: Some(self.ctx.header(rev)), watch_id: id, ..Default::default() }).await?;
+            self.send(WatchResponse {
+                header: Some(self.ctx.header(rev)),
+                watch_id: id,
+                ..Default::default()
+            })
+            .await?;
         }
         Ok(())
     }

@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    AlarmAction, AlarmType, Client, CompactionOptions, Compare, CompareOp,
-    DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    AlarmAction, AlarmType, Client, CompactionOptions, Compare, CompareOp, DeleteOptions,
+    GetOptions, PutOptions, Txn, TxnOp,
 };
 use support::{assert_grpc_err, Kind, Server};
 use tonic::Code;
@@ -28,7 +28,10 @@ const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 /// Starts etcd and the subject with the same extra flags.
 async fn both(extra: &[&str]) -> [Server; 2] {
     support::require_etcd();
-    let (a, b) = tokio::join!(Server::start_with(Kind::Etcd, extra), Server::start_with(Kind::subject(), extra));
+    let (a, b) = tokio::join!(
+        Server::start_with(Kind::Etcd, extra),
+        Server::start_with(Kind::subject(), extra)
+    );
     [a, b]
 }
 
@@ -41,15 +44,43 @@ async fn empty_key_is_rejected() {
     for server in &both(&[]).await {
         let l = label(server);
         let mut c = server.client().await;
-        assert_grpc_err(&format!("{l}: put \"\""), c.put("", "v", None).await, Code::InvalidArgument, EMPTY_KEY);
-        assert_grpc_err(&format!("{l}: get \"\""), c.get("", None).await, Code::InvalidArgument, EMPTY_KEY);
-        assert_grpc_err(&format!("{l}: delete \"\""), c.delete("", None).await, Code::InvalidArgument, EMPTY_KEY);
+        assert_grpc_err(
+            &format!("{l}: put \"\""),
+            c.put("", "v", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_grpc_err(
+            &format!("{l}: get \"\""),
+            c.get("", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
+        assert_grpc_err(
+            &format!("{l}: delete \"\""),
+            c.delete("", None).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
         let txn = Txn::new().and_then([TxnOp::put("", "v", None)]);
-        assert_grpc_err(&format!("{l}: txn put \"\""), c.txn(txn).await, Code::InvalidArgument, EMPTY_KEY);
+        assert_grpc_err(
+            &format!("{l}: txn put \"\""),
+            c.txn(txn).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
         let txn = Txn::new().or_else([TxnOp::get("", None)]);
-        assert_grpc_err(&format!("{l}: txn get \"\""), c.txn(txn).await, Code::InvalidArgument, EMPTY_KEY);
+        assert_grpc_err(
+            &format!("{l}: txn get \"\""),
+            c.txn(txn).await,
+            Code::InvalidArgument,
+            EMPTY_KEY,
+        );
         // Nothing was written by the rejected requests.
-        let r = c.get("\0", Some(GetOptions::new().with_from_key())).await.unwrap();
+        let r = c
+            .get("\0", Some(GetOptions::new().with_from_key()))
+            .await
+            .unwrap();
         assert_eq!((r.count(), r.header().unwrap().revision()), (0, 1), "{l}");
     }
 }
@@ -60,11 +91,26 @@ async fn request_larger_than_max_request_bytes_is_rejected() {
         let l = label(server);
         let mut c = server.client().await;
         let big = vec![b'x'; 8192];
-        assert_grpc_err(&format!("{l}: big put"), c.put("big", big.clone(), None).await, Code::InvalidArgument, TOO_LARGE);
-        let txn = Txn::new().and_then([TxnOp::put("t1", vec![b'y'; 3000], None), TxnOp::put("t2", vec![b'z'; 3000], None)]);
-        assert_grpc_err(&format!("{l}: big txn"), c.txn(txn).await, Code::InvalidArgument, TOO_LARGE);
+        assert_grpc_err(
+            &format!("{l}: big put"),
+            c.put("big", big.clone(), None).await,
+            Code::InvalidArgument,
+            TOO_LARGE,
+        );
+        let txn = Txn::new().and_then([
+            TxnOp::put("t1", vec![b'y'; 3000], None),
+            TxnOp::put("t2", vec![b'z'; 3000], None),
+        ]);
+        assert_grpc_err(
+            &format!("{l}: big txn"),
+            c.txn(txn).await,
+            Code::InvalidArgument,
+            TOO_LARGE,
+        );
         // Just under the limit is fine.
-        c.put("small", vec![b's'; 2048], None).await.unwrap_or_else(|e| panic!("{l}: small put: {e}"));
+        c.put("small", vec![b's'; 2048], None)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: small put: {e}"));
         let r = c.get("big", None).await.unwrap();
         assert_eq!(r.count(), 0, "{l}: rejected put must not be applied");
     }
@@ -88,24 +134,75 @@ async fn compacted_and_future_revisions() {
             .unwrap_or_else(|e| panic!("{l}: compact: {e}"));
 
         let at = |rev| Some(GetOptions::new().with_revision(rev));
-        assert_grpc_err(&format!("{l}: get @3"), c.get("k0", at(3)).await, Code::OutOfRange, COMPACTED);
-        assert_grpc_err(&format!("{l}: get @1"), c.get("k0", at(1)).await, Code::OutOfRange, COMPACTED);
+        assert_grpc_err(
+            &format!("{l}: get @3"),
+            c.get("k0", at(3)).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        assert_grpc_err(
+            &format!("{l}: get @1"),
+            c.get("k0", at(1)).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
         // The compaction revision itself is still readable.
-        let r = c.get("k", Some(GetOptions::new().with_prefix().with_revision(4))).await.unwrap();
+        let r = c
+            .get("k", Some(GetOptions::new().with_prefix().with_revision(4)))
+            .await
+            .unwrap();
         assert_eq!(r.count(), 3, "{l}: keys at the compaction revision");
-        assert_grpc_err(&format!("{l}: get @7"), c.get("k0", at(7)).await, Code::OutOfRange, FUTURE);
-        assert_grpc_err(&format!("{l}: get @1000"), c.get("k0", at(1000)).await, Code::OutOfRange, FUTURE);
+        assert_grpc_err(
+            &format!("{l}: get @7"),
+            c.get("k0", at(7)).await,
+            Code::OutOfRange,
+            FUTURE,
+        );
+        assert_grpc_err(
+            &format!("{l}: get @1000"),
+            c.get("k0", at(1000)).await,
+            Code::OutOfRange,
+            FUTURE,
+        );
         // Inside a txn too.
         let txn = Txn::new().and_then([TxnOp::get("k0", at(2))]);
-        assert_grpc_err(&format!("{l}: txn get @2"), c.txn(txn).await, Code::OutOfRange, COMPACTED);
+        assert_grpc_err(
+            &format!("{l}: txn get @2"),
+            c.txn(txn).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
         let txn = Txn::new().and_then([TxnOp::get("k0", at(99))]);
-        assert_grpc_err(&format!("{l}: txn get @99"), c.txn(txn).await, Code::OutOfRange, FUTURE);
+        assert_grpc_err(
+            &format!("{l}: txn get @99"),
+            c.txn(txn).await,
+            Code::OutOfRange,
+            FUTURE,
+        );
         // Compacting again at or below the compaction point, or into the future.
-        assert_grpc_err(&format!("{l}: compact 4 again"), c.compact(4, None).await, Code::OutOfRange, COMPACTED);
-        assert_grpc_err(&format!("{l}: compact 2"), c.compact(2, None).await, Code::OutOfRange, COMPACTED);
-        assert_grpc_err(&format!("{l}: compact 7"), c.compact(7, None).await, Code::OutOfRange, FUTURE);
+        assert_grpc_err(
+            &format!("{l}: compact 4 again"),
+            c.compact(4, None).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        assert_grpc_err(
+            &format!("{l}: compact 2"),
+            c.compact(2, None).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        assert_grpc_err(
+            &format!("{l}: compact 7"),
+            c.compact(7, None).await,
+            Code::OutOfRange,
+            FUTURE,
+        );
         // Current reads are unaffected.
-        let r = c.get("k", Some(GetOptions::new().with_prefix())).await.unwrap();
+        let r = c
+            .get("k", Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
         assert_eq!((r.count(), r.header().unwrap().revision()), (5, 6), "{l}");
     }
 }
@@ -117,18 +214,46 @@ async fn lease_not_found() {
         let mut c = server.client().await;
         let missing = 0x1234_5678;
         let opts = Some(PutOptions::new().with_lease(missing));
-        assert_grpc_err(&format!("{l}: put with missing lease"), c.put("k", "v", opts.clone()).await, Code::NotFound, LEASE_NOT_FOUND);
-        assert_grpc_err(&format!("{l}: revoke missing lease"), c.lease_revoke(missing).await, Code::NotFound, LEASE_NOT_FOUND);
+        assert_grpc_err(
+            &format!("{l}: put with missing lease"),
+            c.put("k", "v", opts.clone()).await,
+            Code::NotFound,
+            LEASE_NOT_FOUND,
+        );
+        assert_grpc_err(
+            &format!("{l}: revoke missing lease"),
+            c.lease_revoke(missing).await,
+            Code::NotFound,
+            LEASE_NOT_FOUND,
+        );
         let txn = Txn::new().and_then([TxnOp::put("k", "v", opts.clone())]);
-        assert_grpc_err(&format!("{l}: txn put with missing lease"), c.txn(txn).await, Code::NotFound, LEASE_NOT_FOUND);
+        assert_grpc_err(
+            &format!("{l}: txn put with missing lease"),
+            c.txn(txn).await,
+            Code::NotFound,
+            LEASE_NOT_FOUND,
+        );
         // A revoked lease is gone as well.
         let id = c.lease_grant(600, None).await.unwrap().id();
         c.lease_revoke(id).await.unwrap();
         let opts = Some(PutOptions::new().with_lease(id));
-        assert_grpc_err(&format!("{l}: put with revoked lease"), c.put("k", "v", opts).await, Code::NotFound, LEASE_NOT_FOUND);
-        assert_grpc_err(&format!("{l}: revoke revoked lease"), c.lease_revoke(id).await, Code::NotFound, LEASE_NOT_FOUND);
+        assert_grpc_err(
+            &format!("{l}: put with revoked lease"),
+            c.put("k", "v", opts).await,
+            Code::NotFound,
+            LEASE_NOT_FOUND,
+        );
+        assert_grpc_err(
+            &format!("{l}: revoke revoked lease"),
+            c.lease_revoke(id).await,
+            Code::NotFound,
+            LEASE_NOT_FOUND,
+        );
         // TimeToLive of an unknown lease is not an error: TTL -1.
-        let ttl = c.lease_time_to_live(missing, None).await.unwrap_or_else(|e| panic!("{l}: ttl: {e}"));
+        let ttl = c
+            .lease_time_to_live(missing, None)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: ttl: {e}"));
         assert_eq!((ttl.id(), ttl.ttl()), (missing, -1), "{l}");
         let r = c.get("k", None).await.unwrap();
         assert_eq!(r.count(), 0, "{l}");
@@ -136,7 +261,9 @@ async fn lease_not_found() {
 }
 
 fn puts(n: usize) -> Vec<TxnOp> {
-    (0..n).map(|i| TxnOp::put(format!("op{i}"), "v", None)).collect()
+    (0..n)
+        .map(|i| TxnOp::put(format!("op{i}"), "v", None))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -145,18 +272,44 @@ async fn too_many_operations_in_txn() {
     for server in &both(&["--max-txn-ops=4"]).await {
         let l = label(server);
         let mut c = server.client().await;
-        c.txn(Txn::new().and_then(puts(4))).await.unwrap_or_else(|e| panic!("{l}: 4 ops: {e}"));
-        assert_grpc_err(&format!("{l}: 5 success ops"), c.txn(Txn::new().and_then(puts(5))).await, Code::InvalidArgument, TOO_MANY_OPS);
-        assert_grpc_err(&format!("{l}: 5 failure ops"), c.txn(Txn::new().or_else(puts(5))).await, Code::InvalidArgument, TOO_MANY_OPS);
-        let compares: Vec<Compare> = (0..5).map(|i| Compare::version(format!("op{i}"), CompareOp::Equal, 1)).collect();
-        assert_grpc_err(&format!("{l}: 5 compares"), c.txn(Txn::new().when(compares)).await, Code::InvalidArgument, TOO_MANY_OPS);
+        c.txn(Txn::new().and_then(puts(4)))
+            .await
+            .unwrap_or_else(|e| panic!("{l}: 4 ops: {e}"));
+        assert_grpc_err(
+            &format!("{l}: 5 success ops"),
+            c.txn(Txn::new().and_then(puts(5))).await,
+            Code::InvalidArgument,
+            TOO_MANY_OPS,
+        );
+        assert_grpc_err(
+            &format!("{l}: 5 failure ops"),
+            c.txn(Txn::new().or_else(puts(5))).await,
+            Code::InvalidArgument,
+            TOO_MANY_OPS,
+        );
+        let compares: Vec<Compare> = (0..5)
+            .map(|i| Compare::version(format!("op{i}"), CompareOp::Equal, 1))
+            .collect();
+        assert_grpc_err(
+            &format!("{l}: 5 compares"),
+            c.txn(Txn::new().when(compares)).await,
+            Code::InvalidArgument,
+            TOO_MANY_OPS,
+        );
     }
     // Default limit is 128.
     for server in &both(&[]).await {
         let l = label(server);
         let mut c = server.client().await;
-        c.txn(Txn::new().and_then(puts(128))).await.unwrap_or_else(|e| panic!("{l}: 128 ops: {e}"));
-        assert_grpc_err(&format!("{l}: 129 ops"), c.txn(Txn::new().and_then(puts(129))).await, Code::InvalidArgument, TOO_MANY_OPS);
+        c.txn(Txn::new().and_then(puts(128)))
+            .await
+            .unwrap_or_else(|e| panic!("{l}: 128 ops: {e}"));
+        assert_grpc_err(
+            &format!("{l}: 129 ops"),
+            c.txn(Txn::new().and_then(puts(129))).await,
+            Code::InvalidArgument,
+            TOO_MANY_OPS,
+        );
     }
 }
 
@@ -168,34 +321,56 @@ async fn duplicate_key_in_txn() {
         let dup = |ops: Vec<TxnOp>| Txn::new().and_then(ops);
         assert_grpc_err(
             &format!("{l}: put twice"),
-            c.txn(dup(vec![TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)])).await,
+            c.txn(dup(vec![
+                TxnOp::put("d", "1", None),
+                TxnOp::put("d", "2", None),
+            ]))
+            .await,
             Code::InvalidArgument,
             DUPLICATE_KEY,
         );
         assert_grpc_err(
             &format!("{l}: put inside deleted range"),
-            c.txn(dup(vec![TxnOp::delete("a", Some(DeleteOptions::new().with_range("z"))), TxnOp::put("d", "2", None)]))
-                .await,
+            c.txn(dup(vec![
+                TxnOp::delete("a", Some(DeleteOptions::new().with_range("z"))),
+                TxnOp::put("d", "2", None),
+            ]))
+            .await,
             Code::InvalidArgument,
             DUPLICATE_KEY,
         );
         assert_grpc_err(
             &format!("{l}: put in nested txn and parent"),
-            c.txn(dup(vec![TxnOp::put("d", "1", None), TxnOp::txn(Txn::new().and_then([TxnOp::put("d", "2", None)]))]))
-                .await,
+            c.txn(dup(vec![
+                TxnOp::put("d", "1", None),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("d", "2", None)])),
+            ]))
+            .await,
             Code::InvalidArgument,
             DUPLICATE_KEY,
         );
         // Reads of the same key, and the same key in different branches, are fine.
-        c.txn(dup(vec![TxnOp::get("d", None), TxnOp::get("d", None), TxnOp::put("d", "1", None)]))
-            .await
-            .unwrap_or_else(|e| panic!("{l}: gets + put: {e}"));
-        c.txn(Txn::new().and_then([TxnOp::put("d", "1", None)]).or_else([TxnOp::put("d", "2", None)]))
-            .await
-            .unwrap_or_else(|e| panic!("{l}: put in both branches: {e}"));
+        c.txn(dup(vec![
+            TxnOp::get("d", None),
+            TxnOp::get("d", None),
+            TxnOp::put("d", "1", None),
+        ]))
+        .await
+        .unwrap_or_else(|e| panic!("{l}: gets + put: {e}"));
+        c.txn(
+            Txn::new()
+                .and_then([TxnOp::put("d", "1", None)])
+                .or_else([TxnOp::put("d", "2", None)]),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{l}: put in both branches: {e}"));
         let r = c.get("d", None).await.unwrap();
         assert_eq!(r.kvs()[0].value(), b"1", "{l}");
-        assert_eq!(r.header().unwrap().revision(), 3, "{l}: rejected txns must not bump the revision");
+        assert_eq!(
+            r.header().unwrap().revision(),
+            3,
+            "{l}: rejected txns must not bump the revision"
+        );
     }
 }
 
@@ -209,27 +384,59 @@ async fn ignore_value_and_ignore_lease_misuse() {
 
         let iv = PutOptions::new().with_ignore_value();
         let il = PutOptions::new().with_ignore_lease();
-        assert_grpc_err(&format!("{l}: ignore_value + value"), c.put("k", "new", Some(iv.clone())).await, Code::InvalidArgument, VALUE_PROVIDED);
+        assert_grpc_err(
+            &format!("{l}: ignore_value + value"),
+            c.put("k", "new", Some(iv.clone())).await,
+            Code::InvalidArgument,
+            VALUE_PROVIDED,
+        );
         assert_grpc_err(
             &format!("{l}: ignore_lease + lease"),
             c.put("k", "v", Some(il.clone().with_lease(lease))).await,
             Code::InvalidArgument,
             LEASE_PROVIDED,
         );
-        assert_grpc_err(&format!("{l}: ignore_value on missing key"), c.put("missing", "", Some(iv.clone())).await, Code::InvalidArgument, KEY_NOT_FOUND);
-        assert_grpc_err(&format!("{l}: ignore_lease on missing key"), c.put("missing", "x", Some(il.clone())).await, Code::InvalidArgument, KEY_NOT_FOUND);
+        assert_grpc_err(
+            &format!("{l}: ignore_value on missing key"),
+            c.put("missing", "", Some(iv.clone())).await,
+            Code::InvalidArgument,
+            KEY_NOT_FOUND,
+        );
+        assert_grpc_err(
+            &format!("{l}: ignore_lease on missing key"),
+            c.put("missing", "x", Some(il.clone())).await,
+            Code::InvalidArgument,
+            KEY_NOT_FOUND,
+        );
         let txn = Txn::new().and_then([TxnOp::put("missing", "", Some(iv.clone()))]);
-        assert_grpc_err(&format!("{l}: txn ignore_value on missing key"), c.txn(txn).await, Code::InvalidArgument, KEY_NOT_FOUND);
+        assert_grpc_err(
+            &format!("{l}: txn ignore_value on missing key"),
+            c.txn(txn).await,
+            Code::InvalidArgument,
+            KEY_NOT_FOUND,
+        );
         let txn = Txn::new().and_then([TxnOp::put("k", "x", Some(iv.clone()))]);
-        assert_grpc_err(&format!("{l}: txn ignore_value + value"), c.txn(txn).await, Code::InvalidArgument, VALUE_PROVIDED);
+        assert_grpc_err(
+            &format!("{l}: txn ignore_value + value"),
+            c.txn(txn).await,
+            Code::InvalidArgument,
+            VALUE_PROVIDED,
+        );
 
         // Correct use works: keep the value, change the lease; then keep the lease.
-        let r = c.put("k", "", Some(iv.clone().with_lease(lease).with_prev_key())).await.unwrap();
+        let r = c
+            .put("k", "", Some(iv.clone().with_lease(lease).with_prev_key()))
+            .await
+            .unwrap();
         assert_eq!(r.prev_key().unwrap().value(), b"v", "{l}");
         c.put("k", "v2", Some(il.clone())).await.unwrap();
         let r = c.get("k", None).await.unwrap();
         let kv = &r.kvs()[0];
-        assert_eq!((kv.value(), kv.lease(), kv.version()), (&b"v2"[..], lease, 3), "{l}");
+        assert_eq!(
+            (kv.value(), kv.lease(), kv.version()),
+            (&b"v2"[..], lease, 3),
+            "{l}"
+        );
         assert_eq!(r.header().unwrap().revision(), 4, "{l}");
     }
 }
@@ -244,27 +451,65 @@ async fn database_space_exceeded() {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut written = 0;
         let err = loop {
-            assert!(written < 400 && Instant::now() < deadline, "{l}: quota never hit after {written} puts");
-            match c.put(format!("fill/{written:04}"), value.clone(), None).await {
+            assert!(
+                written < 400 && Instant::now() < deadline,
+                "{l}: quota never hit after {written} puts"
+            );
+            match c
+                .put(format!("fill/{written:04}"), value.clone(), None)
+                .await
+            {
                 Ok(_) => written += 1,
                 Err(e) => break e,
             }
         };
         let (code, msg) = support::grpc_error(&err);
-        assert_eq!((code, msg.as_str()), (Code::ResourceExhausted, NO_SPACE), "{l}: after {written} puts");
+        assert_eq!(
+            (code, msg.as_str()),
+            (Code::ResourceExhausted, NO_SPACE),
+            "{l}: after {written} puts"
+        );
         assert!(written > 0, "{l}: quota hit before any write succeeded");
 
         // Further writes stay rejected, also through txn and lease grant.
-        assert_grpc_err(&format!("{l}: small put"), c.put("tiny", "x", None).await, Code::ResourceExhausted, NO_SPACE);
+        assert_grpc_err(
+            &format!("{l}: small put"),
+            c.put("tiny", "x", None).await,
+            Code::ResourceExhausted,
+            NO_SPACE,
+        );
         let txn = Txn::new().and_then([TxnOp::put("tiny", "x", None)]);
-        assert_grpc_err(&format!("{l}: txn put"), c.txn(txn).await, Code::ResourceExhausted, NO_SPACE);
-        assert_grpc_err(&format!("{l}: lease grant"), c.lease_grant(60, None).await, Code::ResourceExhausted, NO_SPACE);
+        assert_grpc_err(
+            &format!("{l}: txn put"),
+            c.txn(txn).await,
+            Code::ResourceExhausted,
+            NO_SPACE,
+        );
+        assert_grpc_err(
+            &format!("{l}: lease grant"),
+            c.lease_grant(60, None).await,
+            Code::ResourceExhausted,
+            NO_SPACE,
+        );
 
         // Reads and deletes still work.
-        let r = c.get("keep", None).await.unwrap_or_else(|e| panic!("{l}: read under NOSPACE: {e}"));
+        let r = c
+            .get("keep", None)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: read under NOSPACE: {e}"));
         assert_eq!(r.kvs()[0].value(), b"me", "{l}");
-        let r = c.get("fill/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
-        assert_eq!(r.count(), written as i64, "{l}: every acknowledged fill key readable");
+        let r = c
+            .get(
+                "fill/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            r.count(),
+            written as i64,
+            "{l}: every acknowledged fill key readable"
+        );
         let d = c
             .delete("fill/", Some(DeleteOptions::new().with_prefix()))
             .await
@@ -280,7 +525,16 @@ async fn database_space_exceeded() {
         assert_eq!(kinds, [AlarmType::Nospace], "{l}: alarm list");
         // (etcd 3.4 sends no header with AlarmResponse; take the ID from Status.)
         let member = c.status().await.unwrap().header().unwrap().member_id();
-        assert_eq!(alarms.alarms()[0].member_id(), member, "{l}: alarm raised by this member");
-        assert_grpc_err(&format!("{l}: put after delete"), c.put("tiny", "x", None).await, Code::ResourceExhausted, NO_SPACE);
+        assert_eq!(
+            alarms.alarms()[0].member_id(),
+            member,
+            "{l}: alarm raised by this member"
+        );
+        assert_grpc_err(
+            &format!("{l}: put after delete"),
+            c.put("tiny", "x", None).await,
+            Code::ResourceExhausted,
+            NO_SPACE,
+        );
     }
 }

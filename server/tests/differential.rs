@@ -43,8 +43,26 @@ use support::{Kind, Server};
 /// Small key space so that operations collide. Includes nested prefixes and
 /// non-UTF-8 bytes to exercise byte-wise ordering and prefix range ends.
 const KEYS: [&[u8]; 20] = [
-    b"a", b"a/1", b"a/2", b"a/3", b"a/10", b"ab", b"b", b"b/1", b"b/2", b"b/x/1", b"b/x/2", b"c",
-    b"c/1", b"c/2", b"d", b"d/1", b"e", b"f\xff", b"f\xff\x01", b"g",
+    b"a",
+    b"a/1",
+    b"a/2",
+    b"a/3",
+    b"a/10",
+    b"ab",
+    b"b",
+    b"b/1",
+    b"b/2",
+    b"b/x/1",
+    b"b/x/2",
+    b"c",
+    b"c/1",
+    b"c/2",
+    b"d",
+    b"d/1",
+    b"e",
+    b"f\xff",
+    b"f\xff\x01",
+    b"g",
 ];
 const VALUES: [&[u8]; 8] = [b"", b"v0", b"v1", b"v2", b"v3", b"x", b"yy", b"\x00\xffbin"];
 /// Lease TTLs far exceed the run time, so no lease expires mid-run (expiry is
@@ -207,7 +225,9 @@ impl Gen {
 
     /// Mostly a live lease; sometimes a revoked one or an unknown ID.
     fn lease_ref(&mut self) -> LeaseRef {
-        let live: Vec<usize> = (0..self.leases).filter(|i| !self.revoked.contains(i)).collect();
+        let live: Vec<usize> = (0..self.leases)
+            .filter(|i| !self.revoked.contains(i))
+            .collect();
         let p = self.rng.random_range(0..100);
         if !live.is_empty() && p < 85 {
             LeaseRef::Known(live[self.rng.random_range(0..live.len())])
@@ -239,20 +259,37 @@ impl Gen {
     fn put(&mut self, key: Vec<u8>) -> PutSpec {
         let ignore_value = self.chance(0.08);
         let ignore_lease = self.chance(0.08);
-        let value = if ignore_value && self.chance(0.8) { Vec::new() } else { self.value() };
+        let value = if ignore_value && self.chance(0.8) {
+            Vec::new()
+        } else {
+            self.value()
+        };
         let lease = if (ignore_lease && self.chance(0.8)) || self.chance(0.65) {
             LeaseRef::None
         } else {
             self.lease_ref()
         };
-        PutSpec { key, value, lease, prev_kv: self.chance(0.5), ignore_value, ignore_lease }
+        PutSpec {
+            key,
+            value,
+            lease,
+            prev_kv: self.chance(0.5),
+            ignore_value,
+            ignore_lease,
+        }
     }
 
     fn get(&mut self) -> GetSpec {
         let sort = if self.chance(0.3) {
-            let t = [SortTarget::Key, SortTarget::Version, SortTarget::Create, SortTarget::Mod, SortTarget::Value]
-                [self.rng.random_range(0..5)];
-            let o = [SortOrder::None, SortOrder::Ascend, SortOrder::Descend][self.rng.random_range(0..3)];
+            let t = [
+                SortTarget::Key,
+                SortTarget::Version,
+                SortTarget::Create,
+                SortTarget::Mod,
+                SortTarget::Value,
+            ][self.rng.random_range(0..5)];
+            let o = [SortOrder::None, SortOrder::Ascend, SortOrder::Descend]
+                [self.rng.random_range(0..3)];
             Some((t, o))
         } else {
             None
@@ -261,21 +298,45 @@ impl Gen {
         GetSpec {
             key: self.key(),
             range: self.range(),
-            limit: if self.chance(0.3) { self.rng.random_range(0..5) } else { 0 },
+            limit: if self.chance(0.3) {
+                self.rng.random_range(0..5)
+            } else {
+                0
+            },
             revision: self.read_rev(),
             sort,
             keys_only: self.chance(0.15),
             count_only: self.chance(0.1),
             serializable: self.chance(0.2),
-            min_mod: if filter && self.chance(0.5) { self.any_rev() } else { 0 },
-            max_mod: if filter && self.chance(0.5) { self.any_rev() } else { 0 },
-            min_create: if filter && self.chance(0.5) { self.any_rev() } else { 0 },
-            max_create: if filter && self.chance(0.5) { self.any_rev() } else { 0 },
+            min_mod: if filter && self.chance(0.5) {
+                self.any_rev()
+            } else {
+                0
+            },
+            max_mod: if filter && self.chance(0.5) {
+                self.any_rev()
+            } else {
+                0
+            },
+            min_create: if filter && self.chance(0.5) {
+                self.any_rev()
+            } else {
+                0
+            },
+            max_create: if filter && self.chance(0.5) {
+                self.any_rev()
+            } else {
+                0
+            },
         }
     }
 
     fn del(&mut self, key: Vec<u8>, range: RangeSpec) -> DelSpec {
-        DelSpec { key, range, prev_kv: self.chance(0.5) }
+        DelSpec {
+            key,
+            range,
+            prev_kv: self.chance(0.5),
+        }
     }
 
     fn compare(&mut self) -> CmpSpec {
@@ -285,16 +346,29 @@ impl Gen {
             8 => RangeSpec::End(self.key()),
             _ => RangeSpec::FromKey,
         };
-        let op = [CompareOp::Equal, CompareOp::Greater, CompareOp::Less, CompareOp::NotEqual]
-            [self.rng.random_range(0..4)];
+        let op = [
+            CompareOp::Equal,
+            CompareOp::Greater,
+            CompareOp::Less,
+            CompareOp::NotEqual,
+        ][self.rng.random_range(0..4)];
         let target = match self.rng.random_range(0..5) {
             0 => CmpTarget::Version(self.rng.random_range(0..5)),
             1 => CmpTarget::Create(self.any_rev()),
             2 => CmpTarget::Mod(self.any_rev()),
             3 => CmpTarget::Value(self.value()),
-            _ => CmpTarget::Lease(if self.chance(0.3) { LeaseRef::None } else { self.lease_ref() }),
+            _ => CmpTarget::Lease(if self.chance(0.3) {
+                LeaseRef::None
+            } else {
+                self.lease_ref()
+            }),
         };
-        CmpSpec { key: self.key(), range, op, target }
+        CmpSpec {
+            key: self.key(),
+            range,
+            op,
+            target,
+        }
     }
 
     /// Branch ops. Without `dup`, written keys are distinct within the whole
@@ -336,7 +410,9 @@ impl Gen {
     }
 
     fn txn(&mut self, depth: usize, dup: bool, used: &mut Vec<Vec<u8>>) -> TxnSpec {
-        let compares = (0..self.rng.random_range(0..4)).map(|_| self.compare()).collect();
+        let compares = (0..self.rng.random_range(0..4))
+            .map(|_| self.compare())
+            .collect();
         // Success and failure are alternatives: each branch may reuse keys of
         // the other, but nested txns share their parent's namespace.
         let mut used_success = used.clone();
@@ -345,7 +421,11 @@ impl Gen {
         let failure = self.branch(depth, dup, &mut used_failure);
         used.extend(used_success);
         used.extend(used_failure);
-        TxnSpec { compares, success, failure }
+        TxnSpec {
+            compares,
+            success,
+            failure,
+        }
     }
 
     fn watch(&mut self) -> WatchSpec {
@@ -363,7 +443,13 @@ impl Gen {
         if self.chance(0.2) {
             filters.push(WatchFilterType::NoDelete);
         }
-        WatchSpec { key: self.key(), range: self.range(), start_rev, filters, prev_kv: self.chance(0.5) }
+        WatchSpec {
+            key: self.key(),
+            range: self.range(),
+            start_rev,
+            filters,
+            prev_kv: self.chance(0.5),
+        }
     }
 
     fn next(&mut self) -> Op {
@@ -393,19 +479,31 @@ impl Gen {
                         (hi - back).max(lo)
                     }
                 };
-                Op::Compact { rev, physical: self.chance(0.3) }
+                Op::Compact {
+                    rev,
+                    physical: self.chance(0.3),
+                }
             }
             795..=844 => {
-                let ttl = if self.chance(0.03) { TOO_LARGE_TTL } else { self.rng.random_range(TTL_RANGE) };
+                let ttl = if self.chance(0.03) {
+                    TOO_LARGE_TTL
+                } else {
+                    self.rng.random_range(TTL_RANGE)
+                };
                 let id = match self.rng.random_range(0..100) {
                     0..=74 => LeaseRef::Raw(self.rng.random_range(1..(1i64 << 50))),
-                    75..=84 if self.leases > 0 => LeaseRef::Known(self.rng.random_range(0..self.leases)),
+                    75..=84 if self.leases > 0 => {
+                        LeaseRef::Known(self.rng.random_range(0..self.leases))
+                    }
                     _ => LeaseRef::None, // server picks the ID
                 };
                 Op::LeaseGrant { ttl, id }
             }
             845..=869 => Op::LeaseRevoke(self.lease_ref()),
-            870..=909 => Op::LeaseTimeToLive { lease: self.lease_ref(), keys: self.chance(0.7) },
+            870..=909 => Op::LeaseTimeToLive {
+                lease: self.lease_ref(),
+                keys: self.chance(0.7),
+            },
             910..=934 => Op::LeaseKeepAlive(self.lease_ref()),
             935..=954 => Op::Leases,
             _ if self.watches < MAX_WATCHES => Op::Watch(self.watch()),
@@ -546,51 +644,85 @@ impl Side {
         let ops = |list: &[TxnOpSpec]| -> Vec<TxnOp> {
             list.iter()
                 .map(|o| match o {
-                    TxnOpSpec::Put(p) => TxnOp::put(p.key.clone(), p.value.clone(), Some(self.put_options(p))),
+                    TxnOpSpec::Put(p) => {
+                        TxnOp::put(p.key.clone(), p.value.clone(), Some(self.put_options(p)))
+                    }
                     TxnOpSpec::Get(g) => TxnOp::get(g.key.clone(), Some(self.get_options(g))),
                     TxnOpSpec::Del(d) => TxnOp::delete(d.key.clone(), Some(self.del_options(d))),
                     TxnOpSpec::Txn(t) => TxnOp::txn(self.build_txn(t)),
                 })
                 .collect()
         };
-        Txn::new().when(compares).and_then(ops(&t.success)).or_else(ops(&t.failure))
+        Txn::new()
+            .when(compares)
+            .and_then(ops(&t.success))
+            .or_else(ops(&t.failure))
     }
 
     async fn exec(&mut self, op: &Op) -> Result<Resp, String> {
         let r = match op {
             Op::Put(p) => {
                 let o = self.put_options(p);
-                self.client.put(p.key.clone(), p.value.clone(), Some(o)).await.map(|r| Resp::Put(r.0))
+                self.client
+                    .put(p.key.clone(), p.value.clone(), Some(o))
+                    .await
+                    .map(|r| Resp::Put(r.0))
             }
             Op::Get(g) => {
                 let o = self.get_options(g);
-                self.client.get(g.key.clone(), Some(o)).await.map(|r| Resp::Range(r.0))
+                self.client
+                    .get(g.key.clone(), Some(o))
+                    .await
+                    .map(|r| Resp::Range(r.0))
             }
             Op::Del(d) => {
                 let o = self.del_options(d);
-                self.client.delete(d.key.clone(), Some(o)).await.map(|r| Resp::Del(r.0))
+                self.client
+                    .delete(d.key.clone(), Some(o))
+                    .await
+                    .map(|r| Resp::Del(r.0))
             }
             Op::Txn(t) => {
                 let txn = self.build_txn(t);
                 self.client.txn(txn).await.map(|r| Resp::Txn(r.0))
             }
             Op::Compact { rev, physical } => {
-                let o = if *physical { Some(CompactionOptions::new().with_physical()) } else { None };
-                self.client.compact(*rev, o).await.map(|r| Resp::Compact(r.0))
+                let o = if *physical {
+                    Some(CompactionOptions::new().with_physical())
+                } else {
+                    None
+                };
+                self.client
+                    .compact(*rev, o)
+                    .await
+                    .map(|r| Resp::Compact(r.0))
             }
             Op::LeaseGrant { ttl, id } => {
                 let id = self.lease(id);
                 let o = LeaseGrantOptions::new().with_id(id);
-                self.client.lease_grant(*ttl, Some(o)).await.map(|r| Resp::Grant(r.0))
+                self.client
+                    .lease_grant(*ttl, Some(o))
+                    .await
+                    .map(|r| Resp::Grant(r.0))
             }
             Op::LeaseRevoke(l) => {
                 let id = self.lease(l);
-                self.client.lease_revoke(id).await.map(|r| Resp::Revoke(r.0))
+                self.client
+                    .lease_revoke(id)
+                    .await
+                    .map(|r| Resp::Revoke(r.0))
             }
             Op::LeaseTimeToLive { lease, keys } => {
                 let id = self.lease(lease);
-                let o = if *keys { Some(LeaseTimeToLiveOptions::new().with_keys()) } else { None };
-                self.client.lease_time_to_live(id, o).await.map(|r| Resp::Ttl(r.0))
+                let o = if *keys {
+                    Some(LeaseTimeToLiveOptions::new().with_keys())
+                } else {
+                    None
+                };
+                self.client
+                    .lease_time_to_live(id, o)
+                    .await
+                    .map(|r| Resp::Ttl(r.0))
             }
             Op::LeaseKeepAlive(l) => {
                 let id = self.lease(l);
@@ -601,7 +733,8 @@ impl Side {
                         if let Err(e) = keeper.keep_alive().await {
                             return Err(err_string(e));
                         }
-                        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await
+                        {
                             Err(_) => return Err("keep-alive response timed out".into()),
                             Ok(Err(e)) => Err(e),
                             Ok(Ok(None)) => return Err("keep-alive stream closed".into()),
@@ -633,7 +766,11 @@ impl Side {
         if w.prev_kv {
             o = o.with_prev_key();
         }
-        let mut stream = self.client.watch(w.key.clone(), Some(o)).await.map_err(err_string)?;
+        let mut stream = self
+            .client
+            .watch(w.key.clone(), Some(o))
+            .await
+            .map_err(err_string)?;
         let created = match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
             Err(_) => return Err("no watch creation response within 10s".into()),
             Ok(Err(e)) => return Err(err_string(e)),
@@ -691,7 +828,12 @@ struct Norm {
 
 impl Norm {
     fn new(side: &Side, reference: &Side) -> Norm {
-        let map = side.leases.iter().copied().zip(reference.leases.iter().copied()).collect();
+        let map = side
+            .leases
+            .iter()
+            .copied()
+            .zip(reference.leases.iter().copied())
+            .collect();
         Norm { map }
     }
     fn lease(&self, id: i64) -> i64 {
@@ -848,7 +990,9 @@ impl Norm {
 /// ties in key order (or, when a limit picked among ties, keep only what is
 /// determined). Small results are compared exactly.
 fn canon_range(g: &GetSpec, r: &mut PbRangeResponse) {
-    let Some((target, order)) = g.sort else { return };
+    let Some((target, order)) = g.sort else {
+        return;
+    };
     if target == SortTarget::Key {
         return; // keys are unique: no ties
     }
@@ -865,7 +1009,10 @@ fn canon_range(g: &GetSpec, r: &mut PbRangeResponse) {
     if r.more {
         let n = r.kvs.len();
         r.kvs.clear();
-        r.kvs.push(PbKeyValue { key: format!("<{n} kvs chosen among ties>").into_bytes(), ..Default::default() });
+        r.kvs.push(PbKeyValue {
+            key: format!("<{n} kvs chosen among ties>").into_bytes(),
+            ..Default::default()
+        });
         return;
     }
     let field = |kv: &PbKeyValue| -> (i64, Vec<u8>) {
@@ -986,8 +1133,14 @@ async fn random_operations_match_etcd() {
         subject_kind.label()
     );
 
-    let (ref_server, sub_server) = tokio::join!(Server::start(Kind::Etcd), Server::start(subject_kind));
-    let mut reference = Side { label: "etcd", client: ref_server.client().await, leases: vec![], watchers: vec![] };
+    let (ref_server, sub_server) =
+        tokio::join!(Server::start(Kind::Etcd), Server::start(subject_kind));
+    let mut reference = Side {
+        label: "etcd",
+        client: ref_server.client().await,
+        leases: vec![],
+        watchers: vec![],
+    };
     let mut subject = Side {
         label: subject_kind.label(),
         client: sub_server.client().await,
@@ -995,7 +1148,14 @@ async fn random_operations_match_etcd() {
         watchers: vec![],
     };
 
-    let mut gen = Gen { rng: StdRng::seed_from_u64(seed), cur_rev: 1, compacted: 0, leases: 0, revoked: vec![], watches: 0 };
+    let mut gen = Gen {
+        rng: StdRng::seed_from_u64(seed),
+        cur_rev: 1,
+        compacted: 0,
+        leases: 0,
+        revoked: vec![],
+        watches: 0,
+    };
     let mut history: Vec<String> = Vec::new();
     let mut stats = Stats::default();
     let mut watch_since_compact = false;
@@ -1076,7 +1236,9 @@ async fn random_operations_match_etcd() {
             watch_since_compact = true;
         }
 
-        let ref_norm = Norm { map: HashMap::new() };
+        let ref_norm = Norm {
+            map: HashMap::new(),
+        };
         let sub_norm = Norm::new(&subject, &reference);
         let (a, b) = match (r_ref, r_sub) {
             (Ok(a), Ok(b)) => {
@@ -1084,7 +1246,10 @@ async fn random_operations_match_etcd() {
                 let (sb, tb) = sub_norm.resp(&op, b);
                 if let (Some(ta), Some(tb)) = (ta, tb) {
                     if (ta - tb).abs() > 1 {
-                        fail(&history, format!("remaining TTL differs: etcd {ta}, {} {tb}", subject.label));
+                        fail(
+                            &history,
+                            format!("remaining TTL differs: etcd {ta}, {} {tb}", subject.label),
+                        );
                     }
                 }
                 (sa, sb)
@@ -1094,12 +1259,19 @@ async fn random_operations_match_etcd() {
             (Err(a), Err(b)) => (format!("ERROR {a}"), format!("ERROR {b}")),
         };
         if trace {
-            eprintln!("{}\n    -> {}", pretty_bytes(history.last().unwrap()), pretty_bytes(&a));
+            eprintln!(
+                "{}\n    -> {}",
+                pretty_bytes(history.last().unwrap()),
+                pretty_bytes(&a)
+            );
         }
         if a != b {
             fail(
                 &history,
-                format!("operation #{i} {op:?}\n  etcd: {a}\n  {}: {b}", subject.label),
+                format!(
+                    "operation #{i} {op:?}\n  etcd: {a}\n  {}: {b}",
+                    subject.label
+                ),
             );
         }
     }
@@ -1127,17 +1299,31 @@ async fn random_operations_match_etcd() {
         ("final lease list", Op::Leases),
     ] {
         let (a, b) = tokio::join!(reference.exec(&op), subject.exec(&op));
-        let a = a.map(|r| Norm { map: HashMap::new() }.resp(&op, r).0);
+        let a = a.map(|r| {
+            Norm {
+                map: HashMap::new(),
+            }
+            .resp(&op, r)
+            .0
+        });
         let b = b.map(|r| Norm::new(&subject, &reference).resp(&op, r).0);
         if a != b {
-            fail(&history, format!("{what}\n  etcd: {a:?}\n  {}: {b:?}", subject.label));
+            fail(
+                &history,
+                format!("{what}\n  etcd: {a:?}\n  {}: {b:?}", subject.label),
+            );
         }
     }
 
     // Watches: wait (bounded) until both sides delivered the same number of
     // events to every watcher and nothing changed for a little while.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let counts = |s: &Side| s.watchers.iter().map(|w| w.got.lock().unwrap().len()).collect::<Vec<_>>();
+    let counts = |s: &Side| {
+        s.watchers
+            .iter()
+            .map(|w| w.got.lock().unwrap().len())
+            .collect::<Vec<_>>()
+    };
     let mut stable_since = Instant::now();
     let mut last = (counts(&reference), counts(&subject));
     loop {
@@ -1147,20 +1333,50 @@ async fn random_operations_match_etcd() {
             stable_since = Instant::now();
             last = now.clone();
         }
-        if (now.0 == now.1 && stable_since.elapsed() > Duration::from_millis(700)) || Instant::now() > deadline {
+        if (now.0 == now.1 && stable_since.elapsed() > Duration::from_millis(700))
+            || Instant::now() > deadline
+        {
             break;
         }
     }
-    let ref_norm = Norm { map: HashMap::new() };
+    let ref_norm = Norm {
+        map: HashMap::new(),
+    };
     let sub_norm = Norm::new(&subject, &reference);
     let mut total_events = 0;
-    for (idx, (wr, ws)) in reference.watchers.iter().zip(subject.watchers.iter()).enumerate() {
-        let a: Vec<String> = wr.got.lock().unwrap().iter().map(|g| ref_norm.got(g)).collect();
-        let b: Vec<String> = ws.got.lock().unwrap().iter().map(|g| sub_norm.got(g)).collect();
+    for (idx, (wr, ws)) in reference
+        .watchers
+        .iter()
+        .zip(subject.watchers.iter())
+        .enumerate()
+    {
+        let a: Vec<String> = wr
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|g| ref_norm.got(g))
+            .collect();
+        let b: Vec<String> = ws
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|g| sub_norm.got(g))
+            .collect();
         total_events += a.len();
         if a != b {
-            let first_diff = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
-            let watch_op = history.iter().filter(|h| h.contains(": Watch(")).nth(idx).cloned().unwrap_or_default();
+            let first_diff = a
+                .iter()
+                .zip(b.iter())
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            let watch_op = history
+                .iter()
+                .filter(|h| h.contains(": Watch("))
+                .nth(idx)
+                .cloned()
+                .unwrap_or_default();
             fail(
                 &history,
                 format!(
@@ -1192,12 +1408,31 @@ async fn random_operations_match_etcd() {
     );
     // Guard against a vacuous run (e.g. everything erroring identically).
     if ops >= 1000 {
-        assert!(stats.ok.get("put").copied().unwrap_or(0) > ops / 10, "too few successful puts: {stats:?}");
-        assert!(stats.ok.get("range").copied().unwrap_or(0) > ops / 20, "too few successful ranges: {stats:?}");
-        assert!(stats.txn_succeeded > 10 && stats.txn_failed > 10, "txn branches not both exercised: {stats:?}");
-        assert!(stats.ok.get("compact").copied().unwrap_or(0) > 0, "no successful compaction: {stats:?}");
-        assert!(stats.ok.get("lease_grant").copied().unwrap_or(0) > 5, "too few leases: {stats:?}");
+        assert!(
+            stats.ok.get("put").copied().unwrap_or(0) > ops / 10,
+            "too few successful puts: {stats:?}"
+        );
+        assert!(
+            stats.ok.get("range").copied().unwrap_or(0) > ops / 20,
+            "too few successful ranges: {stats:?}"
+        );
+        assert!(
+            stats.txn_succeeded > 10 && stats.txn_failed > 10,
+            "txn branches not both exercised: {stats:?}"
+        );
+        assert!(
+            stats.ok.get("compact").copied().unwrap_or(0) > 0,
+            "no successful compaction: {stats:?}"
+        );
+        assert!(
+            stats.ok.get("lease_grant").copied().unwrap_or(0) > 5,
+            "too few leases: {stats:?}"
+        );
         assert!(total_events > 0, "watchers saw no events");
-        assert!(gen.cur_rev > (ops / 5) as i64, "revision barely moved: {}", gen.cur_rev);
+        assert!(
+            gen.cur_rev > (ops / 5) as i64,
+            "revision barely moved: {}",
+            gen.cur_rev
+        );
     }
 }

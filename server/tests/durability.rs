@@ -52,8 +52,14 @@ async fn start_writers(
                 }
                 let key = format!("{PREFIX}r{round}/w{w}/{seq:06}");
                 // Values vary in size so records straddle buffer boundaries.
-                let value = format!("{round}-{w}-{seq}-{}", "x".repeat((seq as usize * 37) % 300));
-                let put = tokio::time::timeout(Duration::from_secs(10), client.put(key.clone(), value.clone(), None));
+                let value = format!(
+                    "{round}-{w}-{seq}-{}",
+                    "x".repeat((seq as usize * 37) % 300)
+                );
+                let put = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.put(key.clone(), value.clone(), None),
+                );
                 match put.await {
                     Ok(Ok(resp)) => {
                         let rev = resp.header().expect("put header").revision();
@@ -82,7 +88,12 @@ async fn verify(client: &mut Client, acked: &[Acked]) -> usize {
         .map(|kv| {
             (
                 kv.key_str().unwrap().to_string(),
-                (kv.value_str().unwrap().to_string(), kv.mod_revision(), kv.create_revision(), kv.version()),
+                (
+                    kv.value_str().unwrap().to_string(),
+                    kv.mod_revision(),
+                    kv.create_revision(),
+                    kv.version(),
+                ),
             )
         })
         .collect();
@@ -92,7 +103,12 @@ async fn verify(client: &mut Client, acked: &[Acked]) -> usize {
             None => missing.push(a.key.clone()),
             Some((v, m, c, ver)) => {
                 assert_eq!(v, &a.value, "wrong value for acknowledged key {}", a.key);
-                assert_eq!((*m, *c, *ver), (a.rev, a.rev, 1), "wrong revisions for {}", a.key);
+                assert_eq!(
+                    (*m, *c, *ver),
+                    (a.rev, a.rev, 1),
+                    "wrong revisions for {}",
+                    a.key
+                );
             }
         }
     }
@@ -116,9 +132,15 @@ async fn verify(client: &mut Client, acked: &[Acked]) -> usize {
 /// acknowledged: the revision counter must not go backwards.
 async fn assert_revision_moves_forward(client: &mut Client, acked: &[Acked]) {
     let max = acked.iter().map(|a| a.rev).max().unwrap_or(0);
-    let resp = client.put("probe", "after-restart", None).await.expect("put after restart");
+    let resp = client
+        .put("probe", "after-restart", None)
+        .await
+        .expect("put after restart");
     let rev = resp.header().unwrap().revision();
-    assert!(rev > max, "revision went backwards after restart: new put got {rev}, acknowledged max {max}");
+    assert!(
+        rev > max,
+        "revision went backwards after restart: new put got {rev}, acknowledged max {max}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,7 +170,10 @@ async fn acknowledged_writes_survive_kill9_under_load() {
                 .expect("writer task panicked");
         }
         let round_acked = acked.lock().unwrap().len() - before;
-        assert!(round_acked >= 20, "round {round}: only {round_acked} puts acknowledged before the kill");
+        assert!(
+            round_acked >= 20,
+            "round {round}: only {round_acked} puts acknowledged before the kill"
+        );
 
         server.restart().await;
         let mut client = server.client().await;
@@ -168,7 +193,10 @@ async fn acknowledged_writes_survive_kill9_under_load() {
     server.restart().await;
     let mut client = server.client().await;
     let extras_after = verify(&mut client, &all).await;
-    assert_eq!(extras_after, extras, "keys appeared or vanished across a clean restart");
+    assert_eq!(
+        extras_after, extras,
+        "keys appeared or vanished across a clean restart"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -201,7 +229,12 @@ fn parse_wal(kind: Kind, data: &[u8]) -> Vec<Rec> {
                 if len == 0 || off + 8 + len > data.len() {
                     break;
                 }
-                recs.push(Rec { start: off, payload: off + 8, len, end: off + 8 + len });
+                recs.push(Rec {
+                    start: off,
+                    payload: off + 8,
+                    len,
+                    end: off + 8 + len,
+                });
                 off += 8 + len;
             }
             Kind::Etcd => {
@@ -210,11 +243,20 @@ fn parse_wal(kind: Kind, data: &[u8]) -> Vec<Rec> {
                 }
                 let field = i64::from_le_bytes(data[off..off + 8].try_into().unwrap());
                 let len = (field as u64 & !(0xffu64 << 56)) as usize;
-                let pad = if field < 0 { ((field as u64 >> 56) & 0x7) as usize } else { 0 };
+                let pad = if field < 0 {
+                    ((field as u64 >> 56) & 0x7) as usize
+                } else {
+                    0
+                };
                 if len == 0 || off + 8 + len + pad > data.len() {
                     break;
                 }
-                recs.push(Rec { start: off, payload: off + 8, len, end: off + 8 + len + pad });
+                recs.push(Rec {
+                    start: off,
+                    payload: off + 8,
+                    len,
+                    end: off + 8 + len + pad,
+                });
                 off += 8 + len + pad;
             }
         }
@@ -263,8 +305,15 @@ async fn put_n(server: &Server, prefix: &str, n: usize) -> Vec<Acked> {
     for i in 0..n {
         let key = format!("{PREFIX}{prefix}{i:04}");
         let value = format!("value-{prefix}-{i}-{}", "y".repeat(i % 50));
-        let resp = client.put(key.clone(), value.clone(), None).await.expect("put");
-        out.push(Acked { key, value, rev: resp.header().unwrap().revision() });
+        let resp = client
+            .put(key.clone(), value.clone(), None)
+            .await
+            .expect("put");
+        out.push(Acked {
+            key,
+            value,
+            rev: resp.header().unwrap().revision(),
+        });
     }
     out
 }
@@ -316,7 +365,11 @@ async fn torn_wal_tail_is_truncated_on_restart() {
 
     // 2. Plain garbage shorter than a record header.
     let (path, _, recs) = newest_segment(&server);
-    write_at(&path, recs.last().unwrap().end, &[0xde, 0xad, 0xbe, 0xef, 0x01]);
+    write_at(
+        &path,
+        recs.last().unwrap().end,
+        &[0xde, 0xad, 0xbe, 0xef, 0x01],
+    );
     server.restart().await;
     let mut client = server.client().await;
     assert_eq!(verify(&mut client, &acked).await, 0);
@@ -327,7 +380,11 @@ async fn torn_wal_tail_is_truncated_on_restart() {
     //    preallocated space) as well as a torn header at the tail.
     let (path, data, recs) = newest_segment(&server);
     write_at(&path, recs.last().unwrap().end, &[0x07, 0x00]);
-    write_at(&path, data.len(), b"\xff\xfe garbage after the end \x00\x01");
+    write_at(
+        &path,
+        data.len(),
+        b"\xff\xfe garbage after the end \x00\x01",
+    );
     server.restart().await;
     let mut client = server.client().await;
     assert_eq!(verify(&mut client, &acked).await, 0);
@@ -342,18 +399,29 @@ async fn corrupt_wal_record_in_the_middle_fails_startup() {
     server.kill9();
 
     let (path, data, recs) = newest_segment(&server);
-    assert!(recs.len() >= 5, "expected several WAL records, found {}", recs.len());
+    assert!(
+        recs.len() >= 5,
+        "expected several WAL records, found {}",
+        recs.len()
+    );
     // A record in the middle, followed by at least two intact ones.
     let victim_idx = recs.len() / 2;
     let victim = recs[victim_idx];
-    assert!(recs.len() - victim_idx > 2, "need two intact records after the victim");
+    assert!(
+        recs.len() - victim_idx > 2,
+        "need two intact records after the victim"
+    );
     // Flip the payload's last byte (for etcd: inside the entry data, which
     // its record CRC covers); the frame lengths stay intact, so the records
     // after it still parse.
     let at = victim.payload + victim.len - 1;
     write_at(&path, at, &[data[at] ^ 0xff]);
     let after = std::fs::read(&path).unwrap();
-    assert_eq!(parse_wal(server.kind, &after).len(), recs.len(), "framing must survive the flip");
+    assert_eq!(
+        parse_wal(server.kind, &after).len(),
+        recs.len(),
+        "framing must survive the flip"
+    );
 
     let (status, log) = server.restart_expect_exit(Duration::from_secs(20)).await;
     let status = status.unwrap_or_else(|| {
@@ -362,7 +430,10 @@ async fn corrupt_wal_record_in_the_middle_fails_startup() {
             support::tail(&log, 30)
         )
     });
-    assert!(!status.success(), "server exited successfully despite WAL corruption: {status}");
+    assert!(
+        !status.success(),
+        "server exited successfully despite WAL corruption: {status}"
+    );
     if server.kind == Kind::Oxcd {
         assert!(
             log.to_lowercase().contains("corrupt"),

@@ -54,7 +54,13 @@ impl Pair {
             tokio::join!(Server::start(Kind::Etcd), Server::start(Kind::subject()));
         let ref_ids = side_ids(&reference).await;
         let sub_ids = side_ids(&subject).await;
-        Pair { reference, subject, ref_ids, sub_ids, leases: Vec::new() }
+        Pair {
+            reference,
+            subject,
+            ref_ids,
+            sub_ids,
+            leases: Vec::new(),
+        }
     }
 
     /// Replaces `{L<i>}` placeholders with the side's lease ID in hex.
@@ -124,12 +130,14 @@ impl Pair {
             s.stderr
         );
         assert_eq!(
-            sn, rn,
+            sn,
+            rn,
             "etcdctl {args:?}: normalised stdout differs (left: {}, right: etcd)",
             self.subject.kind.label()
         );
         assert_eq!(
-            se, re,
+            se,
+            re,
             "etcdctl {args:?}: error output differs (left: {}, right: etcd)",
             self.subject.kind.label()
         );
@@ -180,7 +188,9 @@ impl Pair {
             s = s.replace(&format!("{id:016x}"), &format!("<L{i}>"));
         }
         for (id, tag) in [(ids.member_id, "<MEMBER>"), (ids.cluster_id, "<CLUSTER>")] {
-            s = s.replace(&format!("{id:016x}"), tag).replace(&format!("{id:x}"), tag);
+            s = s
+                .replace(&format!("{id:016x}"), tag)
+                .replace(&format!("{id:x}"), tag);
         }
         // etcd lists a lease's keys in Go map order, i.e. randomly: sort them.
         if let Some(start) = s.find("attached keys([") {
@@ -233,7 +243,12 @@ impl Pair {
                     *v = Value::String("<CLUSTER>".into());
                 } else if matches!(
                     k,
-                    "raft_term" | "raftTerm" | "raftIndex" | "raftAppliedIndex" | "dbSize" | "dbSizeInUse"
+                    "raft_term"
+                        | "raftTerm"
+                        | "raftIndex"
+                        | "raftAppliedIndex"
+                        | "dbSize"
+                        | "dbSizeInUse"
                 ) {
                     // Raft bookkeeping and on-disk sizes are implementation details.
                     *v = Value::String(format!("<{k}>"));
@@ -312,8 +327,16 @@ fn b64(s: &str) -> String {
             | *chunk.get(2).unwrap_or(&0) as u32;
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -339,7 +362,10 @@ async fn put_get_variants() {
     seed_keys(&p).await;
 
     let out = p.same(&["get", "a", "--prefix"]).await;
-    assert_eq!(lines(&out), ["a", "va", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]);
+    assert_eq!(
+        lines(&out),
+        ["a", "va", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]
+    );
 
     let out = p.same(&["get", "a/", "--prefix", "--keys-only"]).await;
     assert_eq!(lines(&out), ["a/1", "", "a/2", "", "a/3", ""]);
@@ -359,28 +385,80 @@ async fn put_get_variants() {
     assert_eq!(lines(&out), ["a", "va", "a/1", "v1", "a/2", "v2"]);
 
     let out = p
-        .same(&["get", "", "--from-key", "--sort-by=modify", "--order=descend", "--keys-only"])
+        .same(&[
+            "get",
+            "",
+            "--from-key",
+            "--sort-by=modify",
+            "--order=descend",
+            "--keys-only",
+        ])
         .await;
-    assert_eq!(lines(&out), ["a/2", "", "c/x", "", "b", "", "a/3", "", "a/1", "", "a", ""]);
+    assert_eq!(
+        lines(&out),
+        ["a/2", "", "c/x", "", "b", "", "a/3", "", "a/1", "", "a", ""]
+    );
 
-    let out = p.same(&["get", "a", "--prefix", "--sort-by=value", "--order=descend", "--print-value-only"]).await;
+    let out = p
+        .same(&[
+            "get",
+            "a",
+            "--prefix",
+            "--sort-by=value",
+            "--order=descend",
+            "--print-value-only",
+        ])
+        .await;
     assert_eq!(lines(&out), ["va", "v3", "v2-again", "v1"]);
 
     // etcd sorts by the real values even when it returns keys only.
-    let out = p.same(&["get", "a", "--prefix", "--sort-by=value", "--order=descend", "--keys-only"]).await;
+    let out = p
+        .same(&[
+            "get",
+            "a",
+            "--prefix",
+            "--sort-by=value",
+            "--order=descend",
+            "--keys-only",
+        ])
+        .await;
     assert_eq!(lines(&out), ["a", "", "a/3", "", "a/2", "", "a/1", ""]);
 
-    let out = p.same(&["get", "a", "--prefix", "--sort-by=version", "--order=descend", "--limit", "1"]).await;
+    let out = p
+        .same(&[
+            "get",
+            "a",
+            "--prefix",
+            "--sort-by=version",
+            "--order=descend",
+            "--limit",
+            "1",
+        ])
+        .await;
     assert_eq!(lines(&out), ["a/2", "v2-again"]);
 
-    let out = p.same(&["get", "", "--from-key", "--sort-by=create", "--order=ascend", "--keys-only"]).await;
-    assert_eq!(lines(&out), ["a", "", "a/1", "", "a/2", "", "a/3", "", "b", "", "c/x", ""]);
+    let out = p
+        .same(&[
+            "get",
+            "",
+            "--from-key",
+            "--sort-by=create",
+            "--order=ascend",
+            "--keys-only",
+        ])
+        .await;
+    assert_eq!(
+        lines(&out),
+        ["a", "", "a/1", "", "a/2", "", "a/3", "", "b", "", "c/x", ""]
+    );
 
     let out = p.same(&["get", "missing"]).await;
     assert_eq!(out, "");
 
     // JSON: header revision, base64 keys/values, versions, count with limit.
-    let out = p.same(&["get", "a", "--prefix", "--limit", "2", "-w", "json"]).await;
+    let out = p
+        .same(&["get", "a", "--prefix", "--limit", "2", "-w", "json"])
+        .await;
     let v = json(&out);
     assert_eq!(v["header"]["revision"], 8);
     assert_eq!(v["count"], 4, "count ignores limit: {v}");
@@ -398,7 +476,10 @@ async fn put_get_variants() {
 
     // Future revision fails identically on both.
     let err = p.same_err(&["get", "a", "--rev", "100"], None).await;
-    assert_eq!(err, "Error: etcdserver: mvcc: required revision is a future revision");
+    assert_eq!(
+        err,
+        "Error: etcdserver: mvcc: required revision is a future revision"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -412,7 +493,12 @@ async fn count_only_through_client() {
             .get("a", Some(GetOptions::new().with_prefix().with_count_only()))
             .await
             .expect("count_only get");
-        results.push((r.count(), r.kvs().len(), r.more(), r.header().unwrap().revision()));
+        results.push((
+            r.count(),
+            r.kvs().len(),
+            r.more(),
+            r.header().unwrap().revision(),
+        ));
     }
     assert_eq!(results[1], results[0], "count_only differs (subject, etcd)");
     assert_eq!(results[1], (4, 0, false, 8));
@@ -423,7 +509,10 @@ async fn del_prefix_prev_kv() {
     let p = Pair::new().await;
     seed_keys(&p).await;
     let out = p.same(&["del", "a/", "--prefix", "--prev-kv"]).await;
-    assert_eq!(lines(&out), ["3", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]);
+    assert_eq!(
+        lines(&out),
+        ["3", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]
+    );
     let out = p.same(&["del", "a/", "--prefix"]).await;
     assert_eq!(out, "0");
     let out = p.same(&["del", "b", "-w", "json"]).await;
@@ -442,7 +531,10 @@ async fn txn_from_stdin() {
     // Compares hold: success branch runs.
     let script = "value(\"a\") = \"va\"\nmod(\"a/2\") > \"4\"\nversion(\"b\") = \"1\"\n\nput t yes\nget a/ --prefix\n\nput t no\n\n";
     let out = p.same_stdin(&["txn"], script).await;
-    assert_eq!(lines(&out), ["SUCCESS", "", "OK", "", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]);
+    assert_eq!(
+        lines(&out),
+        ["SUCCESS", "", "OK", "", "a/1", "v1", "a/2", "v2-again", "a/3", "v3"]
+    );
 
     // A compare fails: failure branch runs (put + delete).
     let script = "create(\"a\") = \"99\"\n\nput t yes\n\nput t no\ndel c/x\n\n";
@@ -460,7 +552,10 @@ async fn txn_from_stdin() {
     assert_eq!(v["header"]["revision"], 10);
     let resps = v["responses"].as_array().expect("responses");
     assert_eq!(resps.len(), 2);
-    assert_eq!(resps[0]["Response"]["ResponseRange"]["kvs"][0]["value"], b64("no"));
+    assert_eq!(
+        resps[0]["Response"]["ResponseRange"]["kvs"][0]["value"],
+        b64("no")
+    );
 
     // Duplicate key in one branch is rejected.
     let script = "\n\nput d 1\nput d 2\n\n\n";
@@ -475,14 +570,22 @@ async fn compaction_then_old_revision_fails() {
     let out = p.same(&["compaction", "5"]).await;
     assert_eq!(out, "compacted revision 5");
     // At or above the compaction point still readable.
-    let out = p.same(&["get", "a", "--prefix", "--rev", "5", "--keys-only"]).await;
+    let out = p
+        .same(&["get", "a", "--prefix", "--rev", "5", "--keys-only"])
+        .await;
     assert_eq!(lines(&out), ["a", "", "a/1", "", "a/2", "", "a/3", ""]);
     // Below it: compacted.
     let err = p.same_err(&["get", "a", "--rev", "4"], None).await;
-    assert_eq!(err, "Error: etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        err,
+        "Error: etcdserver: mvcc: required revision has been compacted"
+    );
     // Compacting again at an older revision is an error too.
     let err = p.same_err(&["compaction", "3"], None).await;
-    assert_eq!(err, "Error: etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(
+        err,
+        "Error: etcdserver: mvcc: required revision has been compacted"
+    );
     // Current data unaffected.
     let out = p.same(&["get", "a/2", "--print-value-only"]).await;
     assert_eq!(out, "v2-again");
@@ -567,8 +670,16 @@ async fn watch_compacted_revision_is_canceled() {
     let args = ["watch", "a", "--rev", "2", "-w", "json"];
     let done = |s: &str| s.contains("Canceled");
     let (r, s) = tokio::join!(
-        collect_output(p.reference.spawn_etcdctl(&args), Duration::from_secs(10), done),
-        collect_output(p.subject.spawn_etcdctl(&args), Duration::from_secs(10), done)
+        collect_output(
+            p.reference.spawn_etcdctl(&args),
+            Duration::from_secs(10),
+            done
+        ),
+        collect_output(
+            p.subject.spawn_etcdctl(&args),
+            Duration::from_secs(10),
+            done
+        )
     );
     let rn = p.normalize(&r, true);
     let sn = p.normalize(&s, false);
@@ -591,7 +702,10 @@ async fn lease_commands() {
     assert_eq!(out, "lease <L0> keepalived with TTL(600)");
 
     let out = p.same(&["lease", "timetolive", "{L0}", "--keys"]).await;
-    assert_eq!(out, "lease <L0> granted with TTL(600s), remaining(<N>s), attached keys([k1 k2])");
+    assert_eq!(
+        out,
+        "lease <L0> granted with TTL(600s), remaining(<N>s), attached keys([k1 k2])"
+    );
     let (_, s) = p.run_both(&["lease", "timetolive", "{L0}"], None).await;
     let remaining: i64 = s
         .stdout
@@ -600,9 +714,14 @@ async fn lease_commands() {
         .and_then(|r| r.split('s').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no remaining TTL in {:?}", s.stdout));
-    assert!((590..=600).contains(&remaining), "remaining TTL {remaining}");
+    assert!(
+        (590..=600).contains(&remaining),
+        "remaining TTL {remaining}"
+    );
 
-    let out = p.same(&["lease", "timetolive", "{L1}", "--keys", "-w", "json"]).await;
+    let out = p
+        .same(&["lease", "timetolive", "{L1}", "--keys", "-w", "json"])
+        .await;
     let v = json(&out);
     assert_eq!(v["granted-ttl"], 900);
     assert_eq!(v["id"], format!("<L{l1}>"));
@@ -625,12 +744,17 @@ async fn lease_commands() {
     assert_eq!(lines(&out), ["found 1 leases", "<L1>"]);
 
     // Using a revoked lease fails the same way on both.
-    let err = p.same_err(&["lease", "keep-alive", "--once", "{L0}"], None).await;
+    let err = p
+        .same_err(&["lease", "keep-alive", "--once", "{L0}"], None)
+        .await;
     assert_eq!(err, "Error: etcdserver: requested lease not found");
     let err = p.same_err(&["put", "k9", "v", "--lease={L0}"], None).await;
     assert_eq!(err, "Error: etcdserver: requested lease not found");
     let err = p.same_err(&["lease", "revoke", "{L0}"], None).await;
-    assert_eq!(err, "Error: failed to revoke lease (etcdserver: requested lease not found)");
+    assert_eq!(
+        err,
+        "Error: failed to revoke lease (etcdserver: requested lease not found)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -645,9 +769,15 @@ async fn put_with_lease_expires() {
         .and_then(|n| n.parse().ok())
         .expect("granted TTL");
     assert!((1..=5).contains(&granted), "{out}");
-    assert_eq!(p.same(&["put", "ephemeral", "x", "--lease={L0}"]).await, "OK");
+    assert_eq!(
+        p.same(&["put", "ephemeral", "x", "--lease={L0}"]).await,
+        "OK"
+    );
     assert_eq!(p.same(&["put", "durable", "y"]).await, "OK");
-    assert_eq!(p.same(&["get", "ephemeral", "--print-value-only"]).await, "x");
+    assert_eq!(
+        p.same(&["get", "ephemeral", "--print-value-only"]).await,
+        "x"
+    );
 
     // Bounded wait for expiry on each side independently.
     for (server, label) in [(&p.subject, "subject"), (&p.reference, "etcd")] {
@@ -657,7 +787,10 @@ async fn put_with_lease_expires() {
             if out.ok().is_empty() {
                 break;
             }
-            assert!(Instant::now() < deadline, "{label}: key with expired lease still present");
+            assert!(
+                Instant::now() < deadline,
+                "{label}: key with expired lease still present"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -678,7 +811,15 @@ async fn endpoint_status() {
     // etcdctl dials `endpoint status` targets itself: with a bare host:port
     // the HTTP/2 :authority is "127.0.0.1:PORT"; with a URL it is the whole
     // "http://127.0.0.1:PORT" string (etcd accepts both). Check both forms.
-    let out = p.same(&["endpoint", "status", "--endpoints=127.0.0.1:{PORT}", "-w", "json"]).await;
+    let out = p
+        .same(&[
+            "endpoint",
+            "status",
+            "--endpoints=127.0.0.1:{PORT}",
+            "-w",
+            "json",
+        ])
+        .await;
     assert_eq!(json(&out)[0]["Status"]["header"]["revision"], 8);
 
     let out = p.same(&["endpoint", "status", "-w", "json"]).await;
@@ -686,17 +827,27 @@ async fn endpoint_status() {
     let st = &v[0]["Status"];
     assert_eq!(v[0]["Endpoint"], "http://<CLIENT>");
     assert_eq!(st["header"]["revision"], 8);
-    assert_eq!(st["leader"], "<MEMBER>", "single member must lead itself: {v}");
+    assert_eq!(
+        st["leader"], "<MEMBER>",
+        "single member must lead itself: {v}"
+    );
     assert_eq!(st["header"]["member_id"], "<MEMBER>");
     // Raw subject status: non-zero sizes/indices and a version string.
-    let (_, s) = p.run_both(&["endpoint", "status", "-w", "json"], None).await;
+    let (_, s) = p
+        .run_both(&["endpoint", "status", "-w", "json"], None)
+        .await;
     let raw = json(s.ok());
     let raw = &raw[0]["Status"];
     assert!(raw["dbSize"].as_i64().unwrap_or(0) > 0, "dbSize: {raw}");
-    assert!(raw["raftIndex"].as_u64().unwrap_or(0) > 0, "raftIndex: {raw}");
+    assert!(
+        raw["raftIndex"].as_u64().unwrap_or(0) > 0,
+        "raftIndex: {raw}"
+    );
     assert!(raw["raftTerm"].as_u64().unwrap_or(0) > 0, "raftTerm: {raw}");
-    assert!(!raw["version"].as_str().unwrap_or("").is_empty(), "version: {raw}");
-
+    assert!(
+        !raw["version"].as_str().unwrap_or("").is_empty(),
+        "version: {raw}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -709,18 +860,23 @@ async fn endpoint_health() {
     let rn = p.normalize(&r.stderr, true);
     let sn = p.normalize(&s.stderr, false);
     assert_eq!(sn, rn);
-    assert_eq!(sn, "http://<CLIENT> is healthy: successfully committed proposal: took = <T>");
+    assert_eq!(
+        sn,
+        "http://<CLIENT> is healthy: successfully committed proposal: took = <T>"
+    );
     let out = p.same(&["endpoint", "health", "-w", "json"]).await;
     let v = json(&out);
     assert_eq!(v[0]["health"], true, "{v}");
-
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn member_list() {
     let p = Pair::new().await;
     let out = p.same(&["member", "list"]).await;
-    assert_eq!(out, "<MEMBER>, started, node1, http://<PEER>, http://<CLIENT>, false");
+    assert_eq!(
+        out,
+        "<MEMBER>, started, node1, http://<PEER>, http://<CLIENT>, false"
+    );
     let out = p.same(&["member", "list", "-w", "json"]).await;
     let v = json(&out);
     assert_eq!(v["members"][0]["name"], "node1");

@@ -18,11 +18,14 @@ fn unexpected(a: Applied) -> Status {
 }
 
 fn txn_serializable(t: &TxnRequest) -> bool {
-    t.success.iter().chain(t.failure.iter()).all(|op| match &op.request {
-        Some(request_op::Request::RequestRange(r)) => r.serializable,
-        Some(request_op::Request::RequestTxn(inner)) => txn_serializable(inner),
-        _ => true,
-    })
+    t.success
+        .iter()
+        .chain(t.failure.iter())
+        .all(|op| match &op.request {
+            Some(request_op::Request::RequestRange(r)) => r.serializable,
+            Some(request_op::Request::RequestTxn(inner)) => txn_serializable(inner),
+            _ => true,
+        })
 }
 
 #[tonic::async_trait]
@@ -51,7 +54,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         apply::check_delete(&r)?;
         match self.0.propose(Raft::DeleteRange(r)).await? {
@@ -87,7 +93,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
         match self.0.propose(Raft::Compaction(r)).await? {
             Applied::Compaction(mut resp, done) => {

@@ -17,7 +17,10 @@ pub struct LeaseService(pub Arc<EtcdServer>);
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = req.into_inner();
         self.0.check_quota(r.encoded_len()).await?;
         if r.id == 0 {
@@ -28,17 +31,24 @@ impl Lease for LeaseService {
                 self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
-    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
         match self.0.propose(Raft::LeaseRevoke(req.into_inner())).await? {
             Applied::LeaseRevoke(mut resp) => {
                 self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -64,7 +74,15 @@ impl Lease for LeaseService {
                         return;
                     }
                 };
-                if tx.send(Ok(LeaseKeepAliveResponse { header, id: r.id, ttl })).await.is_err() {
+                if tx
+                    .send(Ok(LeaseKeepAliveResponse {
+                        header,
+                        id: r.id,
+                        ttl,
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -86,15 +104,33 @@ impl Lease for LeaseService {
                 granted_ttl: info.granted,
                 keys: if r.keys { info.keys } else { vec![] },
             },
-            None => LeaseTimeToLiveResponse { header: None, id: r.id, ttl: -1, granted_ttl: 0, keys: vec![] },
+            None => LeaseTimeToLiveResponse {
+                header: None,
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: vec![],
+            },
         };
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
 
-    async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let leases = self.0.lessor.ids().into_iter().map(|id| LeaseStatus { id }).collect();
-        let mut resp = LeaseLeasesResponse { header: None, leases };
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self
+            .0
+            .lessor
+            .ids()
+            .into_iter()
+            .map(|id| LeaseStatus { id })
+            .collect();
+        let mut resp = LeaseLeasesResponse {
+            header: None,
+            leases,
+        };
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }

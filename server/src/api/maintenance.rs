@@ -28,9 +28,15 @@ impl Maintenance for MaintenanceService {
                 .alarms
                 .lock()
                 .iter()
-                .map(|(m, a)| crate::pb::etcdserverpb::AlarmMember { member_id: *m, alarm: *a })
+                .map(|(m, a)| crate::pb::etcdserverpb::AlarmMember {
+                    member_id: *m,
+                    alarm: *a,
+                })
                 .collect();
-            let mut resp = AlarmResponse { header: None, alarms };
+            let mut resp = AlarmResponse {
+                header: None,
+                alarms,
+            };
             self.0.fill(&mut resp.header);
             return Ok(Response::new(resp));
         }
@@ -43,7 +49,9 @@ impl Maintenance for MaintenanceService {
                 self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+            other => Err(Status::internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
         }
     }
 
@@ -55,7 +63,9 @@ impl Maintenance for MaintenanceService {
             .lock()
             .iter()
             .map(|(m, a)| {
-                let name = AlarmType::try_from(*a).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+                let name = AlarmType::try_from(*a)
+                    .map(|t| t.as_str_name())
+                    .unwrap_or("UNKNOWN");
                 format!("memberID:{m} alarm:{name} ")
             })
             .collect();
@@ -75,7 +85,10 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(resp))
     }
 
-    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
         Err(not_yet("Defragment"))
     }
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
@@ -87,10 +100,16 @@ impl Maintenance for MaintenanceService {
 
     type SnapshotStream = ReceiverStream<Result<SnapshotResponse, Status>>;
 
-    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         Err(not_yet("Snapshot"))
     }
-    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+    async fn move_leader(
+        &self,
+        _: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
         Err(not_yet("MoveLeader"))
     }
 }

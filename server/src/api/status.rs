@@ -26,9 +26,10 @@ impl From<EtcdError> for Status {
                 Code::ResourceExhausted,
                 "etcdserver: mvcc: database space exceeded".into(),
             ),
-            EtcdError::LeaseNotFound => {
-                (Code::NotFound, "etcdserver: requested lease not found".into())
-            }
+            EtcdError::LeaseNotFound => (
+                Code::NotFound,
+                "etcdserver: requested lease not found".into(),
+            ),
             EtcdError::LeaseExists => (
                 Code::FailedPrecondition,
                 "etcdserver: lease already exists".into(),
@@ -59,7 +60,10 @@ mod tests {
         );
         let s: Status = EtcdError::DuplicateKey.into();
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.message(), "etcdserver: duplicate key given in txn request");
+        assert_eq!(
+            s.message(),
+            "etcdserver: duplicate key given in txn request"
+        );
         let s: Status = EtcdError::LeaseNotFound.into();
         assert_eq!(s.code(), Code::NotFound);
         assert_eq!(s.message(), "etcdserver: requested lease not found");

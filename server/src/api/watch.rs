@@ -1,5 +1,5 @@
-use crate::pb::etcdserverpb::{watch_server::Watch, ResponseHeader, WatchRequest, WatchResponse};
 use crate::mvcc::Store;
+use crate::pb::etcdserverpb::{watch_server::Watch, ResponseHeader, WatchRequest, WatchResponse};
 use crate::server::EtcdServer;
 use crate::watch::{WatchContext, WatchHub, WatchStream};
 use std::sync::Arc;
@@ -32,7 +32,10 @@ impl WatchContext for EtcdServer {
 impl Watch for WatchService {
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
 
-    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(128);
         let stream = WatchStream::new(self.0.clone(), tx);

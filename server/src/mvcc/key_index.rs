@@ -38,7 +38,10 @@ impl Default for KeyIndex {
 
 impl KeyIndex {
     pub fn put(&mut self, rev: Revision) {
-        let g = self.generations.last_mut().expect("a key index always has a generation");
+        let g = self
+            .generations
+            .last_mut()
+            .expect("a key index always has a generation");
         if g.revs.is_empty() {
             g.created = rev;
         }
@@ -49,7 +52,10 @@ impl KeyIndex {
     /// Restores a key seen in the backend after a restart, whose generation may have been
     /// partly compacted: `created` and `version` come from the stored value.
     pub fn restore(&mut self, rev: Revision, created: Revision, version: i64) {
-        let g = self.generations.last_mut().expect("a key index always has a generation");
+        let g = self
+            .generations
+            .last_mut()
+            .expect("a key index always has a generation");
         if g.revs.is_empty() {
             g.created = created;
         }
@@ -170,7 +176,10 @@ mod tests {
         assert_eq!(ki.get(5).unwrap().modified, r(4));
         let mut avail = HashSet::new();
         ki.compact(6, &mut avail);
-        assert!(avail.is_empty(), "tombstone at the compact revision is dropped");
+        assert!(
+            avail.is_empty(),
+            "tombstone at the compact revision is dropped"
+        );
         assert_eq!(ki.get(9).unwrap().version, 1);
         let mut avail = HashSet::new();
         ki.compact(9, &mut avail);

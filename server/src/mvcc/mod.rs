@@ -141,7 +141,9 @@ fn index_range<'s>(
 ) -> Box<dyn Iterator<Item = (&'s Vec<u8>, &'s KeyIndex)> + 's> {
     match end {
         RangeEnd::Key => Box::new(index.get_key_value(key).into_iter()),
-        RangeEnd::Infinity => Box::new(index.range::<[u8], _>((Bound::Included(key), Bound::Unbounded))),
+        RangeEnd::Infinity => {
+            Box::new(index.range::<[u8], _>((Bound::Included(key), Bound::Unbounded)))
+        }
         RangeEnd::Before(e) if e <= key => Box::new(std::iter::empty()),
         RangeEnd::Before(e) => {
             Box::new(index.range::<[u8], _>((Bound::Included(key), Bound::Excluded(e))))
@@ -181,15 +183,27 @@ fn range_at(
         .collect();
     let count = revs.len() as i64;
     if opts.count_only {
-        return Ok(RangeResult { kvs: vec![], count, rev: cur });
+        return Ok(RangeResult {
+            kvs: vec![],
+            count,
+            rev: cur,
+        });
     }
-    let take = if opts.limit <= 0 || opts.limit > count { count } else { opts.limit };
+    let take = if opts.limit <= 0 || opts.limit > count {
+        count
+    } else {
+        opts.limit
+    };
     let kvs = revs
         .into_iter()
         .take(take as usize)
         .map(load)
         .collect::<Result<Vec<_>>>()?;
-    Ok(RangeResult { kvs, count, rev: cur })
+    Ok(RangeResult {
+        kvs,
+        count,
+        rev: cur,
+    })
 }
 
 impl Store {
@@ -220,7 +234,11 @@ impl Store {
         let scheduled = read_u64(&db, META_SCHEDULED_COMPACT)? as i64;
         let finished = read_u64(&db, META_FINISHED_COMPACT)? as i64;
         // etcd's compactMainRev is -1 until the first compaction; txn checks compare with it.
-        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? { scheduled.max(finished) } else { -1 };
+        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? {
+            scheduled.max(finished)
+        } else {
+            -1
+        };
         current_rev = current_rev.max(compact_rev);
         let mut rec = Recovered {
             consistent_index: read_u64(&db, META_CONSISTENT_INDEX)?,
@@ -228,8 +246,16 @@ impl Store {
         };
         for item in db.scan_prefix(LEASE_PREFIX) {
             let (k, v) = item?;
-            let id = i64::from_be_bytes(k[LEASE_PREFIX.len()..].try_into().map_err(|_| MvccError::Corrupt("lease key".into()))?);
-            let ttl = i64::from_be_bytes(v.as_ref().try_into().map_err(|_| MvccError::Corrupt("lease ttl".into()))?);
+            let id = i64::from_be_bytes(
+                k[LEASE_PREFIX.len()..]
+                    .try_into()
+                    .map_err(|_| MvccError::Corrupt("lease key".into()))?,
+            );
+            let ttl = i64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| MvccError::Corrupt("lease ttl".into()))?,
+            );
             rec.leases.push((id, ttl));
         }
         for item in db.scan_prefix(ALARM_PREFIX) {
@@ -244,7 +270,11 @@ impl Store {
         let size = db.size_on_disk().unwrap_or(0);
         let store = Arc::new(Store {
             db,
-            state: RwLock::new(State { index, current_rev, compact_rev }),
+            state: RwLock::new(State {
+                index,
+                current_rev,
+                compact_rev,
+            }),
             size: std::sync::atomic::AtomicU64::new(size),
             size_at: parking_lot::Mutex::new(std::time::Instant::now()),
         });
@@ -257,7 +287,10 @@ impl Store {
     }
 
     pub fn read(&self) -> ReadTxn<'_> {
-        ReadTxn { store: self, state: self.state.read() }
+        ReadTxn {
+            store: self,
+            state: self.state.read(),
+        }
     }
 
     /// Starts the one write transaction; applies are serialized by the caller.
@@ -289,14 +322,16 @@ impl Store {
         let mut at = self.size_at.lock();
         if at.elapsed() >= std::time::Duration::from_millis(100) {
             *at = std::time::Instant::now();
-            self.size.store(self.db.size_on_disk().unwrap_or(0), Relaxed);
+            self.size
+                .store(self.db.size_on_disk().unwrap_or(0), Relaxed);
         }
         self.size.load(Relaxed)
     }
 
     /// Makes every applied batch durable; afterwards the WAL before the consistent index can go.
     pub fn sync(&self, consistent_index: u64) -> Result<()> {
-        self.db.insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
+        self.db
+            .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
@@ -304,7 +339,9 @@ impl Store {
     fn load(&self, rev: Revision) -> Result<KeyValue> {
         match self.db.get(rev.to_backend_key(false))? {
             Some(v) => decode_kv(&v),
-            None => Err(MvccError::Corrupt(format!("missing value for revision {rev:?}"))),
+            None => Err(MvccError::Corrupt(format!(
+                "missing value for revision {rev:?}"
+            ))),
         }
     }
 
@@ -320,7 +357,8 @@ impl Store {
                 return Err(MvccError::FutureRev);
             }
         }
-        self.db.insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
+        self.db
+            .insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
         Ok(self.compact_index(rev))
     }
 
@@ -367,7 +405,9 @@ impl Store {
         let mut evs = Vec::new();
         for item in self.db.range(lo..hi) {
             let (k, v) = item?;
-            let Some((rev, tomb)) = Revision::from_backend_key(&k) else { continue };
+            let Some((rev, tomb)) = Revision::from_backend_key(&k) else {
+                continue;
+            };
             let mut kv = decode_kv(&v)?;
             if !end.contains(key, &kv.key) {
                 continue;
@@ -378,7 +418,11 @@ impl Store {
             } else {
                 EventType::Put
             };
-            evs.push(Event { r#type: r#type as i32, kv: Some(kv), prev_kv: None });
+            evs.push(Event {
+                r#type: r#type as i32,
+                kv: Some(kv),
+                prev_kv: None,
+            });
         }
         Ok(evs)
     }
@@ -388,7 +432,14 @@ impl Store {
     pub fn prev_kv(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
         let r = self.read();
         let res = r
-            .range(key, RangeEnd::Key, RangeOptions { rev: rev - 1, ..Default::default() })
+            .range(
+                key,
+                RangeEnd::Key,
+                RangeOptions {
+                    rev: rev - 1,
+                    ..Default::default()
+                },
+            )
             .ok()?;
         res.kvs.into_iter().next()
     }
@@ -407,7 +458,9 @@ impl ReadView for ReadTxn<'_> {
         self.state.compact_rev
     }
     fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult> {
-        range_at(&self.state, key, end, self.state.current_rev, opts, |r| self.store.load(r))
+        range_at(&self.state, key, end, self.state.current_rev, opts, |r| {
+            self.store.load(r)
+        })
     }
 }
 
@@ -451,9 +504,11 @@ impl ReadView for WriteTxn<'_> {
     }
     fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult> {
         let cur = self.rev();
-        range_at(&self.state, key, end, cur, opts, |r| match self.overlay.get(&r) {
-            Some(kv) => Ok(kv.clone()),
-            None => self.store.load(r),
+        range_at(&self.state, key, end, cur, opts, |r| {
+            match self.overlay.get(&r) {
+                Some(kv) => Ok(kv.clone()),
+                None => self.store.load(r),
+            }
         })
     }
 }
@@ -486,18 +541,25 @@ impl WriteTxn<'_> {
             value,
             lease,
         };
-        self.batch.insert(rev.to_backend_key(false), kv.encode_to_vec());
+        self.batch
+            .insert(rev.to_backend_key(false), kv.encode_to_vec());
         let ki = self.state.index.entry(key.to_vec()).or_default();
         ki.put(rev);
         ki.set_lease(lease);
         if old_lease != 0 {
-            self.lease_changes.push(LeaseChange::Detach(old_lease, key.to_vec()));
+            self.lease_changes
+                .push(LeaseChange::Detach(old_lease, key.to_vec()));
         }
         if lease != 0 {
-            self.lease_changes.push(LeaseChange::Attach(lease, key.to_vec()));
+            self.lease_changes
+                .push(LeaseChange::Attach(lease, key.to_vec()));
         }
         self.overlay.insert(rev, kv.clone());
-        self.events.push(Event { r#type: EventType::Put as i32, kv: Some(kv), prev_kv: None });
+        self.events.push(Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv),
+            prev_kv: None,
+        });
         rev.main
     }
 
@@ -516,17 +578,30 @@ impl WriteTxn<'_> {
 
     fn delete(&mut self, key: &[u8]) {
         let rev = self.next_rev();
-        let tomb = KeyValue { key: key.to_vec(), ..Default::default() };
-        self.batch.insert(rev.to_backend_key(true), tomb.encode_to_vec());
+        let tomb = KeyValue {
+            key: key.to_vec(),
+            ..Default::default()
+        };
+        self.batch
+            .insert(rev.to_backend_key(true), tomb.encode_to_vec());
         let ki = self.state.index.entry(key.to_vec()).or_default();
         let old_lease = ki.lease();
         ki.tombstone(rev);
         ki.set_lease(0);
         if old_lease != 0 {
-            self.lease_changes.push(LeaseChange::Detach(old_lease, key.to_vec()));
+            self.lease_changes
+                .push(LeaseChange::Detach(old_lease, key.to_vec()));
         }
-        let kv = KeyValue { key: key.to_vec(), mod_revision: rev.main, ..Default::default() };
-        self.events.push(Event { r#type: EventType::Delete as i32, kv: Some(kv), prev_kv: None });
+        let kv = KeyValue {
+            key: key.to_vec(),
+            mod_revision: rev.main,
+            ..Default::default()
+        };
+        self.events.push(Event {
+            r#type: EventType::Delete as i32,
+            kv: Some(kv),
+            prev_kv: None,
+        });
     }
 
     /// Records a replicated non-KV record (lease, alarm) in the same atomic batch.

@@ -281,7 +281,9 @@ impl Server {
                 Err(_) => "status timed out".to_string(),
             };
             if Instant::now() >= deadline {
-                return Err(format!("not ready after {timeout:?}; last error: {last_err}"));
+                return Err(format!(
+                    "not ready after {timeout:?}; last error: {last_err}"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -299,7 +301,13 @@ impl Server {
             ),
         )
         .await
-        .unwrap_or_else(|e| panic!("connect to {} at {}: {e}", self.kind.label(), self.endpoint()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect to {} at {}: {e}",
+                self.kind.label(),
+                self.endpoint()
+            )
+        })
     }
 
     /// SIGKILL, like a power cut as far as the process is concerned.
@@ -483,14 +491,20 @@ pub async fn etcdctl_at(endpoint: &str, args: &[&str], stdin: Option<&str>) -> C
     }
     cmd.args(args)
         .env("ETCDCTL_API", "3")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn etcdctl");
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input.as_bytes()).await.expect("write etcdctl stdin");
+        pipe.write_all(input.as_bytes())
+            .await
+            .expect("write etcdctl stdin");
         drop(pipe);
     }
     let out = tokio::time::timeout(ETCDCTL_TIMEOUT, child.wait_with_output())
@@ -529,11 +543,7 @@ pub fn assert_grpc_err<T: std::fmt::Debug>(
         Ok(v) => panic!("{what}: expected error {code:?} {message:?}, got success {v:?}"),
         Err(e) => {
             let (c, m) = grpc_error(&e);
-            assert_eq!(
-                (c, m.as_str()),
-                (code, message),
-                "{what}: wrong gRPC error"
-            );
+            assert_eq!((c, m.as_str()), (code, message), "{what}: wrong gRPC error");
         }
     }
 }
