@@ -161,11 +161,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
     pub listen_client: Vec<SocketAddr>,
+    pub listen_peer: Vec<SocketAddr>,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     /// (name, peer urls) of the initial cluster.
     pub initial_cluster: Vec<(String, Vec<String>)>,
     pub initial_cluster_token: String,
+    /// `--initial-cluster-state new` (bootstrap) or `existing` (join).
+    pub new_cluster: bool,
     pub heartbeat: Duration,
     pub election_ticks: usize,
     pub snapshot_count: u64,
@@ -290,7 +293,10 @@ impl Flags {
         }
         let advertise_client_urls =
             split_urls("advertise-client-urls", &self.advertise_client_urls)?;
-        split_urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let mut listen_peer = Vec::new();
+        for u in split_urls("listen-peer-urls", &self.listen_peer_urls)? {
+            listen_peer.extend(resolve("listen-peer-urls", &u)?);
+        }
         let initial_advertise_peer_urls = split_urls(
             "initial-advertise-peer-urls",
             &self.initial_advertise_peer_urls,
@@ -338,22 +344,9 @@ impl Flags {
                 ),
             ));
         }
-        if initial_cluster.len() > 1 {
-            return Err(invalid(
-                "initial-cluster",
-                &ic,
-                "multi-member clusters are not supported yet by oxcd",
-            ));
-        }
-        match self.initial_cluster_state.as_str() {
-            "new" => {}
-            "existing" => {
-                return Err(invalid(
-                    "initial-cluster-state",
-                    "existing",
-                    "joining an existing cluster is not supported yet by oxcd",
-                ))
-            }
+        let new_cluster = match self.initial_cluster_state.as_str() {
+            "new" => true,
+            "existing" => false,
             other => {
                 return Err(invalid(
                     "initial-cluster-state",
@@ -361,7 +354,7 @@ impl Flags {
                     "must be \"new\" or \"existing\"",
                 ))
             }
-        }
+        };
         if self.heartbeat_interval == 0 {
             return Err(invalid("heartbeat-interval", "0", "must be positive"));
         }
@@ -467,10 +460,12 @@ impl Flags {
             data_dir,
             wal_dir,
             listen_client,
+            listen_peer,
             advertise_client_urls,
             initial_advertise_peer_urls,
             initial_cluster,
             initial_cluster_token: self.initial_cluster_token,
+            new_cluster,
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,

@@ -12,5 +12,6 @@ pub mod mvcc;
 pub mod pb;
 pub mod raft_node;
 pub mod server;
+pub mod transport;
 pub mod wal;
 pub mod watch;

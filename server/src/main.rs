@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let server = match EtcdServer::start(cfg.clone()) {
+        let server = match EtcdServer::start(cfg.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "failed to start");
@@ -37,6 +37,9 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let mut tasks = Vec::new();
+        for addr in cfg.listen_peer.clone() {
+            tasks.push(tokio::spawn(oxcd::api::peer::serve(server.clone(), addr)));
+        }
         for addr in cfg.listen_client.clone() {
             tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
         }

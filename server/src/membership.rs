@@ -1,19 +1,18 @@
-//! Member and cluster identity, derived exactly as etcd derives them, so that IDs computed from
-//! the same `--initial-cluster` and token match etcd's.
+//! Membership: member and cluster identity derived exactly as etcd derives them, and the
+//! replicated member list (changed only by applied Raft entries, so every member agrees).
 
+pub use crate::pb::etcdserverpb::Member;
+use prost::Message;
 use sha1::{Digest, Sha1};
+use std::collections::{BTreeMap, BTreeSet};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    pub id: u64,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-    pub is_learner: bool,
-}
+/// Backend record prefixes of the member list.
+pub const MEMBER_PREFIX: &[u8] = b"mem/";
+pub const REMOVED_PREFIX: &[u8] = b"rmv/";
 
-/// etcd's `NewMember`: sha1 over the sorted peer URLs and the cluster token.
-pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+/// etcd's `NewMember`: sha1 over the sorted peer URLs, the cluster token and, for members
+/// added at run time, the time of the request.
+pub fn member_id(peer_urls: &[String], token: &str, unix_time: Option<i64>) -> u64 {
     let mut urls = peer_urls.to_vec();
     urls.sort();
     let mut h = Sha1::new();
@@ -21,6 +20,9 @@ pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
         h.update(u.as_bytes());
     }
     h.update(token.as_bytes());
+    if let Some(t) = unix_time {
+        h.update(t.to_string().as_bytes());
+    }
     let d = h.finalize();
     u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
@@ -37,6 +39,101 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
 
+fn record_key(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The member list as of the applied index.
+#[derive(Clone, Debug, Default)]
+pub struct Membership {
+    members: BTreeMap<u64, Member>,
+    removed: BTreeSet<u64>,
+}
+
+/// A backend record change that must be written with the entry that caused it.
+pub enum RecordChange {
+    Put(Vec<u8>, Vec<u8>),
+    Remove(Vec<u8>),
+}
+
+impl Membership {
+    pub fn from_records(members: &[(Vec<u8>, Vec<u8>)], removed: &[(Vec<u8>, Vec<u8>)]) -> Self {
+        let mut m = Membership::default();
+        for (_, v) in members {
+            if let Ok(mem) = Member::decode(v.as_slice()) {
+                m.members.insert(mem.id, mem);
+            }
+        }
+        for (k, _) in removed {
+            if let Some(id) = k
+                .get(REMOVED_PREFIX.len()..)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+            {
+                m.removed.insert(id);
+            }
+        }
+        m
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        self.members.values().cloned().collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Member> {
+        self.members.get(&id)
+    }
+
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.removed.contains(&id)
+    }
+
+    pub fn removed(&self) -> Vec<u64> {
+        self.removed.iter().copied().collect()
+    }
+
+    /// The member using any of these peer URLs, if one does.
+    pub fn by_peer_urls(&self, urls: &[String]) -> Option<&Member> {
+        self.members
+            .values()
+            .find(|m| m.peer_ur_ls.iter().any(|u| urls.contains(u)))
+    }
+
+    /// Adds a member, or promotes a learner (an add of an existing member as voter).
+    pub fn add(&mut self, mut member: Member) -> RecordChange {
+        if let Some(existing) = self.members.get(&member.id) {
+            // A promotion keeps what the member already published.
+            let learner = member.is_learner;
+            member = existing.clone();
+            member.is_learner = learner;
+        }
+        let rec = RecordChange::Put(record_key(MEMBER_PREFIX, member.id), member.encode_to_vec());
+        self.members.insert(member.id, member);
+        rec
+    }
+
+    pub fn remove(&mut self, id: u64) -> Vec<RecordChange> {
+        self.members.remove(&id);
+        self.removed.insert(id);
+        vec![
+            RecordChange::Remove(record_key(MEMBER_PREFIX, id)),
+            RecordChange::Put(record_key(REMOVED_PREFIX, id), vec![]),
+        ]
+    }
+
+    /// Updates a member's published attributes or peer URLs; None if it is not a member.
+    pub fn update(&mut self, id: u64, f: impl FnOnce(&mut Member)) -> Option<RecordChange> {
+        let m = self.members.get_mut(&id)?;
+        f(m);
+        Some(RecordChange::Put(
+            record_key(MEMBER_PREFIX, id),
+            m.encode_to_vec(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,8 +141,28 @@ mod tests {
     #[test]
     fn ids_match_etcd_defaults() {
         // etcd 3.4 started with no flags reports member 8e9e05c52164694d in cluster cdf818194e3a8c32.
-        let id = member_id(&["http://localhost:2380".to_string()], "etcd-cluster");
+        let id = member_id(&["http://localhost:2380".to_string()], "etcd-cluster", None);
         assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
         assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn promotion_keeps_published_attributes() {
+        let mut m = Membership::default();
+        m.add(Member {
+            id: 7,
+            name: "a".into(),
+            is_learner: true,
+            ..Default::default()
+        });
+        m.add(Member {
+            id: 7,
+            is_learner: false,
+            ..Default::default()
+        });
+        assert_eq!(m.get(7).unwrap().name, "a");
+        assert!(!m.get(7).unwrap().is_learner);
+        m.remove(7);
+        assert!(m.is_removed(7) && m.get(7).is_none());
     }
 }

@@ -1,22 +1,27 @@
-//! The Raft node: the one thread that drives `RawNode` — tick, propose, take `Ready`, persist
-//! entries and hard state to the WAL with one fdatasync per Ready (group commit), send
-//! messages, hand committed entries to the applier, advance.
+//! The Raft node: the one thread that drives `RawNode` — tick, step peer messages, propose,
+//! take `Ready`, persist entries and hard state to the WAL with one fdatasync per Ready (group
+//! commit), send messages, hand committed entries to the applier, advance.
 //!
-//! Persisting before handing on is what keeps Raft safe: an entry is only reported committed
-//! once it is durable here (raft-rs counts the leader's own vote on persisted entries).
+//! Persisting before acknowledging is what keeps Raft safe: messages that depend on the
+//! Ready's entries (`persisted_messages`, e.g. votes and append responses) go out only after
+//! the fsync, and the leader counts its own entries as replicated only once persisted.
 
 use crate::error::EtcdError;
 use crate::lease::Lessor;
+use crate::transport::Transport;
 use crate::wal::{Replayed, Wal};
 use raft::prelude::*;
 use raft::storage::MemStorage;
-use raft::StateRole;
+use raft::{SnapshotStatus, StateRole};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// Entries kept in memory behind the last release, for followers that lag a little.
+const CATCH_UP_ENTRIES: u64 = 5000;
 
 /// What the rest of the server asks of the Raft thread.
 pub enum RaftInput {
@@ -25,10 +30,26 @@ pub enum RaftInput {
         id: u64,
         data: Vec<u8>,
     },
+    /// Propose a membership change.
+    ProposeConfChange {
+        id: u64,
+        cc: ConfChangeV2,
+    },
     /// A linearizable read asks for the index it must wait for (batched per loop turn).
     ReadIndex(oneshot::Sender<Result<u64, EtcdError>>),
+    /// A message from a peer.
+    Step(Box<Message>),
+    /// The applier reached a committed membership change: apply it to Raft's configuration.
+    ApplyConfChange(ConfChangeV2, SyncSender<ConfState>),
+    Unreachable(u64),
+    SnapshotFailed(u64),
+    TransferLeader(u64),
+    Status(oneshot::Sender<NodeStatus>),
     /// The state machine is durable up to this index: the log before it can go.
-    Release(u64),
+    Release {
+        index: u64,
+        conf_state: ConfState,
+    },
     Stop,
 }
 
@@ -46,6 +67,19 @@ pub struct RaftStatus {
     pub is_leader: AtomicBool,
 }
 
+/// A snapshot of the node's view of the group (membership checks, promotion, move-leader).
+#[derive(Clone, Debug, Default)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader: u64,
+    pub is_leader: bool,
+    pub last_index: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Leader only: per member, (matched index, recently active).
+    pub progress: HashMap<u64, (u64, bool)>,
+}
+
 pub struct NodeConfig {
     pub id: u64,
     pub election_ticks: usize,
@@ -53,8 +87,13 @@ pub struct NodeConfig {
     pub election_timeout: Duration,
 }
 
-/// Builds the node from a replayed WAL (or a new one) and the applier's durable index.
-pub fn build_storage(rep: &Replayed, applied: u64) -> raft::Result<MemStorage> {
+/// The in-memory Raft log from a replayed WAL, the applier's durable index and the
+/// configuration as of that index.
+pub fn build_storage(
+    rep: &Replayed,
+    applied: u64,
+    conf_state: Option<ConfState>,
+) -> raft::Result<MemStorage> {
     let storage = if rep.snapshot.index == 0 {
         MemStorage::new_with_conf_state(rep.snapshot.get_conf_state().clone())
     } else {
@@ -65,6 +104,9 @@ pub fn build_storage(rep: &Replayed, applied: u64) -> raft::Result<MemStorage> {
         s
     };
     storage.wl().append(&rep.entries)?;
+    if let Some(cs) = conf_state {
+        storage.wl().set_conf_state(cs);
+    }
     let mut hs = rep.hard_state.clone();
     // The commit index may not have reached the WAL before a crash although the entries were
     // applied: what was applied was committed, and is in the log.
@@ -78,6 +120,8 @@ pub fn build_storage(rep: &Replayed, applied: u64) -> raft::Result<MemStorage> {
     Ok(storage)
 }
 
+type Reads = Vec<oneshot::Sender<Result<u64, EtcdError>>>;
+
 pub struct RaftNode {
     node: RawNode<MemStorage>,
     wal: Wal,
@@ -85,11 +129,12 @@ pub struct RaftNode {
     apply_tx: Sender<CommittedBatch>,
     status: Arc<RaftStatus>,
     lessor: Arc<Lessor>,
+    transport: Arc<Transport>,
     refuse: Box<dyn Fn(u64, EtcdError) + Send>,
     election_timeout: Duration,
     heartbeat: Duration,
-    pending_reads: Vec<oneshot::Sender<Result<u64, EtcdError>>>,
-    reads_in_flight: HashMap<Vec<u8>, Vec<oneshot::Sender<Result<u64, EtcdError>>>>,
+    pending_reads: Reads,
+    reads_in_flight: HashMap<Vec<u8>, Reads>,
     read_seq: u64,
 }
 
@@ -104,6 +149,7 @@ impl RaftNode {
         apply_tx: Sender<CommittedBatch>,
         status: Arc<RaftStatus>,
         lessor: Arc<Lessor>,
+        transport: Arc<Transport>,
         refuse: Box<dyn Fn(u64, EtcdError) + Send>,
     ) -> raft::Result<Self> {
         let rc = Config {
@@ -127,6 +173,7 @@ impl RaftNode {
             apply_tx,
             status,
             lessor,
+            transport,
             refuse,
             election_timeout: cfg.election_timeout,
             heartbeat: cfg.heartbeat,
@@ -136,23 +183,23 @@ impl RaftNode {
         })
     }
 
-    /// Runs until `Stop` or until every sender is gone.
-    pub fn run(mut self) {
-        // A sole voter need not wait an election timeout to lead.
-        let voters = self.node.raft.prs().conf().voters().ids().len();
-        if voters == 1
-            && self
-                .node
-                .raft
-                .prs()
-                .conf()
-                .voters()
-                .contains(self.node.raft.id)
+    /// A sole voter need not wait an election timeout to lead.
+    fn campaign_if_alone(&mut self) {
+        let conf = self.node.raft.prs().conf();
+        let voters = conf.voters().ids();
+        if voters.len() == 1
+            && voters.contains(self.node.raft.id)
+            && self.node.raft.state != StateRole::Leader
         {
             if let Err(e) = self.node.campaign() {
                 tracing::error!(error = %e, "campaign failed");
             }
         }
+    }
+
+    /// Runs until `Stop` or until every sender is gone.
+    pub fn run(mut self) {
+        self.campaign_if_alone();
         let mut next_tick = Instant::now() + self.heartbeat;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -187,10 +234,21 @@ impl RaftNode {
                 std::process::exit(1);
             }
         }
+        self.fail_reads(EtcdError::Stopped);
+    }
+
+    fn fail_reads(&mut self, err: EtcdError) {
         for (_, senders) in self.reads_in_flight.drain() {
             for s in senders {
-                let _ = s.send(Err(EtcdError::Stopped));
+                let _ = s.send(Err(err.clone()));
             }
+        }
+    }
+
+    fn refuse_error(e: raft::Error) -> EtcdError {
+        match e {
+            raft::Error::ProposalDropped => EtcdError::NoLeader,
+            other => EtcdError::Internal(other.to_string()),
         }
     }
 
@@ -198,16 +256,40 @@ impl RaftNode {
         match input {
             RaftInput::Propose { id, data } => {
                 if let Err(e) = self.node.propose(vec![], data) {
-                    let err = match e {
-                        raft::Error::ProposalDropped => EtcdError::NoLeader,
-                        other => EtcdError::Internal(other.to_string()),
-                    };
-                    (self.refuse)(id, err);
+                    (self.refuse)(id, Self::refuse_error(e));
+                }
+            }
+            RaftInput::ProposeConfChange { id, cc } => {
+                if let Err(e) = self.node.propose_conf_change(vec![], cc) {
+                    (self.refuse)(id, Self::refuse_error(e));
                 }
             }
             RaftInput::ReadIndex(tx) => self.pending_reads.push(tx),
-            RaftInput::Release(index) => {
-                if let Err(e) = self.release(index) {
+            RaftInput::Step(m) => {
+                if let Err(e) = self.node.step(*m) {
+                    tracing::debug!(error = %e, "stepping a peer message failed");
+                }
+            }
+            RaftInput::ApplyConfChange(cc, reply) => {
+                match self.node.apply_conf_change(&cc) {
+                    Ok(cs) => {
+                        let _ = reply.send(cs);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "applying a committed conf change failed");
+                        std::process::exit(1);
+                    }
+                }
+                self.campaign_if_alone();
+            }
+            RaftInput::Unreachable(id) => self.node.report_unreachable(id),
+            RaftInput::SnapshotFailed(id) => self.node.report_snapshot(id, SnapshotStatus::Failure),
+            RaftInput::TransferLeader(id) => self.node.transfer_leader(id),
+            RaftInput::Status(tx) => {
+                let _ = tx.send(self.node_status());
+            }
+            RaftInput::Release { index, conf_state } => {
+                if let Err(e) = self.release(index, conf_state) {
                     tracing::error!(error = %e, index, "releasing the WAL failed");
                 }
             }
@@ -216,13 +298,32 @@ impl RaftNode {
         true
     }
 
+    fn node_status(&self) -> NodeStatus {
+        let raft = &self.node.raft;
+        let conf = raft.prs().conf();
+        let mut progress = HashMap::new();
+        if raft.state == StateRole::Leader {
+            for (id, pr) in raft.prs().iter() {
+                progress.insert(*id, (pr.matched, pr.recent_active || *id == raft.id));
+            }
+        }
+        NodeStatus {
+            id: raft.id,
+            leader: raft.leader_id,
+            is_leader: raft.state == StateRole::Leader,
+            last_index: raft.raft_log.last_index(),
+            voters: conf.voters().ids().iter().collect(),
+            learners: conf.learners().iter().copied().collect(),
+            progress,
+        }
+    }
+
     /// One ReadIndex request covers every read that arrived since the last one.
     fn issue_reads(&mut self) {
         if self.pending_reads.is_empty() {
             return;
         }
-        if self.node.raft.state != StateRole::Leader && self.node.raft.leader_id == raft::INVALID_ID
-        {
+        if self.node.raft.leader_id == raft::INVALID_ID {
             for tx in self.pending_reads.drain(..) {
                 let _ = tx.send(Err(EtcdError::NoLeader));
             }
@@ -235,12 +336,18 @@ impl RaftNode {
             .insert(ctx, std::mem::take(&mut self.pending_reads));
     }
 
-    fn release(&mut self, index: u64) -> Result<(), Box<dyn std::error::Error>> {
+    fn release(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let store = self.node.store().clone();
         let term = store.term(index)?;
-        let conf = self.node.raft.prs().conf().to_conf_state();
-        self.wal.release_to(index, term, &conf)?;
-        store.wl().compact(index)?;
+        self.wal.release_to(index, term, &conf_state)?;
+        let keep_from = index.saturating_sub(CATCH_UP_ENTRIES);
+        if keep_from > store.first_index()? {
+            store.wl().compact(keep_from)?;
+        }
         Ok(())
     }
 
@@ -262,7 +369,8 @@ impl RaftNode {
         if let Some(ss) = ready.ss() {
             self.on_soft_state(ss.leader_id, ss.raft_state);
         }
-        // Single member for now: there are no peers to send `ready.messages()` to.
+        // Messages that do not depend on this Ready's entries go out before the fsync.
+        self.transport.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.node
                 .mut_store()
@@ -281,6 +389,7 @@ impl RaftNode {
         }
         self.wal.append(ready.entries(), hs.as_ref())?;
         self.wal.sync()?;
+        self.transport.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
             if let Some(senders) = self.reads_in_flight.remove(&rs.request_ctx) {
                 for s in senders {
@@ -296,6 +405,7 @@ impl RaftNode {
             // Written now, made durable by the next sync; recovery also derives it.
             self.wal.append(&[], Some(&hs))?;
         }
+        self.transport.send(light.take_messages());
         let committed = light.take_committed_entries();
         self.send_committed(committed);
         self.node.advance_apply();
@@ -304,15 +414,18 @@ impl RaftNode {
 
     fn on_soft_state(&mut self, leader: u64, role: StateRole) {
         let was_leader = self.status.is_leader.load(Ordering::Relaxed);
+        let old_leader = self.status.leader.swap(leader, Ordering::Relaxed);
         let is_leader = role == StateRole::Leader;
-        self.status.leader.store(leader, Ordering::Relaxed);
         self.status.is_leader.store(is_leader, Ordering::Relaxed);
+        if old_leader != leader {
+            tracing::info!(leader = %format!("{leader:x}"), term = self.node.raft.term, "leader changed");
+            // Reads waiting on the old leader will not be answered.
+            self.fail_reads(EtcdError::LeaderChanged);
+        }
         if is_leader && !was_leader {
-            tracing::info!(term = self.node.raft.term, "became leader");
             // etcd extends every lease by an election timeout on promotion.
             self.lessor.promote(self.election_timeout);
         } else if !is_leader && was_leader {
-            tracing::info!(leader, "lost leadership");
             self.lessor.demote();
         }
     }

@@ -6,20 +6,30 @@ use crate::apply;
 use crate::config::{AutoCompaction, Config};
 use crate::error::{EtcdError, Result};
 use crate::lease::Lessor;
-use crate::membership::{self, Member};
+use crate::membership::{self, Member, Membership, RecordChange};
 use crate::mvcc::{self, RangeEnd, Store};
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
     CompactionRequest, CompactionResponse, DeleteRangeResponse, LeaseGrantResponse,
     LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, ResponseHeader, TxnResponse,
 };
-use crate::pb::oxcdpb::{raft_request::Request, RaftRequest};
-use crate::raft_node::{self, CommittedBatch, NodeConfig, RaftInput, RaftNode, RaftStatus};
+use crate::pb::oxcdpb::{
+    peer_client::PeerClient, raft_request::Request, ClusterInfoRequest, ConfChangeContext,
+    MemberAttributes, RaftRequest,
+};
+use crate::raft_node::{
+    self, CommittedBatch, NodeConfig, NodeStatus, RaftInput, RaftNode, RaftStatus,
+};
+use crate::transport::Transport;
 use crate::wal::{Replayed, Wal};
 use crate::watch::WatchHub;
 use parking_lot::Mutex;
 use prost::Message;
-use raft::prelude::{ConfState, EntryType, SnapshotMetadata};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
+    SnapshotMetadata,
+};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -38,6 +48,10 @@ pub enum Applied {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     Alarm(AlarmResponse),
+    /// A membership change: the member list after it.
+    Members(Vec<Member>),
+    /// Published attributes or updated peer URLs.
+    MemberUpdated,
 }
 
 type Waiter = oneshot::Sender<Result<Applied>>;
@@ -67,8 +81,11 @@ pub type Alarms = Arc<Mutex<BTreeSet<(u64, i32)>>>;
 
 pub struct EtcdServer {
     pub cfg: Config,
-    pub member: Member,
+    pub id: u64,
     pub cluster_id: u64,
+    pub membership: Arc<parking_lot::RwLock<Membership>>,
+    pub transport: Arc<Transport>,
+    leader_client: tokio::sync::Mutex<Option<(u64, PeerClient<tonic::transport::Channel>)>>,
     pub store: Arc<Store>,
     pub lessor: Arc<Lessor>,
     pub hub: Arc<WatchHub>,
@@ -80,6 +97,91 @@ pub struct EtcdServer {
     applied_rx: watch::Receiver<u64>,
 }
 
+const META_MEMBER_ID: &[u8] = b"m/member_id";
+const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
+const META_CONF_STATE: &[u8] = b"m/conf_state";
+
+fn read_id(store: &Store, key: &[u8]) -> anyhow::Result<u64> {
+    let v = store.get_record(key)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "data dir has a WAL but no member identity ({})",
+            String::from_utf8_lossy(key)
+        )
+    })?;
+    Ok(u64::from_be_bytes(v.as_slice().try_into()?))
+}
+
+/// The committed entries every member of a new cluster starts its log with.
+fn bootstrap_entries(members: &[Member]) -> anyhow::Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ConfChangeType::AddNode);
+        single.node_id = m.id;
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        cc.context = ConfChangeContext {
+            request_id: 0,
+            member: Some(m.clone()),
+        }
+        .encode_to_vec()
+        .into();
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e.term = 1;
+        e.index = i as u64 + 1;
+        e.data = cc.write_to_bytes()?.into();
+        entries.push(e);
+    }
+    Ok(entries)
+}
+
+/// `--initial-cluster-state existing`: ask the members we were given for the cluster's
+/// identity and find ourselves (added beforehand with MemberAdd) by our peer URLs.
+async fn join_existing(cfg: &Config) -> anyhow::Result<(u64, u64, Vec<Member>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last_err = String::from("no other member in --initial-cluster");
+    while tokio::time::Instant::now() < deadline {
+        for (_, urls) in &cfg.initial_cluster {
+            if *urls == cfg.initial_advertise_peer_urls {
+                continue;
+            }
+            for url in urls {
+                let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+                    continue;
+                };
+                let ch = match ep.connect_timeout(Duration::from_secs(1)).connect().await {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        last_err = format!("{url}: {e}");
+                        continue;
+                    }
+                };
+                match PeerClient::new(ch).cluster(ClusterInfoRequest {}).await {
+                    Ok(info) => {
+                        let info = info.into_inner();
+                        let me = info.members.iter().find(|m| {
+                            m.peer_ur_ls
+                                .iter()
+                                .any(|u| cfg.initial_advertise_peer_urls.contains(u))
+                        });
+                        return match me {
+                            Some(m) => Ok((m.id, info.cluster_id, info.members.clone())),
+                            None => anyhow::bail!(
+                                "this member's peer URLs {:?} are not in the cluster's member list; add it first (etcdctl member add)",
+                                cfg.initial_advertise_peer_urls
+                            ),
+                        };
+                    }
+                    Err(e) => last_err = format!("{url}: {}", e.message()),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("could not reach the existing cluster to join it: {last_err}")
+}
+
 fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
     let mut k = mvcc::ALARM_PREFIX.to_vec();
     k.extend_from_slice(&member.to_be_bytes());
@@ -88,47 +190,83 @@ fn alarm_key(member: u64, alarm: i32) -> Vec<u8> {
 }
 
 impl EtcdServer {
-    /// Opens or creates the member's data dir and starts Raft and the applier.
-    pub fn start(cfg: Config) -> anyhow::Result<Arc<EtcdServer>> {
-        let (name, peer_urls) = cfg
-            .initial_cluster
-            .iter()
-            .find(|(n, _)| *n == cfg.name)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("local member missing from the initial cluster"))?;
-        let ids: Vec<u64> = cfg
-            .initial_cluster
-            .iter()
-            .map(|(_, urls)| membership::member_id(urls, &cfg.initial_cluster_token))
-            .collect();
-        let member = Member {
-            id: membership::member_id(&peer_urls, &cfg.initial_cluster_token),
-            name,
-            peer_urls,
-            client_urls: cfg.advertise_client_urls.clone(),
-            is_learner: false,
-        };
-        let cluster_id = membership::cluster_id(&ids);
+    /// Opens or creates the member's data dir, joins or bootstraps the cluster, and starts
+    /// Raft, the applier and the peer listener. Must run inside the Tokio runtime.
+    pub async fn start(cfg: Config) -> anyhow::Result<Arc<EtcdServer>> {
         let member_dir = cfg.data_dir.join("member");
         std::fs::create_dir_all(&member_dir)?;
         let (store, recovered) = Store::open(&member_dir.join("db"))?;
-        let (wal, replayed) = if Wal::exists(&cfg.wal_dir) {
-            Wal::open(&cfg.wal_dir)?
+        let fresh = !Wal::exists(&cfg.wal_dir);
+        // Members to reach before the log has replayed the member list (a joining member).
+        let mut known_peers: Vec<Member> = Vec::new();
+        let (id, cluster_id, bootstrap) = if !fresh {
+            let id = read_id(&store, META_MEMBER_ID)?;
+            let cluster_id = read_id(&store, META_CLUSTER_ID)?;
+            (id, cluster_id, Vec::new())
+        } else if cfg.new_cluster {
+            let mut members = Vec::new();
+            for (name, urls) in &cfg.initial_cluster {
+                members.push(Member {
+                    id: membership::member_id(urls, &cfg.initial_cluster_token, None),
+                    name: name.clone(),
+                    peer_ur_ls: urls.clone(),
+                    client_ur_ls: vec![],
+                    is_learner: false,
+                });
+            }
+            let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+            let id = membership::member_id(
+                &cfg.initial_advertise_peer_urls,
+                &cfg.initial_cluster_token,
+                None,
+            );
+            (id, membership::cluster_id(&ids), members)
         } else {
-            let mut meta = SnapshotMetadata::default();
-            meta.set_conf_state(ConfState::from((ids.clone(), vec![])));
-            let wal = Wal::create(&cfg.wal_dir, meta.clone())?;
+            let (id, cluster_id, members) = join_existing(&cfg).await?;
+            known_peers = members;
+            (id, cluster_id, Vec::new())
+        };
+        let (wal, replayed) = if fresh {
+            let meta = SnapshotMetadata::default();
+            let mut wal = Wal::create(&cfg.wal_dir, meta.clone())?;
+            // Like etcd, a new cluster starts from the same log on every member: one
+            // committed AddNode entry per initial member, so that members that join later
+            // learn the initial configuration by replaying the log.
+            let entries = bootstrap_entries(&bootstrap)?;
+            let mut hs = HardState::default();
+            if !entries.is_empty() {
+                hs.term = 1;
+                hs.commit = entries.len() as u64;
+            }
+            wal.append(&entries, Some(&hs))?;
+            wal.sync()?;
+            store.put_record_durable(META_MEMBER_ID, &id.to_be_bytes())?;
+            store.put_record_durable(META_CLUSTER_ID, &cluster_id.to_be_bytes())?;
             (
                 wal,
                 Replayed {
                     snapshot: meta,
-                    ..Default::default()
+                    hard_state: hs,
+                    entries,
                 },
             )
+        } else {
+            Wal::open(&cfg.wal_dir)?
         };
         let applied = recovered.consistent_index.max(replayed.snapshot.index);
+        let membership = Membership::from_records(
+            &store.records(membership::MEMBER_PREFIX)?,
+            &store.records(membership::REMOVED_PREFIX)?,
+        );
+        if membership.is_removed(id) {
+            anyhow::bail!("this member ({id:x}) has been permanently removed from the cluster; start a new member with a fresh data dir");
+        }
+        let conf_state = match store.get_record(META_CONF_STATE)? {
+            Some(b) => Some(ConfState::parse_from_bytes(&b)?),
+            None => None,
+        };
         tracing::info!(
-            member_id = %format!("{:x}", member.id),
+            member_id = %format!("{id:x}"),
             cluster_id = %format!("{cluster_id:x}"),
             applied,
             wal_entries = replayed.entries.len(),
@@ -137,11 +275,11 @@ impl EtcdServer {
         );
 
         let lessor = Arc::new(Lessor::new(cfg.min_lease_ttl()));
-        for (id, ttl) in &recovered.leases {
-            lessor.recover(*id, *ttl);
+        for (lid, ttl) in &recovered.leases {
+            lessor.recover(*lid, *ttl);
         }
-        for (id, key) in recovered.attached {
-            lessor.attach(id, key);
+        for (lid, key) in recovered.attached {
+            lessor.attach(lid, key);
         }
         let alarms: Alarms = Arc::new(Mutex::new(BTreeSet::new()));
         for rec in &recovered.alarms {
@@ -161,12 +299,28 @@ impl EtcdServer {
         let (raft_tx, raft_rx) = mpsc::channel();
         let (apply_tx, apply_rx) = mpsc::channel::<CommittedBatch>();
         let (applied_tx, applied_rx) = watch::channel(applied);
+        let transport = Arc::new(Transport::new(
+            cluster_id,
+            raft_tx.clone(),
+            tokio::runtime::Handle::current(),
+        ));
+        for m in membership.members() {
+            if m.id != id {
+                transport.set_peer(m.id, m.peer_ur_ls.clone());
+            }
+        }
+        for m in known_peers {
+            if m.id != id {
+                transport.set_peer(m.id, m.peer_ur_ls.clone());
+            }
+        }
+        let membership = Arc::new(parking_lot::RwLock::new(membership));
 
-        let storage = raft_node::build_storage(&replayed, applied)?;
+        let storage = raft_node::build_storage(&replayed, applied, conf_state)?;
         let refuse_waiters = waiters.clone();
         let node = RaftNode::new(
             NodeConfig {
-                id: member.id,
+                id,
                 election_ticks: cfg.election_ticks,
                 heartbeat: cfg.heartbeat,
                 election_timeout: cfg.election_timeout(),
@@ -178,6 +332,7 @@ impl EtcdServer {
             apply_tx,
             raft_status.clone(),
             lessor.clone(),
+            transport.clone(),
             Box::new(move |id, err| refuse_waiters.complete(id, Err(err))),
         )?;
         std::thread::Builder::new()
@@ -185,11 +340,14 @@ impl EtcdServer {
             .spawn(move || node.run())?;
 
         let applier = Applier {
+            id,
             store: store.clone(),
             lessor: lessor.clone(),
             hub: hub.clone(),
             waiters: waiters.clone(),
             alarms: alarms.clone(),
+            membership: membership.clone(),
+            transport: transport.clone(),
             applied_tx,
             raft_tx: raft_tx.clone(),
             applied,
@@ -203,8 +361,11 @@ impl EtcdServer {
         let seed: u64 = rand::random::<u64>() >> 2;
         let server = Arc::new(EtcdServer {
             cfg,
-            member,
+            id,
             cluster_id,
+            membership,
+            transport,
+            leader_client: tokio::sync::Mutex::new(None),
             store,
             lessor,
             hub,
@@ -217,7 +378,200 @@ impl EtcdServer {
         });
         server.clone().spawn_lease_expiry();
         server.clone().spawn_auto_compaction();
+        server.clone().spawn_publish();
         Ok(server)
+    }
+
+    /// This member as the member list has it.
+    pub fn member(&self) -> Member {
+        self.membership
+            .read()
+            .get(self.id)
+            .cloned()
+            .unwrap_or(Member {
+                id: self.id,
+                name: self.cfg.name.clone(),
+                peer_ur_ls: self.cfg.initial_advertise_peer_urls.clone(),
+                client_ur_ls: self.cfg.advertise_client_urls.clone(),
+                is_learner: false,
+            })
+    }
+
+    pub fn raft_input(&self, input: RaftInput) -> Result<()> {
+        self.raft_tx.send(input).map_err(|_| EtcdError::Stopped)
+    }
+
+    pub async fn node_status(&self) -> Result<NodeStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.raft_tx
+            .send(RaftInput::Status(tx))
+            .map_err(|_| EtcdError::Stopped)?;
+        rx.await.map_err(|_| EtcdError::Stopped)
+    }
+
+    /// Publishes this member's name and client URLs through Raft once it runs (etcd's
+    /// attribute publish), retrying until it is applied.
+    fn spawn_publish(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                let want = (
+                    self.cfg.name.clone(),
+                    self.cfg.advertise_client_urls.clone(),
+                );
+                let current = self
+                    .membership
+                    .read()
+                    .get(self.id)
+                    .map(|m| (m.name.clone(), m.client_ur_ls.clone()));
+                if current.as_ref() == Some(&want) {
+                    return;
+                }
+                if self.raft_status.leader.load(Ordering::Relaxed) != 0 && current.is_some() {
+                    let attrs = MemberAttributes {
+                        id: self.id,
+                        name: want.0,
+                        client_urls: want.1,
+                    };
+                    match self.propose(Request::MemberAttributes(attrs)).await {
+                        Ok(_) => {
+                            tracing::info!("published local member attributes to the cluster");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "publishing member attributes failed; retrying")
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    /// Replicates a membership change and waits until it is applied.
+    pub async fn propose_conf_change(
+        &self,
+        change: ConfChangeType,
+        member: Member,
+    ) -> Result<Vec<Member>> {
+        let id = self.next_id() as u64;
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change);
+        single.node_id = member.id;
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        cc.context = ConfChangeContext {
+            request_id: id,
+            member: Some(member),
+        }
+        .encode_to_vec()
+        .into();
+        let rx = self.waiters.register(id);
+        if self
+            .raft_tx
+            .send(RaftInput::ProposeConfChange { id, cc })
+            .is_err()
+        {
+            self.waiters.forget(id);
+            return Err(EtcdError::Stopped);
+        }
+        match tokio::time::timeout(self.request_timeout(), rx).await {
+            Ok(Ok(Ok(Applied::Members(m)))) => Ok(m),
+            Ok(Ok(Ok(other))) => Err(EtcdError::Internal(format!(
+                "unexpected apply result {other:?}"
+            ))),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(EtcdError::Stopped),
+            Err(_) => {
+                self.waiters.forget(id);
+                Err(EtcdError::Timeout)
+            }
+        }
+    }
+
+    /// A keep-alive: the leader renews; any other member forwards it to the leader.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64> {
+        if self.raft_status.is_leader.load(Ordering::Relaxed) {
+            return self.lessor.renew(id);
+        }
+        let mut client = self.leader_client().await?;
+        let req = crate::pb::etcdserverpb::LeaseKeepAliveRequest { id };
+        match tokio::time::timeout(self.request_timeout(), client.lease_renew(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().ttl),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => Err(EtcdError::LeaseNotFound),
+            Ok(Err(_)) => Err(EtcdError::NoLeader),
+            Err(_) => Err(EtcdError::Timeout),
+        }
+    }
+
+    /// TimeToLive as the leader answers it (its lessor runs the clocks).
+    pub async fn local_time_to_live(
+        &self,
+        r: crate::pb::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseTimeToLiveResponse> {
+        use crate::pb::etcdserverpb::LeaseTimeToLiveResponse;
+        self.read_barrier().await?;
+        Ok(match self.lessor.time_to_live(r.id) {
+            Some(info) => LeaseTimeToLiveResponse {
+                header: None,
+                id: r.id,
+                ttl: info.remaining,
+                granted_ttl: info.granted,
+                keys: if r.keys { info.keys } else { vec![] },
+            },
+            None => LeaseTimeToLiveResponse {
+                header: None,
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: vec![],
+            },
+        })
+    }
+
+    pub async fn time_to_live(
+        &self,
+        r: crate::pb::etcdserverpb::LeaseTimeToLiveRequest,
+    ) -> Result<crate::pb::etcdserverpb::LeaseTimeToLiveResponse> {
+        if self.raft_status.is_leader.load(Ordering::Relaxed) {
+            return self.local_time_to_live(r).await;
+        }
+        let mut client = self.leader_client().await?;
+        match tokio::time::timeout(self.request_timeout(), client.lease_time_to_live(r)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(_)) => Err(EtcdError::NoLeader),
+            Err(_) => Err(EtcdError::Timeout),
+        }
+    }
+
+    /// A client to the current leader's peer API (lease keep-alives are the leader's).
+    pub async fn leader_client(&self) -> Result<PeerClient<tonic::transport::Channel>> {
+        let leader = self.raft_status.leader.load(Ordering::Relaxed);
+        if leader == 0 {
+            return Err(EtcdError::NoLeader);
+        }
+        let mut cached = self.leader_client.lock().await;
+        if let Some((id, c)) = cached.as_ref() {
+            if *id == leader {
+                return Ok(c.clone());
+            }
+        }
+        let urls = self
+            .membership
+            .read()
+            .get(leader)
+            .map(|m| m.peer_ur_ls.clone())
+            .ok_or(EtcdError::NoLeader)?;
+        for url in urls {
+            let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
+                continue;
+            };
+            if let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await {
+                let c = PeerClient::new(ch);
+                *cached = Some((leader, c.clone()));
+                return Ok(c);
+            }
+        }
+        Err(EtcdError::NoLeader)
     }
 
     /// A fresh positive id (request ids, and lease ids when the client names none).
@@ -228,7 +582,7 @@ impl EtcdServer {
     pub fn header(&self, rev: i64) -> ResponseHeader {
         ResponseHeader {
             cluster_id: self.cluster_id,
-            member_id: self.member.id,
+            member_id: self.id,
             revision: rev,
             raft_term: self.raft_status.term.load(Ordering::Relaxed),
         }
@@ -313,7 +667,7 @@ impl EtcdServer {
         }
         let req = AlarmRequest {
             action: AlarmAction::Activate as i32,
-            member_id: self.member.id,
+            member_id: self.id,
             alarm: AlarmType::Nospace as i32,
         };
         if let Err(e) = self.propose(Request::Alarm(req)).await {
@@ -420,6 +774,9 @@ impl EtcdServer {
 
 /// Applies committed entries in log order on its own thread.
 struct Applier {
+    id: u64,
+    membership: Arc<parking_lot::RwLock<Membership>>,
+    transport: Arc<Transport>,
     store: Arc<Store>,
     lessor: Arc<Lessor>,
     hub: Arc<WatchHub>,
@@ -439,8 +796,19 @@ impl Applier {
                 if e.index <= self.applied {
                     continue;
                 }
-                if e.get_entry_type() == EntryType::EntryNormal && !e.data.is_empty() {
-                    self.apply_entry(e.index, &e.data);
+                match e.get_entry_type() {
+                    EntryType::EntryNormal if !e.data.is_empty() => {
+                        self.apply_entry(e.index, &e.data)
+                    }
+                    EntryType::EntryConfChangeV2 => self.apply_conf_change(e.index, &e.data),
+                    EntryType::EntryConfChange => {
+                        tracing::error!(
+                            index = e.index,
+                            "v1 conf change entries are never proposed by oxcd"
+                        );
+                        std::process::exit(1);
+                    }
+                    _ => {}
                 }
                 self.applied = e.index;
             }
@@ -456,7 +824,14 @@ impl Applier {
         match self.store.sync(self.applied) {
             Ok(()) => {
                 self.released = self.applied;
-                let _ = self.raft_tx.send(RaftInput::Release(self.applied));
+                let conf_state = match self.store.get_record(META_CONF_STATE) {
+                    Ok(Some(b)) => ConfState::parse_from_bytes(&b).unwrap_or_default(),
+                    _ => ConfState::default(),
+                };
+                let _ = self.raft_tx.send(RaftInput::Release {
+                    index: self.applied,
+                    conf_state,
+                });
             }
             Err(e) => tracing::error!(error = %e, "syncing the backend failed"),
         }
@@ -473,6 +848,76 @@ impl Applier {
         let Some(request) = req.request else { return };
         let result = self.apply_request(index, request);
         self.waiters.complete(req.id, result);
+    }
+
+    /// A committed membership change: Raft's configuration first, then the member list, the
+    /// peer transport and the persisted configuration (in one batch with the index).
+    fn apply_conf_change(&mut self, index: u64, data: &[u8]) {
+        let cc = match ConfChangeV2::parse_from_bytes(data) {
+            Ok(cc) => cc,
+            Err(e) => {
+                tracing::error!(index, error = %e, "undecodable conf change");
+                std::process::exit(1);
+            }
+        };
+        let ctx = ConfChangeContext::decode(cc.get_context()).unwrap_or_default();
+        let mut records = Vec::new();
+        let mut removed_self = false;
+        {
+            let mut ms = self.membership.write();
+            for ch in cc.get_changes() {
+                let id = ch.node_id;
+                match ch.get_change_type() {
+                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                        let mut m = ctx.member.clone().unwrap_or(Member {
+                            id,
+                            ..Default::default()
+                        });
+                        m.id = id;
+                        m.is_learner = ch.get_change_type() == ConfChangeType::AddLearnerNode;
+                        if id != self.id {
+                            self.transport.set_peer(id, m.peer_ur_ls.clone());
+                        }
+                        records.push(ms.add(m));
+                    }
+                    ConfChangeType::RemoveNode => {
+                        records.extend(ms.remove(id));
+                        self.transport.remove_peer(id);
+                        removed_self |= id == self.id;
+                    }
+                }
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self
+            .raft_tx
+            .send(RaftInput::ApplyConfChange(cc, tx))
+            .is_err()
+        {
+            return;
+        }
+        let Ok(cs) = rx.recv() else { return };
+        let cs_bytes = cs.write_to_bytes().unwrap_or_default();
+        let r = self.write(index, |t| {
+            for r in records {
+                match r {
+                    RecordChange::Put(k, v) => t.put_record(k, v),
+                    RecordChange::Remove(k) => t.remove_record(k),
+                }
+            }
+            t.put_record(META_CONF_STATE.to_vec(), cs_bytes);
+            Ok(())
+        });
+        let members = self.membership.read().members();
+        self.waiters
+            .complete(ctx.request_id, r.map(|_| Applied::Members(members)));
+        if removed_self {
+            tracing::warn!("this member has been removed from the cluster; shutting down");
+            let _ = self.store.sync(index);
+            // Let the response to the removal reach its client before going.
+            std::thread::sleep(Duration::from_millis(500));
+            std::process::exit(0);
+        }
     }
 
     fn no_space(&self) -> bool {
@@ -594,6 +1039,37 @@ impl Applier {
                 }))
             }
             Request::Alarm(a) => self.apply_alarm(index, a).map(Applied::Alarm),
+            Request::MemberAttributes(a) => {
+                let rec = self.membership.write().update(a.id, |m| {
+                    m.name = a.name.clone();
+                    m.client_ur_ls = a.client_urls.clone();
+                });
+                match rec {
+                    Some(RecordChange::Put(k, v)) => self.write(index, |t| {
+                        t.put_record(k, v);
+                        Ok(())
+                    })?,
+                    _ => return Err(EtcdError::MemberNotFound),
+                }
+                Ok(Applied::MemberUpdated)
+            }
+            Request::MemberUpdate(u) => {
+                let rec = self
+                    .membership
+                    .write()
+                    .update(u.id, |m| m.peer_ur_ls = u.peer_ur_ls.clone());
+                match rec {
+                    Some(RecordChange::Put(k, v)) => self.write(index, |t| {
+                        t.put_record(k, v);
+                        Ok(())
+                    })?,
+                    _ => return Err(EtcdError::MemberNotFound),
+                }
+                if u.id != self.id {
+                    self.transport.set_peer(u.id, u.peer_ur_ls.clone());
+                }
+                Ok(Applied::Members(self.membership.read().members()))
+            }
         }
     }
 

@@ -66,7 +66,7 @@ impl Lease for LeaseService {
                 // The header is taken before renewing, so its revision is never newer than the
                 // renewal (etcd does the same).
                 let header = Some(server.header(server.store.current_rev()));
-                let ttl = match server.lessor.renew(r.id) {
+                let ttl = match server.lease_renew(r.id).await {
                     Ok(ttl) => ttl,
                     Err(EtcdError::LeaseNotFound) => 0,
                     Err(e) => {
@@ -94,24 +94,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let r = req.into_inner();
-        self.0.read_barrier().await?;
-        let mut resp = match self.0.lessor.time_to_live(r.id) {
-            Some(info) => LeaseTimeToLiveResponse {
-                header: None,
-                id: r.id,
-                ttl: info.remaining,
-                granted_ttl: info.granted,
-                keys: if r.keys { info.keys } else { vec![] },
-            },
-            None => LeaseTimeToLiveResponse {
-                header: None,
-                id: r.id,
-                ttl: -1,
-                granted_ttl: 0,
-                keys: vec![],
-            },
-        };
+        let mut resp = self.0.time_to_live(req.into_inner()).await?;
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }

@@ -1,4 +1,5 @@
 use super::ETCD_API_VERSION;
+use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
     AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
@@ -6,9 +7,11 @@ use crate::pb::etcdserverpb::{
     StatusRequest, StatusResponse,
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
+use crate::raft_node::RaftInput;
 use crate::server::{Applied, EtcdServer};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -41,7 +44,7 @@ impl Maintenance for MaintenanceService {
             return Ok(Response::new(resp));
         }
         if r.member_id == 0 {
-            r.member_id = self.0.member.id;
+            r.member_id = self.0.id;
         }
         match self.0.propose(Raft::Alarm(r)).await? {
             Applied::Alarm(mut resp) => {
@@ -79,7 +82,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: s.applied_index(),
             errors,
             db_size_in_use: size,
-            is_learner: s.member.is_learner,
+            is_learner: s.member().is_learner,
         };
         s.fill(&mut resp.header);
         Ok(Response::new(resp))
@@ -108,8 +111,36 @@ impl Maintenance for MaintenanceService {
     }
     async fn move_leader(
         &self,
-        _: Request<MoveLeaderRequest>,
+        req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(not_yet("MoveLeader"))
+        let target = req.into_inner().target_id;
+        let st = self.0.node_status().await?;
+        if !st.is_leader {
+            return Err(EtcdError::NotLeader.into());
+        }
+        if target == st.id {
+            let mut resp = MoveLeaderResponse { header: None };
+            self.0.fill(&mut resp.header);
+            return Ok(Response::new(resp));
+        }
+        if !st.voters.contains(&target) {
+            return Err(EtcdError::BadLeaderTransferee.into());
+        }
+        self.0.raft_input(RaftInput::TransferLeader(target))?;
+        // Wait for the transfer like etcd: until the target leads, within the request timeout.
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(5)
+            + 2 * self.0.cfg.election_timeout();
+        while self.0.raft_status.leader.load(Ordering::Relaxed) != target {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(
+                    "etcdserver: request timed out, leader transfer took too long",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut resp = MoveLeaderResponse { header: None };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
     }
 }

@@ -6,6 +6,7 @@ mod cluster;
 mod kv;
 mod lease;
 mod maintenance;
+pub mod peer;
 mod status;
 mod watch;
 

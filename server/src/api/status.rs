@@ -37,9 +37,19 @@ impl From<EtcdError> for Status {
             EtcdError::LeaseTtlTooLarge => {
                 (Code::OutOfRange, "etcdserver: too large lease TTL".into())
             }
-            EtcdError::NoLeader | EtcdError::Timeout | EtcdError::Stopped => {
-                (Code::Unavailable, e.to_string())
-            }
+            EtcdError::NotLeader
+            | EtcdError::BadLeaderTransferee
+            | EtcdError::MemberExist
+            | EtcdError::PeerUrlExist
+            | EtcdError::MemberNotEnoughStarted
+            | EtcdError::MemberNotLearner
+            | EtcdError::LearnerNotReady => (Code::FailedPrecondition, e.to_string()),
+            EtcdError::MemberBadUrls => (Code::InvalidArgument, e.to_string()),
+            EtcdError::MemberNotFound => (Code::NotFound, e.to_string()),
+            EtcdError::NoLeader
+            | EtcdError::Timeout
+            | EtcdError::Stopped
+            | EtcdError::LeaderChanged => (Code::Unavailable, e.to_string()),
             EtcdError::Internal(_) => (Code::Unknown, e.to_string()),
         };
         Status::new(code, msg)

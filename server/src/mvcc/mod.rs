@@ -286,6 +286,28 @@ impl Store {
         Ok((store, rec))
     }
 
+    /// Every replicated record under a prefix (members, removed members, ...).
+    pub fn records(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(MvccError::from)
+            })
+            .collect()
+    }
+
+    pub fn get_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a record outside any transaction and makes it durable (bootstrap identity).
+    pub fn put_record_durable(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.db.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     pub fn read(&self) -> ReadTxn<'_> {
         ReadTxn {
             store: self,

@@ -1,0 +1,118 @@
+//! The member-to-member API on the peer URLs: Raft messages in, cluster identity for joining
+//! members, and the leader's lease operations for members whose clients keep leases alive.
+
+use crate::error::EtcdError;
+use crate::pb::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use crate::pb::oxcdpb::{peer_server::Peer, ClusterInfo, ClusterInfoRequest, PeerAck, PeerMessage};
+use crate::raft_node::RaftInput;
+use crate::server::EtcdServer;
+use futures::StreamExt;
+use protobuf::Message as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct PeerService(pub Arc<EtcdServer>);
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(
+        &self,
+        req: Request<Streaming<PeerMessage>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let mut inbound = req.into_inner();
+        while let Some(m) = inbound.next().await {
+            let m = m?;
+            if m.cluster_id != self.0.cluster_id {
+                tracing::warn!(
+                    local = %format!("{:x}", self.0.cluster_id),
+                    remote = %format!("{:x}", m.cluster_id),
+                    "refusing raft messages from a member of another cluster"
+                );
+                return Err(Status::failed_precondition(format!(
+                    "cluster ID mismatch: local {:x}, remote {:x}",
+                    self.0.cluster_id, m.cluster_id
+                )));
+            }
+            let msg = raft::prelude::Message::parse_from_bytes(&m.message)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            if self.0.membership.read().is_removed(msg.from) {
+                return Err(Status::failed_precondition(
+                    "the sending member was removed from the cluster",
+                ));
+            }
+            self.0.step(msg).map_err(Status::from)?;
+        }
+        Ok(Response::new(PeerAck {}))
+    }
+
+    async fn cluster(
+        &self,
+        _: Request<ClusterInfoRequest>,
+    ) -> Result<Response<ClusterInfo>, Status> {
+        let ms = self.0.membership.read();
+        Ok(Response::new(ClusterInfo {
+            cluster_id: self.0.cluster_id,
+            members: ms.members(),
+            removed: ms.removed(),
+        }))
+    }
+
+    async fn lease_renew(
+        &self,
+        req: Request<LeaseKeepAliveRequest>,
+    ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+        let r = req.into_inner();
+        if !self.0.raft_status.is_leader.load(Ordering::Relaxed) {
+            return Err(EtcdError::NotLeader.into());
+        }
+        let header = Some(self.0.header(self.0.store.current_rev()));
+        let ttl = match self.0.lessor.renew(r.id) {
+            Ok(ttl) => ttl,
+            Err(EtcdError::LeaseNotFound) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Response::new(LeaseKeepAliveResponse {
+            header,
+            id: r.id,
+            ttl,
+        }))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        if !self.0.raft_status.is_leader.load(Ordering::Relaxed) {
+            return Err(EtcdError::NotLeader.into());
+        }
+        Ok(Response::new(
+            self.0.local_time_to_live(req.into_inner()).await?,
+        ))
+    }
+}
+
+/// Serves the peer API on one listener until the process ends.
+pub async fn serve(server: Arc<EtcdServer>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %addr, "serving peer traffic");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            crate::pb::oxcdpb::peer_server::PeerServer::new(PeerService(server))
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
+
+impl EtcdServer {
+    pub fn step(&self, m: raft::prelude::Message) -> crate::error::Result<()> {
+        self.raft_input(RaftInput::Step(Box::new(m)))
+    }
+}
