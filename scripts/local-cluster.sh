@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Starts a 3-member oxcd cluster on this machine, like etcd's Procfile:
 # clients on 127.0.0.1:2379, :22379, :32379; peers on :2380, :22380, :32380.
-# Data goes to ./infra1.oxcd, ./infra2.oxcd, ./infra3.oxcd. Ctrl-C stops all three.
+# Data goes to ./infra1.oxcd, ./infra2.oxcd, ./infra3.oxcd in the current directory.
+# Ctrl-C stops all three.
 #   OXCD=path/to/oxcd  use that binary instead of building one
 #   BASE=20000         shift every port by this much (to run beside another cluster)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
 if [ -z "${OXCD:-}" ]; then
-    cargo build --release --bin oxcd
-    OXCD=target/release/oxcd
+    cargo build --release --bin oxcd --manifest-path "$repo/Cargo.toml"
+    OXCD="$repo/target/release/oxcd"
 fi
 base=${BASE:-0}
 port() { echo $(( $1 + base )); }

@@ -93,6 +93,25 @@ impl Lessor {
         );
     }
 
+    /// Replaces every lease (a snapshot was installed): (id, ttl) and (id, key) attachments.
+    pub fn reset(&self, leases: &[(i64, i64)], attached: &[(i64, Vec<u8>)]) {
+        let mut inner = self.inner.lock();
+        let primary = inner.primary;
+        inner.leases.clear();
+        for (id, ttl) in leases {
+            let mut l = Lease { ttl: (*ttl).max(self.min_ttl), expiry: None, keys: BTreeSet::new() };
+            if primary {
+                l.refresh(Duration::ZERO);
+            }
+            inner.leases.insert(*id, l);
+        }
+        for (id, key) in attached {
+            if let Some(l) = inner.leases.get_mut(id) {
+                l.keys.insert(key.clone());
+            }
+        }
+    }
+
     /// Removes a lease; returns its keys in ascending order (to delete in one revision).
     pub fn revoke(&self, id: i64) -> Result<Vec<Vec<u8>>> {
         let mut inner = self.inner.lock();

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// Entries kept in memory behind the last release, for followers that lag a little.
-const CATCH_UP_ENTRIES: u64 = 5000;
+/// Entries kept in memory behind the last release, for followers that lag a little
+/// (etcd's SnapshotCatchUpEntries); a follower further behind gets a snapshot.
+pub const CATCH_UP_ENTRIES: u64 = 5000;
 
 /// What the rest of the server asks of the Raft thread.
 pub enum RaftInput {
@@ -42,20 +43,29 @@ pub enum RaftInput {
     /// The applier reached a committed membership change: apply it to Raft's configuration.
     ApplyConfChange(ConfChangeV2, SyncSender<ConfState>),
     Unreachable(u64),
-    SnapshotFailed(u64),
+    /// A snapshot to this peer was delivered (true) or failed (false).
+    SnapshotDone(u64, bool),
+    /// A snapshot arrived from the leader and is staged; step its message.
+    SnapshotReceived { msg: Box<Message>, name: String, db: sled::Db },
     TransferLeader(u64),
     Status(oneshot::Sender<NodeStatus>),
     /// The state machine is durable up to this index: the log before it can go.
-    Release {
-        index: u64,
-        conf_state: ConfState,
-    },
+    Release { index: u64, conf_state: ConfState, keep_entries: u64 },
     Stop,
 }
 
-/// Committed entries on their way to the applier, in log order.
+/// A received snapshot the applier must make the state before anything else.
+pub struct Install {
+    pub name: String,
+    pub db: sled::Db,
+    pub meta: SnapshotMetadata,
+    pub done: SyncSender<()>,
+}
+
+/// Committed entries on their way to the applier, in log order (or a snapshot to install).
 pub struct CommittedBatch {
     pub entries: Vec<Entry>,
+    pub install: Option<Install>,
 }
 
 /// Raft facts the API reports (Status, response headers).
@@ -134,6 +144,8 @@ pub struct RaftNode {
     election_timeout: Duration,
     heartbeat: Duration,
     pending_reads: Reads,
+    /// The staged state of a snapshot stepped into Raft, until Raft asks to install it.
+    staged: Option<(u64, String, sled::Db)>,
     reads_in_flight: HashMap<Vec<u8>, Reads>,
     read_seq: u64,
 }
@@ -178,6 +190,7 @@ impl RaftNode {
             election_timeout: cfg.election_timeout,
             heartbeat: cfg.heartbeat,
             pending_reads: Vec::new(),
+            staged: None,
             reads_in_flight: HashMap::new(),
             read_seq: 0,
         })
@@ -283,13 +296,23 @@ impl RaftNode {
                 self.campaign_if_alone();
             }
             RaftInput::Unreachable(id) => self.node.report_unreachable(id),
-            RaftInput::SnapshotFailed(id) => self.node.report_snapshot(id, SnapshotStatus::Failure),
+            RaftInput::SnapshotDone(id, ok) => {
+                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                self.node.report_snapshot(id, status);
+            }
+            RaftInput::SnapshotReceived { msg, name, db } => {
+                let index = msg.get_snapshot().get_metadata().index;
+                self.staged = Some((index, name, db));
+                if let Err(e) = self.node.step(*msg) {
+                    tracing::warn!(error = %e, "stepping a snapshot failed");
+                }
+            }
             RaftInput::TransferLeader(id) => self.node.transfer_leader(id),
             RaftInput::Status(tx) => {
                 let _ = tx.send(self.node_status());
             }
-            RaftInput::Release { index, conf_state } => {
-                if let Err(e) = self.release(index, conf_state) {
+            RaftInput::Release { index, conf_state, keep_entries } => {
+                if let Err(e) = self.release(index, conf_state, keep_entries) {
                     tracing::error!(error = %e, index, "releasing the WAL failed");
                 }
             }
@@ -336,15 +359,11 @@ impl RaftNode {
             .insert(ctx, std::mem::take(&mut self.pending_reads));
     }
 
-    fn release(
-        &mut self,
-        index: u64,
-        conf_state: ConfState,
-    ) -> Result<(), Box<dyn std::error::Error>> {
+    fn release(&mut self, index: u64, conf_state: ConfState, keep_entries: u64) -> Result<(), Box<dyn std::error::Error>> {
         let store = self.node.store().clone();
         let term = store.term(index)?;
         self.wal.release_to(index, term, &conf_state)?;
-        let keep_from = index.saturating_sub(CATCH_UP_ENTRIES);
+        let keep_from = index.saturating_sub(keep_entries);
         if keep_from > store.first_index()? {
             store.wl().compact(keep_from)?;
         }
@@ -358,7 +377,7 @@ impl RaftNode {
         if let Some(last) = entries.last() {
             self.status.commit.fetch_max(last.index, Ordering::Relaxed);
         }
-        let _ = self.apply_tx.send(CommittedBatch { entries });
+        let _ = self.apply_tx.send(CommittedBatch { entries, install: None });
     }
 
     fn on_ready(&mut self) -> Result<(), Box<dyn std::error::Error>> {
@@ -372,10 +391,7 @@ impl RaftNode {
         // Messages that do not depend on this Ready's entries go out before the fsync.
         self.transport.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
-            self.node
-                .mut_store()
-                .wl()
-                .apply_snapshot(ready.snapshot().clone())?;
+            self.install_snapshot(ready.snapshot().clone())?;
         }
         let committed = ready.take_committed_entries();
         self.send_committed(committed);
@@ -409,6 +425,29 @@ impl RaftNode {
         let committed = light.take_committed_entries();
         self.send_committed(committed);
         self.node.advance_apply();
+        Ok(())
+    }
+
+    /// Raft accepted a snapshot from the leader: the applier swaps in the staged state
+    /// (durably), then the log restarts at the snapshot point. In that order, so that a crash
+    /// in between leaves a state ahead of the log, which start-up repairs.
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), Box<dyn std::error::Error>> {
+        let meta = snap.get_metadata().clone();
+        let Some((index, name, db)) = self.staged.take() else {
+            return Err(format!("raft asked to install snapshot {} that was not staged", meta.index).into());
+        };
+        if index != meta.index {
+            return Err(format!("staged snapshot {index} is not the one raft installs ({})", meta.index).into());
+        }
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.apply_tx.send(CommittedBatch { entries: vec![], install: Some(Install { name, db, meta: meta.clone(), done }) })?;
+        wait.recv()?;
+        let mut hs = self.node.store().rl().hard_state().clone();
+        hs.commit = hs.commit.max(meta.index);
+        self.wal.reset_to(meta.clone(), hs)?;
+        self.node.mut_store().wl().apply_snapshot(snap)?;
+        self.status.commit.fetch_max(meta.index, Ordering::Relaxed);
+        tracing::info!(index = meta.index, term = meta.term, "installed snapshot from the leader");
         Ok(())
     }
 

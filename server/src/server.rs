@@ -97,6 +97,62 @@ pub struct EtcdServer {
     applied_rx: watch::Receiver<u64>,
 }
 
+/// The leader's state as a Raft snapshot, for followers behind its log.
+struct StateSnapshots {
+    store: Arc<Store>,
+    storage: raft::storage::MemStorage,
+}
+
+impl crate::transport::SnapshotSource for StateSnapshots {
+    fn snapshot(&self) -> std::result::Result<(SnapshotMetadata, Vec<(Vec<u8>, Vec<u8>)>), String> {
+        use raft::Storage;
+        let (index, records) = self.store.snapshot_copy().map_err(|e| e.to_string())?;
+        let term = self.storage.term(index).map_err(|e| format!("term of {index}: {e}"))?;
+        let conf_state = records
+            .iter()
+            .find(|(k, _)| k.as_slice() == META_CONF_STATE)
+            .map(|(_, v)| ConfState::parse_from_bytes(v))
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        Ok((meta, records))
+    }
+}
+
+/// A crash between installing a leader's snapshot and restarting the log at it leaves the
+/// state ahead of the log: restart the log at the installed snapshot point.
+fn repair_wal(store: &Store, consistent_index: u64, mut wal: Wal, replayed: Replayed) -> anyhow::Result<(Wal, Replayed)> {
+    let last = replayed.entries.last().map(|e| e.index).unwrap_or(replayed.snapshot.index);
+    if consistent_index <= last {
+        return Ok((wal, replayed));
+    }
+    let read = |k: &[u8]| -> anyhow::Result<Option<u64>> {
+        Ok(store.get_record(k)?.map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap_or_default())))
+    };
+    let (Some(index), Some(term)) = (read(mvcc::META_SNAPSHOT_INDEX)?, read(mvcc::META_SNAPSHOT_TERM)?) else {
+        anyhow::bail!("the state is at raft index {consistent_index} but the WAL ends at {last}: the WAL lost committed entries");
+    };
+    if index != consistent_index {
+        anyhow::bail!("the state is at raft index {consistent_index} but the WAL ends at {last}");
+    }
+    let mut meta = SnapshotMetadata::default();
+    meta.index = index;
+    meta.term = term;
+    if let Some(cs) = store.get_record(META_CONF_STATE)? {
+        meta.set_conf_state(ConfState::parse_from_bytes(&cs)?);
+    }
+    let mut hs = replayed.hard_state.clone();
+    hs.term = hs.term.max(term);
+    hs.commit = index;
+    tracing::warn!(index, term, "finishing an interrupted snapshot install: the log restarts at the snapshot");
+    wal.reset_to(meta.clone(), hs.clone())?;
+    Ok((wal, Replayed { snapshot: meta, hard_state: hs, entries: vec![] }))
+}
+
 const META_MEMBER_ID: &[u8] = b"m/member_id";
 const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
 const META_CONF_STATE: &[u8] = b"m/conf_state";
@@ -227,6 +283,9 @@ impl EtcdServer {
             (id, cluster_id, Vec::new())
         };
         let (wal, replayed) = if fresh {
+            // Identity first: a WAL without it would be an unusable data dir.
+            store.put_record_durable(META_MEMBER_ID, &id.to_be_bytes())?;
+            store.put_record_durable(META_CLUSTER_ID, &cluster_id.to_be_bytes())?;
             let meta = SnapshotMetadata::default();
             let mut wal = Wal::create(&cfg.wal_dir, meta.clone())?;
             // Like etcd, a new cluster starts from the same log on every member: one
@@ -240,8 +299,6 @@ impl EtcdServer {
             }
             wal.append(&entries, Some(&hs))?;
             wal.sync()?;
-            store.put_record_durable(META_MEMBER_ID, &id.to_be_bytes())?;
-            store.put_record_durable(META_CLUSTER_ID, &cluster_id.to_be_bytes())?;
             (
                 wal,
                 Replayed {
@@ -253,6 +310,7 @@ impl EtcdServer {
         } else {
             Wal::open(&cfg.wal_dir)?
         };
+        let (wal, replayed) = repair_wal(&store, recovered.consistent_index, wal, replayed)?;
         let applied = recovered.consistent_index.max(replayed.snapshot.index);
         let membership = Membership::from_records(
             &store.records(membership::MEMBER_PREFIX)?,
@@ -299,10 +357,13 @@ impl EtcdServer {
         let (raft_tx, raft_rx) = mpsc::channel();
         let (apply_tx, apply_rx) = mpsc::channel::<CommittedBatch>();
         let (applied_tx, applied_rx) = watch::channel(applied);
+        let storage = raft_node::build_storage(&replayed, applied, conf_state)?;
+        let source = Arc::new(StateSnapshots { store: store.clone(), storage: storage.clone() });
         let transport = Arc::new(Transport::new(
             cluster_id,
             raft_tx.clone(),
             tokio::runtime::Handle::current(),
+            source,
         ));
         for m in membership.members() {
             if m.id != id {
@@ -316,7 +377,6 @@ impl EtcdServer {
         }
         let membership = Arc::new(parking_lot::RwLock::new(membership));
 
-        let storage = raft_node::build_storage(&replayed, applied, conf_state)?;
         let refuse_waiters = waiters.clone();
         let node = RaftNode::new(
             NodeConfig {
@@ -792,6 +852,10 @@ struct Applier {
 impl Applier {
     fn run(mut self, rx: mpsc::Receiver<CommittedBatch>) {
         for batch in rx {
+            if let Some(install) = batch.install {
+                self.install(install);
+                continue;
+            }
             for e in batch.entries {
                 if e.index <= self.applied {
                     continue;
@@ -812,11 +876,51 @@ impl Applier {
                 }
                 self.applied = e.index;
             }
+            self.store.set_applied(self.applied);
             self.applied_tx.send_replace(self.applied);
             if self.applied - self.released >= self.snapshot_count {
                 self.release();
             }
         }
+    }
+
+    /// Makes a snapshot received from the leader the whole state: backend, leases, alarms,
+    /// members; watchers re-read history from the new backend.
+    fn install(&mut self, i: crate::raft_node::Install) {
+        let index = i.meta.index;
+        let rec = match self.store.install(&i.name, i.db, index, i.meta.term) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(index, error = %e, "installing a snapshot failed");
+                std::process::exit(1);
+            }
+        };
+        self.lessor.reset(&rec.leases, &rec.attached);
+        {
+            let mut alarms = self.alarms.lock();
+            alarms.clear();
+            for r in &rec.alarms {
+                if r.len() == 12 {
+                    let m = u64::from_be_bytes(r[..8].try_into().unwrap_or_default());
+                    let a = i32::from_be_bytes(r[8..].try_into().unwrap_or_default());
+                    alarms.insert((m, a));
+                }
+            }
+        }
+        let members = self.store.records(membership::MEMBER_PREFIX).unwrap_or_default();
+        let removed = self.store.records(membership::REMOVED_PREFIX).unwrap_or_default();
+        let ms = Membership::from_records(&members, &removed);
+        for m in ms.members() {
+            if m.id != self.id {
+                self.transport.set_peer(m.id, m.peer_ur_ls.clone());
+            }
+        }
+        *self.membership.write() = ms;
+        self.applied = index;
+        self.released = index;
+        self.applied_tx.send_replace(index);
+        self.hub.resync(self.store.current_rev());
+        let _ = i.done.send(());
     }
 
     /// The state machine is made durable, then the Raft thread drops the log before it.
@@ -828,10 +932,8 @@ impl Applier {
                     Ok(Some(b)) => ConfState::parse_from_bytes(&b).unwrap_or_default(),
                     _ => ConfState::default(),
                 };
-                let _ = self.raft_tx.send(RaftInput::Release {
-                    index: self.applied,
-                    conf_state,
-                });
+                let keep_entries = raft_node::CATCH_UP_ENTRIES.min(self.snapshot_count);
+                let _ = self.raft_tx.send(RaftInput::Release { index: self.applied, conf_state, keep_entries });
             }
             Err(e) => tracing::error!(error = %e, "syncing the backend failed"),
         }

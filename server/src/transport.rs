@@ -5,11 +5,14 @@
 //! retransmits) and the peer is reported unreachable. Messages carry the sender's cluster ID;
 //! a member of another cluster is refused.
 
-use crate::pb::oxcdpb::{peer_client::PeerClient, PeerMessage};
+use crate::pb::oxcdpb::{peer_client::PeerClient, PeerMessage, SnapshotChunk};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::sync::Arc;
 use crate::raft_node::RaftInput;
 use parking_lot::Mutex;
 use protobuf::Message as _;
-use raft::prelude::{Message, MessageType};
+use raft::prelude::{Message, MessageType, SnapshotMetadata};
 use std::collections::HashMap;
 use std::sync::mpsc::Sender as StdSender;
 use std::time::Duration;
@@ -18,6 +21,17 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const PEER_QUEUE: usize = 4096;
 const RETRY: Duration = Duration::from_millis(100);
+/// Backend records per snapshot chunk, bounded by size too.
+const CHUNK_BYTES: usize = 1024 * 1024;
+/// After a failed snapshot, wait this long before copying the state for that peer again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(2);
+
+/// Where a leader gets the state it sends to a follower that fell behind its log.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// A consistent copy of the whole state, and the Raft point (index, term, configuration)
+    /// it is at.
+    fn snapshot(&self) -> Result<(SnapshotMetadata, Vec<(Vec<u8>, Vec<u8>)>), String>;
+}
 
 struct PeerHandle {
     urls: Vec<String>,
@@ -27,15 +41,28 @@ struct PeerHandle {
 
 pub struct Transport {
     cluster_id: u64,
+    snapshots: Arc<dyn SnapshotSource>,
+    /// Peers a snapshot is being sent to (one at a time each).
+    sending: Arc<Mutex<HashSet<u64>>>,
+    /// Peers whose last snapshot failed, and when to try again.
+    backoff: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
     raft_tx: StdSender<RaftInput>,
     rt: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, PeerHandle>>,
 }
 
 impl Transport {
-    pub fn new(cluster_id: u64, raft_tx: StdSender<RaftInput>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(
+        cluster_id: u64,
+        raft_tx: StdSender<RaftInput>,
+        rt: tokio::runtime::Handle,
+        snapshots: Arc<dyn SnapshotSource>,
+    ) -> Self {
         Transport {
             cluster_id,
+            snapshots,
+            sending: Arc::default(),
+            backoff: Arc::default(),
             raft_tx,
             rt,
             peers: Mutex::new(HashMap::new()),
@@ -77,10 +104,41 @@ impl Transport {
         let peers = self.peers.lock();
         for m in msgs {
             if m.get_msg_type() == MessageType::MsgSnapshot {
-                // Streaming a state snapshot to a follower is not built yet: refusing here
-                // keeps the follower behind but never gives it an empty state.
-                tracing::error!(to = %format!("{:x}", m.to), "peer needs a snapshot to catch up; snapshot transfer is not supported yet");
-                let _ = self.raft_tx.send(RaftInput::SnapshotFailed(m.to));
+                let to = m.to;
+                match peers.get(&to) {
+                    Some(_) if self.backoff.lock().get(&to).is_some_and(|t| *t > std::time::Instant::now()) => {
+                        // Failed recently: let Raft keep probing, but do not copy the state again yet.
+                        let _ = self.raft_tx.send(RaftInput::SnapshotDone(to, false));
+                    }
+                    Some(p) if self.sending.lock().insert(to) => {
+                        let (urls, cid, src, tx, sending, backoff) = (
+                            p.urls.clone(),
+                            self.cluster_id,
+                            self.snapshots.clone(),
+                            self.raft_tx.clone(),
+                            self.sending.clone(),
+                            self.backoff.clone(),
+                        );
+                        self.rt.spawn(async move {
+                            let ok = match send_snapshot(&urls, cid, m, src).await {
+                                Ok(index) => {
+                                    tracing::info!(to = %format!("{to:x}"), index, "snapshot sent");
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!(to = %format!("{to:x}"), error = %e, "sending a snapshot failed; raft will retry");
+                                    false
+                                }
+                            };
+                            sending.lock().remove(&to);
+                            if !ok {
+                                backoff.lock().insert(to, std::time::Instant::now() + SNAPSHOT_RETRY);
+                            }
+                            let _ = tx.send(RaftInput::SnapshotDone(to, ok));
+                        });
+                    }
+                    _ => {}
+                }
                 continue;
             }
             let to = m.to;
@@ -159,4 +217,102 @@ async fn run_peer(
 async fn drain_for(rx: &mut mpsc::Receiver<Message>, d: Duration) {
     let deadline = tokio::time::Instant::now() + d;
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, rx.recv()).await {}
+}
+
+fn chunk_crc(keys: &[Vec<u8>], values: &[Vec<u8>]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (k, v) in keys.iter().zip(values) {
+        h.update(&(k.len() as u32).to_le_bytes());
+        h.update(k);
+        h.update(&(v.len() as u32).to_le_bytes());
+        h.update(v);
+    }
+    h.finalize()
+}
+
+/// Streams a consistent copy of the state to a peer: the snapshot message first, then the
+/// records in checksummed chunks, then a sha256 over all of them. A failure anywhere is
+/// reported to Raft, which sends a new snapshot later (restartable).
+async fn send_snapshot(urls: &[String], cluster_id: u64, mut msg: Message, src: Arc<dyn SnapshotSource>) -> Result<u64, String> {
+    // Reach the peer first: copying the state holds up writers, so only copy for a live peer.
+    let mut client = None;
+    let mut last_err = String::from("no peer URL");
+    for url in urls {
+        let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| e.to_string())?;
+        match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+            Ok(ch) => {
+                client = Some(PeerClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX));
+                break;
+            }
+            Err(e) => last_err = e.to_string(),
+        }
+    }
+    let Some(mut client) = client else { return Err(last_err) };
+    let (meta, records) = tokio::task::spawn_blocking(move || src.snapshot()).await.map_err(|e| e.to_string())??;
+    let index = meta.index;
+    msg.mut_snapshot().set_metadata(meta);
+    msg.mut_snapshot().data = Default::default();
+    let first = SnapshotChunk { cluster_id, message: msg.write_to_bytes().map_err(|e| e.to_string())?, ..Default::default() };
+    let mut chunks = vec![first];
+    let mut sha = Sha256::new();
+    let (mut keys, mut values, mut size) = (Vec::new(), Vec::new(), 0usize);
+    let total = records.len();
+    for (i, (k, v)) in records.into_iter().enumerate() {
+        sha.update((k.len() as u32).to_le_bytes());
+        sha.update(&k);
+        sha.update((v.len() as u32).to_le_bytes());
+        sha.update(&v);
+        size += k.len() + v.len();
+        keys.push(k);
+        values.push(v);
+        if size >= CHUNK_BYTES || i + 1 == total {
+            let crc32 = chunk_crc(&keys, &values);
+            chunks.push(SnapshotChunk { keys: std::mem::take(&mut keys), values: std::mem::take(&mut values), crc32, ..Default::default() });
+            size = 0;
+        }
+    }
+    chunks.push(SnapshotChunk { last: true, sha256: sha.finalize().to_vec(), crc32: chunk_crc(&[], &[]), ..Default::default() });
+    client.snapshot(futures::stream::iter(chunks)).await.map_err(|s| s.message().to_string())?;
+    Ok(index)
+}
+
+/// Receives a snapshot stream into a staged backend, verifying every checksum. Returns the
+/// Raft message and the staged backend, ready for the Raft node to install.
+pub async fn receive_snapshot(
+    cluster_id: u64,
+    store: &crate::mvcc::Store,
+    mut inbound: impl futures::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
+) -> Result<(Message, String, sled::Db), tonic::Status> {
+    use futures::StreamExt;
+    let first = inbound.next().await.ok_or_else(|| tonic::Status::invalid_argument("empty snapshot stream"))??;
+    if first.cluster_id != cluster_id {
+        return Err(tonic::Status::failed_precondition(format!("cluster ID mismatch: local {cluster_id:x}, remote {:x}", first.cluster_id)));
+    }
+    let msg = Message::parse_from_bytes(&first.message).map_err(|e| tonic::Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+    let index = msg.get_snapshot().get_metadata().index;
+    let (name, db) = store.stage(index).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut sha = Sha256::new();
+    loop {
+        let c = inbound.next().await.ok_or_else(|| tonic::Status::data_loss("snapshot stream ended early"))??;
+        if c.keys.len() != c.values.len() || chunk_crc(&c.keys, &c.values) != c.crc32 {
+            return Err(tonic::Status::data_loss("snapshot chunk checksum mismatch"));
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in c.keys.iter().zip(&c.values) {
+            sha.update((k.len() as u32).to_le_bytes());
+            sha.update(k);
+            sha.update((v.len() as u32).to_le_bytes());
+            sha.update(v);
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        db.apply_batch(batch).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        if c.last {
+            if sha.finalize().as_slice() != c.sha256.as_slice() {
+                return Err(tonic::Status::data_loss("snapshot sha256 mismatch"));
+            }
+            break;
+        }
+    }
+    db.flush_async().await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    Ok((msg, name, db))
 }

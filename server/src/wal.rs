@@ -23,6 +23,8 @@ const MAX_RECORD: usize = 256 * 1024 * 1024;
 const REC_ENTRY: u8 = 1;
 const REC_HARD_STATE: u8 = 2;
 const REC_SNAPSHOT: u8 = 3;
+/// A snapshot point that replaces the whole log (a snapshot installed from the leader).
+const REC_RESET: u8 = 4;
 
 #[derive(Debug, Error)]
 pub enum WalError {
@@ -221,6 +223,10 @@ impl Wal {
                                 rep.entries.retain(|e| e.index > s.index);
                                 rep.snapshot = s;
                             }
+                            REC_RESET => {
+                                rep.entries.clear();
+                                rep.snapshot = SnapshotMetadata::parse_from_bytes(payload)?;
+                            }
                             other => {
                                 return Err(WalError::Corrupt {
                                     file: path.display().to_string(),
@@ -372,6 +378,38 @@ impl Wal {
         Ok(())
     }
 
+    /// Restarts the log at a snapshot installed from the leader: everything before is gone,
+    /// including entries after the snapshot point that the leader's log does not have.
+    pub fn reset_to(&mut self, snapshot: SnapshotMetadata, hard_state: HardState) -> Result<()> {
+        self.sync()?;
+        let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(0);
+        let path = self.dir.join(segment_name(seq, snapshot.index + 1));
+        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let bytes = snapshot.write_to_bytes()?;
+        encode_record(&mut self.buf, REC_RESET, &bytes);
+        let hs = hard_state.write_to_bytes()?;
+        encode_record(&mut self.buf, REC_HARD_STATE, &hs);
+        self.size = 0;
+        self.sync()?;
+        sync_dir(&self.dir)?;
+        for s in std::mem::take(&mut self.segments) {
+            fs::remove_file(&s.path)?;
+        }
+        sync_dir(&self.dir)?;
+        self.segments.push(Segment { seq, path, last_index: snapshot.index });
+        self.snapshot = snapshot;
+        self.hard_state = hard_state;
+        Ok(())
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.segments.iter().map(|s| s.last_index).max().unwrap_or(0).max(self.snapshot.index)
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
     pub fn snapshot(&self) -> &SnapshotMetadata {
         &self.snapshot
     }
@@ -454,6 +492,25 @@ mod tests {
         fs::write(&seg, &bad).unwrap();
         let err = Wal::open(dir.path()).err().expect("corruption must fail");
         assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn reset_drops_every_entry_before_and_after_the_snapshot_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Wal::create(dir.path(), SnapshotMetadata::default()).unwrap();
+        w.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs(1, 1))).unwrap();
+        w.sync().unwrap();
+        let mut meta = SnapshotMetadata::default();
+        meta.index = 2;
+        meta.term = 2;
+        w.reset_to(meta, hs(2, 2)).unwrap();
+        w.append(&[entry(3, 2)], None).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let (_, rep) = Wal::open(dir.path()).unwrap();
+        assert_eq!(rep.snapshot.index, 2);
+        assert_eq!(rep.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(3, 2)]);
+        assert_eq!(rep.hard_state, hs(2, 2));
     }
 
     #[test]

@@ -25,6 +25,9 @@ use tokio::sync::{broadcast, mpsc};
 pub struct RevisionEvents {
     pub rev: i64,
     pub events: Vec<Event>,
+    /// The whole state was replaced (a snapshot was installed): every watcher catches up
+    /// from the backend instead.
+    pub resync: bool,
 }
 
 /// At most this many revisions go in one catch-up response (etcd's watchBatchMaxRevs).
@@ -46,7 +49,14 @@ impl WatchHub {
     /// Called by the applier after the revision is visible to readers; never blocks.
     pub fn publish(&self, rev: i64, events: Vec<Event>) {
         if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::new(RevisionEvents { rev, events }));
+            let _ = self.tx.send(Arc::new(RevisionEvents { rev, events, resync: false }));
+        }
+    }
+
+    /// After a snapshot install: streams re-read history from the new backend.
+    pub fn resync(&self, rev: i64) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::new(RevisionEvents { rev, events: vec![], resync: true }));
         }
     }
 
@@ -131,6 +141,7 @@ impl<C: WatchContext> WatchStream<C> {
                 }
                 item = events.recv() => {
                     let ok = match item {
+                        Ok(batch) if batch.resync => self.catch_up_all().await,
                         Ok(batch) => self.on_events(&batch).await,
                         Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up_all().await,
                         Err(broadcast::error::RecvError::Closed) => return,

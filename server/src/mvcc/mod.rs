@@ -45,6 +45,9 @@ impl From<MvccError> for crate::error::EtcdError {
 pub type Result<T> = std::result::Result<T, MvccError>;
 
 const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
+/// The Raft point of the last snapshot installed from the leader.
+pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
+pub const META_SNAPSHOT_TERM: &[u8] = b"m/snapshot_term";
 const META_SCHEDULED_COMPACT: &[u8] = b"m/scheduled_compact_rev";
 const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
 /// Prefix of other replicated records kept beside the key space (leases, alarms, members).
@@ -104,6 +107,8 @@ struct State {
     index: BTreeMap<Vec<u8>, KeyIndex>,
     current_rev: i64,
     compact_rev: i64,
+    /// Raft index of the last applied entry (also of entries that changed nothing).
+    applied: u64,
 }
 
 /// What the backend held when the store was opened.
@@ -119,7 +124,10 @@ pub struct Recovered {
 }
 
 pub struct Store {
-    db: sled::Db,
+    /// Directory holding the state generations and the CURRENT pointer.
+    dir: std::path::PathBuf,
+    /// The current generation; replaced whole when a Raft snapshot is installed.
+    db: RwLock<sled::Db>,
     state: RwLock<State>,
     /// Backend size cache: sled measures it with file system calls, too slow per request.
     size: std::sync::atomic::AtomicU64,
@@ -207,13 +215,16 @@ fn range_at(
 }
 
 impl Store {
-    /// Opens (or creates) the backend and rebuilds the index from it.
-    pub fn open(path: &Path) -> Result<(Arc<Store>, Recovered)> {
-        let db = sled::Config::new()
+    fn open_db(path: &Path) -> Result<sled::Db> {
+        Ok(sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(256 * 1024 * 1024)
-            .open()?;
+            .open()?)
+    }
+
+    /// Rebuilds the in-memory index and reads the replicated records of a backend.
+    fn load_state(db: &sled::Db) -> Result<(State, Recovered, i64, i64)> {
         let mut index: BTreeMap<Vec<u8>, KeyIndex> = BTreeMap::new();
         let mut current_rev = 1; // etcd starts at revision 1 with an empty store
         for item in db.scan_prefix([revision::KEY_PREFIX]) {
@@ -231,31 +242,16 @@ impl Store {
             }
             current_rev = current_rev.max(rev.main);
         }
-        let scheduled = read_u64(&db, META_SCHEDULED_COMPACT)? as i64;
-        let finished = read_u64(&db, META_FINISHED_COMPACT)? as i64;
+        let scheduled = read_u64(db, META_SCHEDULED_COMPACT)? as i64;
+        let finished = read_u64(db, META_FINISHED_COMPACT)? as i64;
         // etcd's compactMainRev is -1 until the first compaction; txn checks compare with it.
-        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? {
-            scheduled.max(finished)
-        } else {
-            -1
-        };
+        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? { scheduled.max(finished) } else { -1 };
         current_rev = current_rev.max(compact_rev);
-        let mut rec = Recovered {
-            consistent_index: read_u64(&db, META_CONSISTENT_INDEX)?,
-            ..Default::default()
-        };
+        let mut rec = Recovered { consistent_index: read_u64(db, META_CONSISTENT_INDEX)?, ..Default::default() };
         for item in db.scan_prefix(LEASE_PREFIX) {
             let (k, v) = item?;
-            let id = i64::from_be_bytes(
-                k[LEASE_PREFIX.len()..]
-                    .try_into()
-                    .map_err(|_| MvccError::Corrupt("lease key".into()))?,
-            );
-            let ttl = i64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| MvccError::Corrupt("lease ttl".into()))?,
-            );
+            let id = i64::from_be_bytes(k[LEASE_PREFIX.len()..].try_into().map_err(|_| MvccError::Corrupt("lease key".into()))?);
+            let ttl = i64::from_be_bytes(v.as_ref().try_into().map_err(|_| MvccError::Corrupt("lease ttl".into()))?);
             rec.leases.push((id, ttl));
         }
         for item in db.scan_prefix(ALARM_PREFIX) {
@@ -267,14 +263,58 @@ impl Store {
                 rec.attached.push((ki.lease(), key.clone()));
             }
         }
+        let state = State { index, current_rev, compact_rev, applied: rec.consistent_index };
+        Ok((state, rec, scheduled, finished))
+    }
+
+    fn current_name(dir: &Path) -> Result<Option<String>> {
+        match std::fs::read_to_string(dir.join("CURRENT")) {
+            Ok(s) => Ok(Some(s.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(MvccError::Corrupt(format!("reading CURRENT: {e}"))),
+        }
+    }
+
+    /// Points CURRENT at a generation, atomically and durably.
+    fn set_current(dir: &Path, name: &str) -> Result<()> {
+        let io = |e: std::io::Error| MvccError::Corrupt(format!("writing CURRENT: {e}"));
+        let tmp = dir.join("CURRENT.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut f, name.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, dir.join("CURRENT")).map_err(io)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
+    }
+
+    /// Opens (or creates) the backend in `dir` and rebuilds the index from it.
+    pub fn open(dir: &Path) -> Result<(Arc<Store>, Recovered)> {
+        std::fs::create_dir_all(dir).map_err(|e| MvccError::Corrupt(format!("creating {}: {e}", dir.display())))?;
+        let name = match Self::current_name(dir)? {
+            Some(n) => n,
+            None => {
+                Self::set_current(dir, "state-0")?;
+                "state-0".to_string()
+            }
+        };
+        // Generations left behind by an interrupted snapshot install are garbage.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with("state-") && n != name {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let db = Self::open_db(&dir.join(&name))?;
+        let (state, rec, scheduled, finished) = Self::load_state(&db)?;
         let size = db.size_on_disk().unwrap_or(0);
         let store = Arc::new(Store {
-            db,
-            state: RwLock::new(State {
-                index,
-                current_rev,
-                compact_rev,
-            }),
+            dir: dir.to_path_buf(),
+            db: RwLock::new(db),
+            state: RwLock::new(state),
             size: std::sync::atomic::AtomicU64::new(size),
             size_at: parking_lot::Mutex::new(std::time::Instant::now()),
         });
@@ -286,9 +326,66 @@ impl Store {
         Ok((store, rec))
     }
 
+    fn db(&self) -> sled::Db {
+        self.db.read().clone()
+    }
+
+    /// A fresh backend for a Raft snapshot being received; `install` makes it current.
+    pub fn stage(&self, index: u64) -> Result<(String, sled::Db)> {
+        let name = format!("state-snap-{index:016x}-{:08x}", rand::random::<u32>());
+        let path = self.dir.join(&name);
+        let _ = std::fs::remove_dir_all(&path);
+        Ok((name, Self::open_db(&path)?))
+    }
+
+    /// Replaces the whole state with a staged backend holding the state at Raft index
+    /// `index` (a snapshot from the leader). Durable when it returns.
+    pub fn install(&self, name: &str, staged: sled::Db, index: u64, term: u64) -> Result<Recovered> {
+        staged.insert(META_CONSISTENT_INDEX, &index.to_be_bytes())?;
+        staged.insert(META_SNAPSHOT_INDEX, &index.to_be_bytes())?;
+        staged.insert(META_SNAPSHOT_TERM, &term.to_be_bytes())?;
+        staged.flush()?;
+        let (mut state, rec, _, _) = Self::load_state(&staged)?;
+        state.applied = index;
+        let mut st = self.state.write();
+        Self::set_current(&self.dir, name)?;
+        let old = std::mem::replace(&mut *self.db.write(), staged);
+        *st = state;
+        drop(st);
+        let old_dirs: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        drop(old);
+        for p in old_dirs {
+            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("state-") && n != name) {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+        Ok(rec)
+    }
+
+    /// A consistent copy of the whole state and the Raft index it is at (for a follower
+    /// that needs a snapshot). Writers wait while it is taken.
+    pub fn snapshot_copy(&self) -> Result<(u64, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let st = self.state.read();
+        let db = self.db();
+        let mut out = Vec::new();
+        for item in db.iter() {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok((st.applied, out))
+    }
+
+    /// Records that an entry which changed nothing was applied.
+    pub fn set_applied(&self, index: u64) {
+        let mut st = self.state.write();
+        st.applied = st.applied.max(index);
+    }
+
     /// Every replicated record under a prefix (members, removed members, ...).
     pub fn records(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.db
+        self.db()
             .scan_prefix(prefix)
             .map(|r| {
                 r.map(|(k, v)| (k.to_vec(), v.to_vec()))
@@ -298,13 +395,13 @@ impl Store {
     }
 
     pub fn get_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key)?.map(|v| v.to_vec()))
+        Ok(self.db().get(key)?.map(|v| v.to_vec()))
     }
 
     /// Writes a record outside any transaction and makes it durable (bootstrap identity).
     pub fn put_record_durable(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.db.insert(key, value)?;
-        self.db.flush()?;
+        self.db().insert(key, value)?;
+        self.db().flush()?;
         Ok(())
     }
 
@@ -345,21 +442,21 @@ impl Store {
         if at.elapsed() >= std::time::Duration::from_millis(100) {
             *at = std::time::Instant::now();
             self.size
-                .store(self.db.size_on_disk().unwrap_or(0), Relaxed);
+                .store(self.db().size_on_disk().unwrap_or(0), Relaxed);
         }
         self.size.load(Relaxed)
     }
 
     /// Makes every applied batch durable; afterwards the WAL before the consistent index can go.
     pub fn sync(&self, consistent_index: u64) -> Result<()> {
-        self.db
+        self.db()
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
-        self.db.flush()?;
+        self.db().flush()?;
         Ok(())
     }
 
     fn load(&self, rev: Revision) -> Result<KeyValue> {
-        match self.db.get(rev.to_backend_key(false))? {
+        match self.db().get(rev.to_backend_key(false))? {
             Some(v) => decode_kv(&v),
             None => Err(MvccError::Corrupt(format!(
                 "missing value for revision {rev:?}"
@@ -379,7 +476,7 @@ impl Store {
                 return Err(MvccError::FutureRev);
             }
         }
-        self.db
+        self.db()
             .insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
         Ok(self.compact_index(rev))
     }
@@ -401,7 +498,7 @@ impl Store {
         let end = Revision::backend_lower_bound(rev + 1);
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for item in self.db.range(vec![revision::KEY_PREFIX]..end) {
+        for item in self.db().range(vec![revision::KEY_PREFIX]..end) {
             let (k, _) = item?;
             if let Some((r, _)) = Revision::from_backend_key(&k) {
                 if !keep.contains(&r) {
@@ -410,12 +507,12 @@ impl Store {
                 }
             }
             if n >= 10_000 {
-                self.db.apply_batch(std::mem::take(&mut batch))?;
+                self.db().apply_batch(std::mem::take(&mut batch))?;
                 n = 0;
             }
         }
         batch.insert(META_FINISHED_COMPACT, &(rev as u64).to_be_bytes());
-        self.db.apply_batch(batch)?;
+        self.db().apply_batch(batch)?;
         Ok(())
     }
 
@@ -425,7 +522,7 @@ impl Store {
         let lo = Revision::backend_lower_bound(from);
         let hi = Revision::backend_lower_bound(to.saturating_add(1));
         let mut evs = Vec::new();
-        for item in self.db.range(lo..hi) {
+        for item in self.db().range(lo..hi) {
             let (k, v) = item?;
             let Some((rev, tomb)) = Revision::from_backend_key(&k) else {
                 continue;
@@ -640,7 +737,7 @@ impl WriteTxn<'_> {
         self.batch
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
         let rev = self.rev();
-        self.store.db.apply_batch(std::mem::take(&mut self.batch))?;
+        self.store.db().apply_batch(std::mem::take(&mut self.batch))?;
         self.state.current_rev = rev;
         Ok(Committed {
             rev,

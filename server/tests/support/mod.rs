@@ -111,6 +111,9 @@ pub struct Server {
     client_port: u16,
     peer_port: u16,
     extra_args: Vec<String>,
+    /// Cluster bootstrap flags (`--initial-cluster`, token, state). Empty for a
+    /// single-member server, which then lists only itself.
+    cluster_flags: Vec<String>,
     child: Option<Child>,
     log_path: PathBuf,
     /// Byte offset in the log file where the current run's output starts.
@@ -125,31 +128,11 @@ impl Server {
 
     /// Like `start`, with extra command-line flags (e.g. `--max-txn-ops=4`).
     pub async fn start_with(kind: Kind, extra_args: &[&str]) -> Server {
-        if kind == Kind::Etcd {
-            require_etcd();
-        }
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("oxcd-test-{}-", kind.label()))
-            .tempdir()
-            .expect("create temp dir");
-        let root = dir.path().to_path_buf();
-        let mut server = Server {
+        let mut server = Server::unstarted(
             kind,
-            name: "node1".to_string(),
-            dir: Some(dir),
-            log_path: root.join("server.log"),
-            root,
-            client_port: 0,
-            peer_port: 0,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log_start: 0,
-        };
-        if std::env::var_os("OXCD_KEEP_TEST_DIRS").is_some() {
-            let dir = server.dir.take().unwrap();
-            eprintln!("keeping test dir {}", dir.path().display());
-            let _ = dir.keep();
-        }
+            "node1",
+            &extra_args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        );
         // A port picked as free can still be grabbed by someone else before
         // the server binds it; retry a fresh start with new ports in that case.
         for attempt in 0..3 {
@@ -160,7 +143,7 @@ impl Server {
                 Ok(()) => return server,
                 Err(why) => {
                     let log = server.current_log();
-                    if attempt < 2 && log.contains("address already in use") {
+                    if attempt < 2 && log.to_lowercase().contains("address already in use") {
                         server.kill9();
                         continue;
                     }
@@ -175,6 +158,38 @@ impl Server {
             }
         }
         unreachable!()
+    }
+
+    /// A server with a fresh temp dir (data dir + log file) that has not been
+    /// spawned yet and has no ports assigned.
+    fn unstarted(kind: Kind, name: &str, extra_args: &[String]) -> Server {
+        if kind == Kind::Etcd {
+            require_etcd();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("oxcd-test-{}-", kind.label()))
+            .tempdir()
+            .expect("create temp dir");
+        let root = dir.path().to_path_buf();
+        let mut server = Server {
+            kind,
+            name: name.to_string(),
+            dir: Some(dir),
+            log_path: root.join("server.log"),
+            root,
+            client_port: 0,
+            peer_port: 0,
+            extra_args: extra_args.to_vec(),
+            cluster_flags: Vec::new(),
+            child: None,
+            log_start: 0,
+        };
+        if std::env::var_os("OXCD_KEEP_TEST_DIRS").is_some() {
+            let dir = server.dir.take().unwrap();
+            eprintln!("keeping test dir {}", dir.path().display());
+            let _ = dir.keep();
+        }
+        server
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -219,9 +234,13 @@ impl Server {
             peer.clone(),
             "--initial-advertise-peer-urls".to_string(),
             peer.clone(),
-            "--initial-cluster".to_string(),
-            format!("{}={}", self.name, peer),
         ];
+        if self.cluster_flags.is_empty() {
+            args.push("--initial-cluster".to_string());
+            args.push(format!("{}={}", self.name, peer));
+        } else {
+            args.extend(self.cluster_flags.iter().cloned());
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -234,17 +253,72 @@ impl Server {
             .open(&self.log_path)
             .expect("open server log");
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let child = Command::new(self.kind.binary())
-            .args(self.args())
+        let mut cmd = Command::new(self.kind.binary());
+        cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
-            .stderr(log)
-            // Keep etcd from picking up configuration from the environment.
-            .env_remove("ETCD_NAME")
-            .env_remove("ETCD_DATA_DIR")
+            .stderr(log);
+        // Keep etcd (and oxcd, which reads the same variables) from picking up
+        // configuration from the environment.
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.kind.binary()));
         self.child = Some(child);
+    }
+
+    /// Whether the process is still running (reaps it if it has exited).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => false,
+            Some(child) => match child.try_wait() {
+                Ok(None) => true,
+                _ => false,
+            },
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own. Returns its
+    /// exit status, or None if it is still running (it is left running) or
+    /// was not running in the first place.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Status` of this member with short timeouts (for polling).
+    pub async fn status(&self) -> Result<etcd_client::StatusResponse, String> {
+        let attempt = async {
+            let mut c = Client::connect(
+                [self.endpoint()],
+                Some(
+                    ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_millis(500))
+                        .with_timeout(Duration::from_secs(2)),
+                ),
+            )
+            .await?;
+            c.status().await
+        };
+        match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            Ok(Ok(st)) => Ok(st),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("status timed out".to_string()),
+        }
     }
 
     /// Polls `Status` until it succeeds and names a leader, the child exits,
@@ -260,25 +334,12 @@ impl Server {
             } else {
                 return Err("process is not running".into());
             }
-            let attempt = async {
-                let mut c = Client::connect(
-                    [self.endpoint()],
-                    Some(
-                        ConnectOptions::new()
-                            .with_connect_timeout(Duration::from_millis(500))
-                            .with_timeout(Duration::from_secs(2)),
-                    ),
-                )
-                .await?;
-                c.status().await
-            };
-            let last_err = match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+            let last_err = match self.status().await {
                 // Ready means serving *and* knowing a leader: a member without
                 // one answers Status but cannot serve linearizable requests.
-                Ok(Ok(st)) if st.leader() != 0 => return Ok(()),
-                Ok(Ok(_)) => "Status reports no leader yet".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "status timed out".to_string(),
+                Ok(st) if st.leader() != 0 => return Ok(()),
+                Ok(_) => "Status reports no leader yet".to_string(),
+                Err(e) => e,
             };
             if Instant::now() >= deadline {
                 return Err(format!(
@@ -319,20 +380,46 @@ impl Server {
     }
 
     /// Graceful stop: SIGTERM, then SIGKILL if it lingers beyond 10s.
-    pub fn stop(&mut self) {
+    /// Returns the exit status if the process exited by itself after SIGTERM
+    /// (None if it had to be killed or was not running).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Some(status);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        None
+    }
+
+    /// Spawns the server again (same data dir, ports and flags) without
+    /// waiting for it; see `wait_until_ready`.
+    pub fn respawn(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Waits until the server answers `Status` naming a leader; panics with
+    /// the log tail if it does not within `READY_TIMEOUT`.
+    pub async fn wait_until_ready(&mut self) {
+        if let Err(why) = self.wait_ready(READY_TIMEOUT).await {
+            let log = self.current_log();
+            self.kill9();
+            panic!(
+                "{} {} did not become ready: {why}\n--- server log tail ({}) ---\n{}",
+                self.kind.label(),
+                self.name,
+                self.log_path.display(),
+                tail(&log, 60)
+            );
         }
     }
 
@@ -418,8 +505,9 @@ impl Drop for Server {
         // log with it) is about to be deleted.
         if std::thread::panicking() {
             eprintln!(
-                "--- {} log tail ({}) ---\n{}\n--- end of log ---",
+                "--- {} {} log tail ({}) ---\n{}\n--- end of log ---",
                 self.kind.label(),
+                self.name,
                 self.log_path.display(),
                 self.log_tail(40)
             );
@@ -544,6 +632,618 @@ pub fn assert_grpc_err<T: std::fmt::Debug>(
         Err(e) => {
             let (c, m) = grpc_error(&e);
             assert_eq!((c, m.as_str()), (code, message), "{what}: wrong gRPC error");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clusters
+
+/// Raft timing of test clusters (ms): short, so that elections are quick.
+pub const CLUSTER_HEARTBEAT_MS: u64 = 50;
+pub const CLUSTER_ELECTION_MS: u64 = 500;
+/// How long `Cluster::leader` waits for some member to claim leadership.
+pub const LEADER_TIMEOUT: Duration = Duration::from_secs(15);
+
+static CLUSTER_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CLUSTER_TESTS: Mutex<()> = Mutex::new(());
+
+/// Serialises multi-member tests within one test binary: each runs 3-5 server
+/// processes with sub-second election timeouts, and several such clusters at
+/// once on a small machine starve each other into spurious elections. Hold the
+/// guard for the whole test.
+pub fn serial_cluster_test() -> std::sync::MutexGuard<'static, ()> {
+    CLUSTER_TESTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Connect options for cluster clients: bounded, so that a request to a dead
+/// or partitioned member fails instead of hanging the test.
+pub fn cluster_connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(15))
+}
+
+/// One key as read back from a member: (key, value, create_revision,
+/// mod_revision, version, lease).
+pub type DumpedKv = (String, String, i64, i64, i64, i64);
+
+/// An N-member cluster of oxcd (or real etcd) processes on loopback ports, each
+/// member a `Server` with its own temp data dir and log file. Members keep their
+/// index for the whole test, also after being stopped or removed.
+pub struct Cluster {
+    pub kind: Kind,
+    /// `--initial-cluster-token`, unique per cluster.
+    pub token: String,
+    pub members: Vec<Server>,
+    /// Raft member IDs, by index.
+    ids: Vec<u64>,
+    /// Members removed from the cluster with MemberRemove.
+    removed: Vec<bool>,
+    /// Flags every member gets (Raft timing plus the caller's).
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` members with `--initial-cluster-state new` and waits until
+    /// each answers `Status` naming a leader.
+    pub async fn start(kind: Kind, n: usize) -> Cluster {
+        Self::start_with(kind, n, &[]).await
+    }
+
+    /// Like `start`, with extra flags for every member (e.g. `--snapshot-count`).
+    pub async fn start_with(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
+        assert!(n >= 1);
+        let seq = CLUSTER_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = format!(
+            "oxcd-test-{}-{seq}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let mut extra_args = vec![
+            "--heartbeat-interval".to_string(),
+            CLUSTER_HEARTBEAT_MS.to_string(),
+            "--election-timeout".to_string(),
+            CLUSTER_ELECTION_MS.to_string(),
+        ];
+        extra_args.extend(extra.iter().map(|s| s.to_string()));
+        let mut members: Vec<Server> = (1..=n)
+            .map(|i| Server::unstarted(kind, &format!("n{i}"), &extra_args))
+            .collect();
+        for attempt in 0..3 {
+            for m in members.iter_mut() {
+                m.client_port = free_port();
+                m.peer_port = free_port();
+            }
+            let initial = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url()))
+                .collect::<Vec<_>>()
+                .join(",");
+            for m in members.iter_mut() {
+                m.cluster_flags = vec![
+                    "--initial-cluster".to_string(),
+                    initial.clone(),
+                    "--initial-cluster-token".to_string(),
+                    token.clone(),
+                    "--initial-cluster-state".to_string(),
+                    "new".to_string(),
+                ];
+                m.spawn();
+            }
+            let mut failure = None;
+            for m in members.iter_mut() {
+                if let Err(why) = m.wait_ready(READY_TIMEOUT).await {
+                    failure = Some(format!("{}: {why}", m.name));
+                    break;
+                }
+            }
+            let Some(failure) = failure else { break };
+            let port_clash = members.iter().any(|m| {
+                m.current_log()
+                    .to_lowercase()
+                    .contains("address already in use")
+            });
+            let logs: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    format!(
+                        "--- {} log tail ---\n{}",
+                        m.name,
+                        tail(&m.current_log(), 40)
+                    )
+                })
+                .collect();
+            for m in members.iter_mut() {
+                m.kill9();
+            }
+            if port_clash && attempt < 2 {
+                // The data dirs were bootstrapped with the old peer URLs.
+                for m in &members {
+                    let _ = std::fs::remove_dir_all(m.data_dir());
+                }
+                continue;
+            }
+            panic!(
+                "{}-member {} cluster did not start: {failure}\n{}",
+                n,
+                kind.label(),
+                logs.join("\n")
+            );
+        }
+        let mut cluster = Cluster {
+            kind,
+            token,
+            ids: vec![0; members.len()],
+            removed: vec![false; members.len()],
+            members,
+            extra_args,
+        };
+        for i in 0..n {
+            let st = cluster.members[i]
+                .status()
+                .await
+                .unwrap_or_else(|e| panic!("status of n{}: {e}", i + 1));
+            cluster.ids[i] = st.header().expect("status header").member_id();
+        }
+        cluster
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Raft member ID of member `i`.
+    pub fn id(&self, i: usize) -> u64 {
+        self.ids[i]
+    }
+
+    /// Index of the member with this ID.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.ids.iter().position(|x| *x == id)
+    }
+
+    pub fn is_removed(&self, i: usize) -> bool {
+        self.removed[i]
+    }
+
+    /// Indexes of the members that have not been removed (running or not).
+    pub fn current(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|i| !self.removed[*i])
+            .collect()
+    }
+
+    /// Client URLs of all members that have not been removed (also of members
+    /// that are down at the moment, as a client's configuration would have them).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.current()
+            .into_iter()
+            .map(|i| self.members[i].endpoint())
+            .collect()
+    }
+
+    /// An etcd-client connected to all `endpoints()`.
+    pub async fn client(&self) -> Client {
+        let eps = self.endpoints();
+        Client::connect(&eps, Some(cluster_connect_options()))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {eps:?}: {e}"))
+    }
+
+    /// An etcd-client connected to member `i` only.
+    pub async fn member_client(&self, i: usize) -> Client {
+        let ep = self.members[i].endpoint();
+        Client::connect([&ep], Some(cluster_connect_options()))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {ep}: {e}"))
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        self.members[i].kill9();
+    }
+
+    /// Graceful stop (SIGTERM); see `Server::stop`.
+    pub fn stop(&mut self, i: usize) -> Option<ExitStatus> {
+        self.members[i].stop()
+    }
+
+    /// Restarts member `i` with its existing data dir and the same flags, and
+    /// waits until it is ready (serving and knowing a leader).
+    pub async fn restart(&mut self, i: usize) {
+        self.members[i].respawn();
+        self.members[i].wait_until_ready().await;
+    }
+
+    /// Restarts every member that has not been removed: all are spawned first
+    /// (none can elect a leader alone), then each is waited for.
+    pub async fn restart_all(&mut self) {
+        for i in self.current() {
+            self.members[i].respawn();
+        }
+        for i in self.current() {
+            self.members[i].wait_until_ready().await;
+        }
+    }
+
+    /// Polls every current member's `Status` once; returns (index, term) of a
+    /// member that reports itself as leader (the highest term if several do).
+    pub async fn try_leader(&self) -> Option<(usize, u64)> {
+        let mut best: Option<(usize, u64)> = None;
+        for i in self.current() {
+            if let Ok(st) = self.members[i].status().await {
+                let me = st.header().map(|h| h.member_id()).unwrap_or(0);
+                if me != 0 && st.leader() == me && best.is_none_or(|(_, t)| st.raft_term() > t) {
+                    best = Some((i, st.raft_term()));
+                }
+            }
+        }
+        best
+    }
+
+    /// Index of the member whose `Status` says it is the leader; panics if
+    /// none does within `LEADER_TIMEOUT`.
+    pub async fn leader(&self) -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some((i, _)) = self.try_leader().await {
+                return i;
+            }
+            if start.elapsed() > LEADER_TIMEOUT {
+                panic!(
+                    "no member reports being leader after {LEADER_TIMEOUT:?}; statuses:\n{}",
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until a member other than `old` reports being leader; returns it
+    /// and how long that took. Panics after `timeout`.
+    pub async fn wait_for_leader_change(&self, old: usize, timeout: Duration) -> (usize, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some((i, _)) = self.try_leader().await {
+                if i != old {
+                    return (i, start.elapsed());
+                }
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "leadership did not move away from n{} within {timeout:?}; statuses:\n{}",
+                    old + 1,
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One line per member with its Status (or why there is none), for panics.
+    pub async fn describe(&self) -> String {
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let state = if self.removed[i] { " (removed)" } else { "" };
+            let st = match m.status().await {
+                Ok(st) => format!(
+                    "leader={:x} term={} raft_index={} applied={} learner={}",
+                    st.leader(),
+                    st.raft_term(),
+                    st.raft_index(),
+                    st.raft_applied_index(),
+                    st.is_learner()
+                ),
+                Err(e) => format!("no status: {e}"),
+            };
+            out.push(format!(
+                "  {} id={:x} {}{state}: {st}",
+                m.name,
+                self.ids[i],
+                m.endpoint()
+            ));
+        }
+        out.join("\n")
+    }
+
+    /// MemberAdd (through `client()`) of a new member on fresh ports, without
+    /// starting it. Returns its index; start it with `start_added_member`.
+    pub async fn member_add_unstarted(&mut self, learner: bool) -> usize {
+        let name = format!("n{}", self.members.len() + 1);
+        let mut m = Server::unstarted(self.kind, &name, &self.extra_args);
+        m.client_port = free_port();
+        m.peer_port = free_port();
+        let mut client = self.client().await;
+        // etcd refuses reconfiguration until every voter has been connected
+        // for 5s ("etcdserver: unhealthy cluster", Unavailable); retry that
+        // and other Unavailable errors, bounded. An attempt whose answer was
+        // lost may have been applied: then the URL "already exists".
+        let start = Instant::now();
+        let mut retried = false;
+        let (new_id, members) = loop {
+            let attempt = client
+                .member_add(
+                    [m.peer_url()],
+                    Some(if learner {
+                        etcd_client::MemberAddOptions::new().with_is_learner()
+                    } else {
+                        etcd_client::MemberAddOptions::new()
+                    }),
+                )
+                .await;
+            match attempt {
+                Ok(resp) => {
+                    let new = resp.member().expect("MemberAdd response names the member");
+                    assert_eq!(
+                        new.peer_urls(),
+                        [m.peer_url()],
+                        "MemberAdd echoes the peer URLs"
+                    );
+                    assert_eq!(
+                        new.is_learner(),
+                        learner,
+                        "MemberAdd echoes the learner flag"
+                    );
+                    break (new.id(), resp.member_list().to_vec());
+                }
+                Err(e) => {
+                    let (code, msg) = grpc_error(&e);
+                    if retried && msg == "etcdserver: Peer URLs already exists" {
+                        let list = client.member_list().await.expect("member list");
+                        let me = list
+                            .members()
+                            .iter()
+                            .find(|x| x.peer_urls() == [m.peer_url()])
+                            .expect("member with our peer URL")
+                            .id();
+                        break (me, list.members().to_vec());
+                    }
+                    if code != tonic::Code::Unavailable || start.elapsed() > Duration::from_secs(30)
+                    {
+                        panic!("MemberAdd {name} (learner={learner}): {e}");
+                    }
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
+        // --initial-cluster: the started members as the cluster knows them,
+        // plus the new one (members added but not started have no name yet).
+        let mut initial = Vec::new();
+        for member in &members {
+            let member_name = if member.id() == new_id {
+                name.clone()
+            } else {
+                member.name().to_string()
+            };
+            if member_name.is_empty() {
+                continue;
+            }
+            for u in member.peer_urls() {
+                initial.push(format!("{member_name}={u}"));
+            }
+        }
+        m.cluster_flags = vec![
+            "--initial-cluster".to_string(),
+            initial.join(","),
+            "--initial-cluster-token".to_string(),
+            self.token.clone(),
+            "--initial-cluster-state".to_string(),
+            "existing".to_string(),
+        ];
+        self.members.push(m);
+        self.ids.push(new_id);
+        self.removed.push(false);
+        self.members.len() - 1
+    }
+
+    /// Starts a member announced with `member_add_unstarted` and waits until ready.
+    pub async fn start_added_member(&mut self, i: usize) {
+        self.members[i].respawn();
+        self.members[i].wait_until_ready().await;
+    }
+
+    /// MemberAdd plus starting the new member with `--initial-cluster-state existing`.
+    pub async fn add_member(&mut self, learner: bool) -> usize {
+        let i = self.member_add_unstarted(learner).await;
+        self.start_added_member(i).await;
+        i
+    }
+
+    /// Records that member `i` has been removed (e.g. by a MemberRemove the
+    /// test sent itself); it no longer counts for `endpoints()` or `leader()`.
+    pub fn mark_removed(&mut self, i: usize) {
+        self.removed[i] = true;
+    }
+
+    /// Waits until member `i`'s member list shows every current member with
+    /// its name and client URLs (etcd publishes them before serving clients,
+    /// so with etcd this holds as soon as all members are ready).
+    pub async fn wait_all_published(&self, i: usize, timeout: Duration) {
+        let start = Instant::now();
+        let mut c = self.member_client(i).await;
+        loop {
+            let list = c.member_list().await.expect("member list");
+            let published = self.current().into_iter().all(|j| {
+                list.members().iter().any(|m| {
+                    m.id() == self.ids[j]
+                        && m.name() == self.members[j].name
+                        && m.client_urls() == [self.members[j].endpoint()]
+                })
+            });
+            if published {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "members not published within {timeout:?}: {:?}",
+                    list.members()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Serializable range over all keys, answered by member `i` alone.
+    pub async fn dump(&self, i: usize) -> Vec<DumpedKv> {
+        let mut c = self.member_client(i).await;
+        let resp = c
+            .get(
+                "",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_all_keys()
+                        .with_serializable(),
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("serializable range on {}: {e}", self.members[i].name));
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.create_revision(),
+                    kv.mod_revision(),
+                    kv.version(),
+                    kv.lease(),
+                )
+            })
+            .collect()
+    }
+
+    /// (revision from a serializable count-only range, raft applied index) of member `i`.
+    pub async fn progress(&self, i: usize) -> Result<(i64, u64), String> {
+        let attempt = async {
+            let mut c = Client::connect(
+                [self.members[i].endpoint()],
+                Some(
+                    ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_millis(500))
+                        .with_timeout(Duration::from_secs(2)),
+                ),
+            )
+            .await?;
+            let rev = c
+                .get(
+                    "",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_all_keys()
+                            .with_serializable()
+                            .with_count_only(),
+                    ),
+                )
+                .await?
+                .header()
+                .map(|h| h.revision())
+                .unwrap_or(0);
+            let applied = c.status().await?.raft_applied_index();
+            Ok::<_, etcd_client::Error>((rev, applied))
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }
+
+    /// Waits until every current member reports the same revision and Raft
+    /// applied index (twice in a row, 200ms apart); returns that revision.
+    pub async fn wait_converged(&self, timeout: Duration) -> i64 {
+        let start = Instant::now();
+        let mut previous: Option<(i64, u64)> = None;
+        loop {
+            let mut seen = Vec::new();
+            for i in self.current() {
+                seen.push((self.members[i].name.clone(), self.progress(i).await));
+            }
+            let first = seen.first().and_then(|(_, r)| r.as_ref().ok()).copied();
+            let all_same =
+                first.is_some() && seen.iter().all(|(_, r)| r.as_ref().ok().copied() == first);
+            if all_same && previous == first {
+                return first.unwrap().0;
+            }
+            previous = if all_same { first } else { None };
+            if start.elapsed() > timeout {
+                panic!(
+                    "members did not converge within {timeout:?}: (revision, applied index) = {seen:?}\n{}",
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Spawns, without waiting for it, a process that is *not* a member of this
+    /// cluster: `--initial-cluster-state new` with the given `token`. With
+    /// `impersonate = Some(i)` it takes member `i`'s name, ports and
+    /// `--initial-cluster` (member `i` must be down) on a fresh data dir;
+    /// otherwise it is a new name on fresh ports whose `--initial-cluster` is
+    /// the current members plus itself. The caller owns (and kills) it.
+    pub fn spawn_outsider(&self, token: &str, impersonate: Option<usize>) -> Server {
+        let (name, client_port, peer_port) = match impersonate {
+            Some(i) => (
+                self.members[i].name.clone(),
+                self.members[i].client_port,
+                self.members[i].peer_port,
+            ),
+            None => (
+                format!("x{}", self.members.len() + 1),
+                free_port(),
+                free_port(),
+            ),
+        };
+        let mut m = Server::unstarted(self.kind, &name, &self.extra_args);
+        m.client_port = client_port;
+        m.peer_port = peer_port;
+        let mut initial: Vec<String> = self
+            .current()
+            .into_iter()
+            .map(|i| format!("{}={}", self.members[i].name, self.members[i].peer_url()))
+            .collect();
+        if impersonate.is_none() {
+            initial.push(format!("{}={}", m.name, m.peer_url()));
+        }
+        m.cluster_flags = vec![
+            "--initial-cluster".to_string(),
+            initial.join(","),
+            "--initial-cluster-token".to_string(),
+            token.to_string(),
+            "--initial-cluster-state".to_string(),
+            "new".to_string(),
+        ];
+        m.spawn();
+        m
+    }
+
+    /// Runs etcdctl with `--endpoints` set to all `endpoints()`.
+    pub async fn etcdctl(&self, args: &[&str]) -> CmdOut {
+        etcdctl_at(&self.endpoints().join(","), args, None).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} cluster {} ---", self.kind.label(), self.token);
+            for (i, m) in self.members.iter().enumerate() {
+                eprintln!(
+                    "  {} id={:x} client={} peer={}{}",
+                    m.name,
+                    self.ids[i],
+                    m.endpoint(),
+                    m.peer_url(),
+                    if self.removed[i] { " (removed)" } else { "" }
+                );
+            }
+        }
+        // Each member's own Drop kills its process (and prints its log tail
+        // when panicking).
+        for m in self.members.iter_mut() {
+            m.kill9();
         }
     }
 }
