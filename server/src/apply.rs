@@ -384,14 +384,15 @@ fn check_path(
     for op in if ok { &t.success } else { &t.failure } {
         match &op.request {
             Some(request_op::Request::RequestPut(p)) if check == Check::Puts => {
-                if p.lease != 0 && !lessor.exists(p.lease) {
-                    return Err(EtcdError::LeaseNotFound);
-                }
+                // etcd's checkRequestPut: the key first, then the lease.
                 if p.ignore_value || p.ignore_lease {
                     let rr = view.range(&p.key, RangeEnd::Key, RangeOptions::default())?;
                     if rr.kvs.is_empty() {
                         return Err(EtcdError::KeyNotFound);
                     }
+                }
+                if p.lease != 0 && !lessor.exists(p.lease) {
+                    return Err(EtcdError::LeaseNotFound);
                 }
             }
             Some(request_op::Request::RequestRange(r))
