@@ -13,7 +13,6 @@ fn main() -> anyhow::Result<()> {
         // Same shape as `etcd --version`.
         println!("oxcd Version: {}", env!("CARGO_PKG_VERSION"));
         println!("etcd API Version: {}", oxcd::api::ETCD_API_VERSION);
-        println!("Rust Version: {}", env!("CARGO_PKG_RUST_VERSION", "stable"));
         return Ok(());
     }
     let cfg = match flags.into_config() {
