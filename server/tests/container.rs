@@ -1,6 +1,7 @@
-//! The server image, as Kubernetes will run it: a 3-member cluster of containers on a docker
-//! network, each member addressed by its container name. One member is stopped, writes and
-//! reads go on, it is started again and catches up.
+//! The server image, as Kubernetes will run it: a 3-member cluster of containers on docker
+//! networks the tests create, each member addressed by name. One test stops a member, one cuts
+//! a member off its peers (a partition), and both check that the majority serves, the
+//! minority refuses what it must, and everyone converges afterwards.
 //!
 //! Skipped, with a message saying so, only when no Docker engine answers.
 
@@ -150,5 +151,118 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
     let mut c3 = client_for(&[ep3]).await;
     let r = c3.get("k", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
     assert_eq!(r.kvs().len(), 100, "restarted member has every key");
+    drop(cleanup);
+}
+
+/// Members on two networks: clients reach them through ports published on the first, peers
+/// talk over the second by `<name>-peer` aliases that resolve only there, so disconnecting a
+/// member from the peer network partitions it while clients can still reach it.
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
+    if let Err(e) = docker(&["info", "--format", "{{.ServerVersion}}"]) {
+        eprintln!("SKIPPED: no Docker engine answers, so the partition test cannot run here ({e})");
+        return;
+    }
+    let run = format!("oxcdpart{:08x}", rand::random::<u32>());
+    let image = format!("oxcd:{run}");
+    let client_net = format!("{run}-clients");
+    let peer_net = format!("{run}-peers");
+    let names: Vec<String> = (1..=3).map(|i| format!("{run}-m{i}")).collect();
+    let mut cleanup = Cleanup { containers: vec![], network: client_net.clone(), image: image.clone() };
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let build = Command::new("bash")
+        .arg(format!("{repo}/scripts/build-image.sh"))
+        .arg(&image)
+        .env("OXCD", env!("CARGO_BIN_EXE_oxcd"))
+        .output()
+        .expect("run scripts/build-image.sh");
+    assert!(build.status.success(), "image build failed: {}", String::from_utf8_lossy(&build.stderr));
+    docker(&["network", "create", &client_net]).unwrap();
+    docker(&["network", "create", &peer_net]).unwrap();
+    struct NetGuard(String);
+    impl Drop for NetGuard {
+        fn drop(&mut self) {
+            let _ = docker(&["network", "rm", &self.0]);
+        }
+    }
+    let initial: Vec<String> = names.iter().map(|n| format!("{n}=http://{n}-peer:2380")).collect();
+    let initial = initial.join(",");
+    for n in &names {
+        docker(&[
+            "create", "--name", n, "--network", &client_net, "-p", "127.0.0.1::2379", &image,
+            "--name", n,
+            "--listen-client-urls", "http://0.0.0.0:2379",
+            "--advertise-client-urls", &format!("http://{n}:2379"),
+            "--listen-peer-urls", "http://0.0.0.0:2380",
+            "--initial-advertise-peer-urls", &format!("http://{n}-peer:2380"),
+            "--initial-cluster", &initial,
+            "--initial-cluster-token", &run,
+            "--heartbeat-interval", "50", "--election-timeout", "500",
+        ])
+        .unwrap();
+        cleanup.containers.push(n.clone());
+        docker(&["network", "connect", "--alias", &format!("{n}-peer"), &peer_net, n]).unwrap();
+        docker(&["start", n]).unwrap();
+    }
+    // Containers go before networks: the peer network guard drops after `cleanup`.
+    let _peer_guard = NetGuard(peer_net.clone());
+    let cleanup = cleanup;
+    let endpoints: Vec<String> = names
+        .iter()
+        .map(|n| docker(&["port", n, "2379"]).unwrap().lines().next().unwrap().to_string())
+        .collect();
+    let mut all = client_for(&endpoints).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while all.put("before", "1", None).await.is_err() {
+        assert!(Instant::now() < deadline, "cluster never served a write");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_value(&endpoints[2], "before", "1", Duration::from_secs(10)).await;
+
+    // Cut the third member off its peers.
+    docker(&["network", "disconnect", &peer_net, &names[2]]).unwrap();
+    // Give it time to notice it lost the leader (check-quorum / election timeout).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut minority = client_for(&endpoints[2..]).await;
+    let w = tokio::time::timeout(Duration::from_secs(8), minority.put("cut-off", "x", None)).await;
+    assert!(!matches!(w, Ok(Ok(_))), "the partitioned member accepted a write: {w:?}");
+    let r = tokio::time::timeout(Duration::from_secs(8), minority.get("before", None)).await;
+    assert!(!matches!(r, Ok(Ok(_))), "the partitioned member served a linearizable read: {r:?}");
+    let s = minority.get("before", Some(GetOptions::new().with_serializable())).await.expect("serializable read on the minority");
+    assert_eq!(s.kvs()[0].value(), b"1");
+
+    // The majority keeps serving.
+    let mut majority = client_for(&endpoints[..2]).await;
+    for i in 0..50 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while majority.put(format!("p{i}"), format!("v{i}"), None).await.is_err() {
+            assert!(Instant::now() < deadline, "the majority stopped serving writes");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let r = majority.get("p49", None).await.unwrap();
+    assert_eq!(r.kvs()[0].value(), b"v49");
+
+    // Heal: the member catches up and serves linearizable reads again.
+    docker(&["network", "connect", "--alias", &format!("{}-peer", names[2]), &peer_net, &names[2]]).unwrap();
+    wait_for_value(&endpoints[2], "p49", "v49", Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), minority.get("p49", None)).await {
+            assert_eq!(r.kvs()[0].value(), b"v49");
+            break;
+        }
+        assert!(Instant::now() < deadline, "healed member never served a linearizable read");
+    }
+    let counts: Vec<usize> = {
+        let mut v = Vec::new();
+        for ep in &endpoints {
+            let mut c = client_for(std::slice::from_ref(ep)).await;
+            let r = c.get("p", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+            v.push(r.kvs().len());
+        }
+        v
+    };
+    assert_eq!(counts, vec![50, 50, 50], "every member converged");
     drop(cleanup);
 }
