@@ -1247,3 +1247,5 @@ impl Drop for Cluster {
         }
     }
 }
+
+pub mod linearizability;
