@@ -53,6 +53,8 @@ pub enum EtcdError {
     MemberNotLearner,
     #[error("etcdserver: can only promote a learner member which is in sync with leader")]
     LearnerNotReady,
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
     #[error("etcdserver: request timed out")]
     Timeout,
     #[error("etcdserver: server stopped")]

@@ -39,6 +39,9 @@ fn main() -> anyhow::Result<()> {
         for addr in cfg.listen_peer.clone() {
             tasks.push(tokio::spawn(oxcd::api::peer::serve(server.clone(), addr)));
         }
+        // Like etcd, clients are served once this member is in the member list with its
+        // name and client URLs.
+        server.ready().await;
         for addr in cfg.listen_client.clone() {
             tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
         }

@@ -85,6 +85,10 @@ pub struct EtcdServer {
     pub cluster_id: u64,
     pub membership: Arc<parking_lot::RwLock<Membership>>,
     pub transport: Arc<Transport>,
+    /// True once this member published its attributes (serving clients from then on).
+    ready_tx: watch::Sender<bool>,
+    /// This member's record as known before the log replayed it (a joining member).
+    self_record: Member,
     leader_client: tokio::sync::Mutex<Option<(u64, PeerClient<tonic::transport::Channel>)>>,
     pub store: Arc<Store>,
     pub lessor: Arc<Lessor>,
@@ -370,6 +374,13 @@ impl EtcdServer {
                 transport.set_peer(m.id, m.peer_ur_ls.clone());
             }
         }
+        let self_record = known_peers.iter().find(|m| m.id == id).cloned().unwrap_or(Member {
+            id,
+            name: cfg.name.clone(),
+            peer_ur_ls: cfg.initial_advertise_peer_urls.clone(),
+            client_ur_ls: cfg.advertise_client_urls.clone(),
+            is_learner: false,
+        });
         for m in known_peers {
             if m.id != id {
                 transport.set_peer(m.id, m.peer_ur_ls.clone());
@@ -426,6 +437,8 @@ impl EtcdServer {
             membership,
             transport,
             leader_client: tokio::sync::Mutex::new(None),
+            ready_tx: watch::channel(false).0,
+            self_record,
             store,
             lessor,
             hub,
@@ -444,17 +457,15 @@ impl EtcdServer {
 
     /// This member as the member list has it.
     pub fn member(&self) -> Member {
-        self.membership
-            .read()
-            .get(self.id)
-            .cloned()
-            .unwrap_or(Member {
-                id: self.id,
-                name: self.cfg.name.clone(),
-                peer_ur_ls: self.cfg.initial_advertise_peer_urls.clone(),
-                client_ur_ls: self.cfg.advertise_client_urls.clone(),
-                is_learner: false,
-            })
+        self.membership.read().get(self.id).cloned().unwrap_or_else(|| self.self_record.clone())
+    }
+
+    /// etcd serves a learner's clients only Status and serializable Range.
+    pub fn check_not_learner(&self) -> Result<()> {
+        if self.member().is_learner {
+            return Err(EtcdError::NotSupportedForLearner);
+        }
+        Ok(())
     }
 
     pub fn raft_input(&self, input: RaftInput) -> Result<()> {
@@ -473,6 +484,20 @@ impl EtcdServer {
     /// attribute publish), retrying until it is applied.
     fn spawn_publish(self: Arc<Self>) {
         tokio::spawn(async move {
+            self.publish().await;
+            self.ready_tx.send_replace(true);
+        });
+    }
+
+    /// Resolves once this member's attributes are in the member list: like etcd, a member
+    /// serves clients only from then on.
+    pub async fn ready(&self) {
+        let mut rx = self.ready_tx.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    async fn publish(&self) {
+        {
             loop {
                 let want = (
                     self.cfg.name.clone(),
@@ -504,7 +529,7 @@ impl EtcdServer {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        });
+        }
     }
 
     /// Replicates a membership change and waits until it is applied.
@@ -990,16 +1015,18 @@ impl Applier {
                 }
             }
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if self
-            .raft_tx
-            .send(RaftInput::ApplyConfChange(cc, tx))
-            .is_err()
-        {
-            return;
-        }
-        let Ok(cs) = rx.recv() else { return };
-        let cs_bytes = cs.write_to_bytes().unwrap_or_default();
+        // A member applying its own removal does not reconfigure its Raft (raft-rs cannot run
+        // a leader outside its own configuration); it records the removal and exits.
+        let cs_bytes = if removed_self {
+            self.store.get_record(META_CONF_STATE).ok().flatten().unwrap_or_default()
+        } else {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            if self.raft_tx.send(RaftInput::ApplyConfChange(cc, tx)).is_err() {
+                return;
+            }
+            let Ok(cs) = rx.recv() else { return };
+            cs.write_to_bytes().unwrap_or_default()
+        };
         let r = self.write(index, |t| {
             for r in records {
                 match r {

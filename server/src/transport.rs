@@ -202,6 +202,12 @@ async fn run_peer(
                     if let Ok(Err(status)) = r {
                         if status.code() == tonic::Code::FailedPrecondition {
                             tracing::error!(peer = %format!("{id:x}"), error = %status.message(), "peer refused our messages");
+                            if status.message() == crate::api::peer::REMOVED_MEMBER {
+                                // etcd does the same when its peers answer "removed": this
+                                // member missed its own removal (it was down or cut off).
+                                tracing::warn!("this member has been permanently removed from the cluster; shutting down");
+                                std::process::exit(0);
+                            }
                         }
                     }
                     break;

@@ -95,6 +95,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         if self
@@ -148,6 +149,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         let target = self
             .0
@@ -182,6 +184,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         if self.0.membership.read().get(r.id).is_none() {
@@ -211,6 +214,7 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         let target = self
             .0
@@ -261,6 +265,7 @@ impl Cluster for ClusterService {
         &self,
         _: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.0.check_not_learner()?;
         let members = self.0.membership.read().members();
         Ok(Response::new(MemberListResponse {
             header: self.header(),

@@ -34,6 +34,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         apply::check_range(&r)?;
         if !r.serializable {
+            self.0.check_not_learner()?;
             self.0.read_barrier().await?;
         }
         let mut resp = apply::range(&self.0.store.read(), &r).map_err(Status::from)?;
@@ -42,6 +43,7 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         apply::check_put(&r)?;
         self.0.check_quota(r.encoded_len()).await?;
@@ -58,6 +60,7 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         apply::check_delete(&r)?;
         match self.0.propose(Raft::DeleteRange(r)).await? {
@@ -70,6 +73,7 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         apply::check_txn(&r, self.0.cfg.max_txn_ops)?;
         if apply::is_txn_read_only(&r) {
@@ -97,6 +101,7 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        self.0.check_not_learner()?;
         let r = req.into_inner();
         match self.0.propose(Raft::Compaction(r)).await? {
             Applied::Compaction(mut resp, done) => {

@@ -21,6 +21,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.0.check_not_learner()?;
         let mut r = req.into_inner();
         self.0.check_quota(r.encoded_len()).await?;
         if r.id == 0 {
@@ -41,6 +42,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        self.0.check_not_learner()?;
         match self.0.propose(Raft::LeaseRevoke(req.into_inner())).await? {
             Applied::LeaseRevoke(mut resp) => {
                 self.0.fill(&mut resp.header);
@@ -58,6 +60,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.0.check_not_learner()?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let server = self.0.clone();
@@ -94,6 +97,7 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.0.check_not_learner()?;
         let mut resp = self.0.time_to_live(req.into_inner()).await?;
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
@@ -103,6 +107,7 @@ impl Lease for LeaseService {
         &self,
         _req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.0.check_not_learner()?;
         let leases = self
             .0
             .lessor

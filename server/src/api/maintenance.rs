@@ -24,6 +24,7 @@ fn not_yet(what: &str) -> Status {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        self.0.check_not_learner()?;
         let mut r = req.into_inner();
         if r.action == AlarmAction::Get as i32 {
             let alarms = self
@@ -92,12 +93,15 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.0.check_not_learner()?;
         Err(not_yet("Defragment"))
     }
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.0.check_not_learner()?;
         Err(not_yet("Hash"))
     }
     async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        self.0.check_not_learner()?;
         Err(not_yet("HashKV"))
     }
 
@@ -107,12 +111,14 @@ impl Maintenance for MaintenanceService {
         &self,
         _: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.0.check_not_learner()?;
         Err(not_yet("Snapshot"))
     }
     async fn move_leader(
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.0.check_not_learner()?;
         let target = req.into_inner().target_id;
         let st = self.0.node_status().await?;
         if !st.is_leader {

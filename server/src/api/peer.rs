@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct PeerService(pub Arc<EtcdServer>);
 
+/// What a member removed from the cluster is told when it still sends Raft messages.
+pub const REMOVED_MEMBER: &str = "the sending member was removed from the cluster";
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn raft(
@@ -39,9 +42,7 @@ impl Peer for PeerService {
             let msg = raft::prelude::Message::parse_from_bytes(&m.message)
                 .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
             if self.0.membership.read().is_removed(msg.from) {
-                return Err(Status::failed_precondition(
-                    "the sending member was removed from the cluster",
-                ));
+                return Err(Status::failed_precondition(REMOVED_MEMBER));
             }
             self.0.step(msg).map_err(Status::from)?;
         }

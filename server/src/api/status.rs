@@ -46,7 +46,8 @@ impl From<EtcdError> for Status {
             | EtcdError::LearnerNotReady => (Code::FailedPrecondition, e.to_string()),
             EtcdError::MemberBadUrls => (Code::InvalidArgument, e.to_string()),
             EtcdError::MemberNotFound => (Code::NotFound, e.to_string()),
-            EtcdError::NoLeader
+            EtcdError::NotSupportedForLearner
+            | EtcdError::NoLeader
             | EtcdError::Timeout
             | EtcdError::Stopped
             | EtcdError::LeaderChanged => (Code::Unavailable, e.to_string()),

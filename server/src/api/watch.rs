@@ -36,6 +36,7 @@ impl Watch for WatchService {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.0.check_not_learner()?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(128);
         let stream = WatchStream::new(self.0.clone(), tx);
