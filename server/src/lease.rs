@@ -99,7 +99,11 @@ impl Lessor {
         let primary = inner.primary;
         inner.leases.clear();
         for (id, ttl) in leases {
-            let mut l = Lease { ttl: (*ttl).max(self.min_ttl), expiry: None, keys: BTreeSet::new() };
+            let mut l = Lease {
+                ttl: (*ttl).max(self.min_ttl),
+                expiry: None,
+                keys: BTreeSet::new(),
+            };
             if primary {
                 l.refresh(Duration::ZERO);
             }

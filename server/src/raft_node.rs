@@ -46,11 +46,19 @@ pub enum RaftInput {
     /// A snapshot to this peer was delivered (true) or failed (false).
     SnapshotDone(u64, bool),
     /// A snapshot arrived from the leader and is staged; step its message.
-    SnapshotReceived { msg: Box<Message>, name: String, db: sled::Db },
+    SnapshotReceived {
+        msg: Box<Message>,
+        name: String,
+        db: sled::Db,
+    },
     TransferLeader(u64),
     Status(oneshot::Sender<NodeStatus>),
     /// The state machine is durable up to this index: the log before it can go.
-    Release { index: u64, conf_state: ConfState, keep_entries: u64 },
+    Release {
+        index: u64,
+        conf_state: ConfState,
+        keep_entries: u64,
+    },
     Stop,
 }
 
@@ -297,7 +305,11 @@ impl RaftNode {
             }
             RaftInput::Unreachable(id) => self.node.report_unreachable(id),
             RaftInput::SnapshotDone(id, ok) => {
-                let status = if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure };
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
                 self.node.report_snapshot(id, status);
             }
             RaftInput::SnapshotReceived { msg, name, db } => {
@@ -311,7 +323,11 @@ impl RaftNode {
             RaftInput::Status(tx) => {
                 let _ = tx.send(self.node_status());
             }
-            RaftInput::Release { index, conf_state, keep_entries } => {
+            RaftInput::Release {
+                index,
+                conf_state,
+                keep_entries,
+            } => {
                 if let Err(e) = self.release(index, conf_state, keep_entries) {
                     tracing::error!(error = %e, index, "releasing the WAL failed");
                 }
@@ -359,7 +375,12 @@ impl RaftNode {
             .insert(ctx, std::mem::take(&mut self.pending_reads));
     }
 
-    fn release(&mut self, index: u64, conf_state: ConfState, keep_entries: u64) -> Result<(), Box<dyn std::error::Error>> {
+    fn release(
+        &mut self,
+        index: u64,
+        conf_state: ConfState,
+        keep_entries: u64,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let store = self.node.store().clone();
         let term = store.term(index)?;
         self.wal.release_to(index, term, &conf_state)?;
@@ -377,7 +398,10 @@ impl RaftNode {
         if let Some(last) = entries.last() {
             self.status.commit.fetch_max(last.index, Ordering::Relaxed);
         }
-        let _ = self.apply_tx.send(CommittedBatch { entries, install: None });
+        let _ = self.apply_tx.send(CommittedBatch {
+            entries,
+            install: None,
+        });
     }
 
     fn on_ready(&mut self) -> Result<(), Box<dyn std::error::Error>> {
@@ -434,20 +458,40 @@ impl RaftNode {
     fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), Box<dyn std::error::Error>> {
         let meta = snap.get_metadata().clone();
         let Some((index, name, db)) = self.staged.take() else {
-            return Err(format!("raft asked to install snapshot {} that was not staged", meta.index).into());
+            return Err(format!(
+                "raft asked to install snapshot {} that was not staged",
+                meta.index
+            )
+            .into());
         };
         if index != meta.index {
-            return Err(format!("staged snapshot {index} is not the one raft installs ({})", meta.index).into());
+            return Err(format!(
+                "staged snapshot {index} is not the one raft installs ({})",
+                meta.index
+            )
+            .into());
         }
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        self.apply_tx.send(CommittedBatch { entries: vec![], install: Some(Install { name, db, meta: meta.clone(), done }) })?;
+        self.apply_tx.send(CommittedBatch {
+            entries: vec![],
+            install: Some(Install {
+                name,
+                db,
+                meta: meta.clone(),
+                done,
+            }),
+        })?;
         wait.recv()?;
         let mut hs = self.node.store().rl().hard_state().clone();
         hs.commit = hs.commit.max(meta.index);
         self.wal.reset_to(meta.clone(), hs)?;
         self.node.mut_store().wl().apply_snapshot(snap)?;
         self.status.commit.fetch_max(meta.index, Ordering::Relaxed);
-        tracing::info!(index = meta.index, term = meta.term, "installed snapshot from the leader");
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            "installed snapshot from the leader"
+        );
         Ok(())
     }
 

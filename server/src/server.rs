@@ -108,10 +108,13 @@ struct StateSnapshots {
 }
 
 impl crate::transport::SnapshotSource for StateSnapshots {
-    fn snapshot(&self) -> std::result::Result<(SnapshotMetadata, Vec<(Vec<u8>, Vec<u8>)>), String> {
+    fn snapshot(&self) -> std::result::Result<(SnapshotMetadata, mvcc::Records), String> {
         use raft::Storage;
         let (index, records) = self.store.snapshot_copy().map_err(|e| e.to_string())?;
-        let term = self.storage.term(index).map_err(|e| format!("term of {index}: {e}"))?;
+        let term = self
+            .storage
+            .term(index)
+            .map_err(|e| format!("term of {index}: {e}"))?;
         let conf_state = records
             .iter()
             .find(|(k, _)| k.as_slice() == META_CONF_STATE)
@@ -119,9 +122,11 @@ impl crate::transport::SnapshotSource for StateSnapshots {
             .transpose()
             .map_err(|e| e.to_string())?
             .unwrap_or_default();
-        let mut meta = SnapshotMetadata::default();
-        meta.index = index;
-        meta.term = term;
+        let mut meta = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         meta.set_conf_state(conf_state);
         Ok((meta, records))
     }
@@ -129,32 +134,59 @@ impl crate::transport::SnapshotSource for StateSnapshots {
 
 /// A crash between installing a leader's snapshot and restarting the log at it leaves the
 /// state ahead of the log: restart the log at the installed snapshot point.
-fn repair_wal(store: &Store, consistent_index: u64, mut wal: Wal, replayed: Replayed) -> anyhow::Result<(Wal, Replayed)> {
-    let last = replayed.entries.last().map(|e| e.index).unwrap_or(replayed.snapshot.index);
+fn repair_wal(
+    store: &Store,
+    consistent_index: u64,
+    mut wal: Wal,
+    replayed: Replayed,
+) -> anyhow::Result<(Wal, Replayed)> {
+    let last = replayed
+        .entries
+        .last()
+        .map(|e| e.index)
+        .unwrap_or(replayed.snapshot.index);
     if consistent_index <= last {
         return Ok((wal, replayed));
     }
     let read = |k: &[u8]| -> anyhow::Result<Option<u64>> {
-        Ok(store.get_record(k)?.map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap_or_default())))
+        Ok(store
+            .get_record(k)?
+            .map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap_or_default())))
     };
-    let (Some(index), Some(term)) = (read(mvcc::META_SNAPSHOT_INDEX)?, read(mvcc::META_SNAPSHOT_TERM)?) else {
+    let (Some(index), Some(term)) = (
+        read(mvcc::META_SNAPSHOT_INDEX)?,
+        read(mvcc::META_SNAPSHOT_TERM)?,
+    ) else {
         anyhow::bail!("the state is at raft index {consistent_index} but the WAL ends at {last}: the WAL lost committed entries");
     };
     if index != consistent_index {
         anyhow::bail!("the state is at raft index {consistent_index} but the WAL ends at {last}");
     }
-    let mut meta = SnapshotMetadata::default();
-    meta.index = index;
-    meta.term = term;
+    let mut meta = SnapshotMetadata {
+        index,
+        term,
+        ..Default::default()
+    };
     if let Some(cs) = store.get_record(META_CONF_STATE)? {
         meta.set_conf_state(ConfState::parse_from_bytes(&cs)?);
     }
     let mut hs = replayed.hard_state.clone();
     hs.term = hs.term.max(term);
     hs.commit = index;
-    tracing::warn!(index, term, "finishing an interrupted snapshot install: the log restarts at the snapshot");
+    tracing::warn!(
+        index,
+        term,
+        "finishing an interrupted snapshot install: the log restarts at the snapshot"
+    );
     wal.reset_to(meta.clone(), hs.clone())?;
-    Ok((wal, Replayed { snapshot: meta, hard_state: hs, entries: vec![] }))
+    Ok((
+        wal,
+        Replayed {
+            snapshot: meta,
+            hard_state: hs,
+            entries: vec![],
+        },
+    ))
 }
 
 const META_MEMBER_ID: &[u8] = b"m/member_id";
@@ -362,7 +394,10 @@ impl EtcdServer {
         let (apply_tx, apply_rx) = mpsc::channel::<CommittedBatch>();
         let (applied_tx, applied_rx) = watch::channel(applied);
         let storage = raft_node::build_storage(&replayed, applied, conf_state)?;
-        let source = Arc::new(StateSnapshots { store: store.clone(), storage: storage.clone() });
+        let source = Arc::new(StateSnapshots {
+            store: store.clone(),
+            storage: storage.clone(),
+        });
         let transport = Arc::new(Transport::new(
             cluster_id,
             raft_tx.clone(),
@@ -374,13 +409,17 @@ impl EtcdServer {
                 transport.set_peer(m.id, m.peer_ur_ls.clone());
             }
         }
-        let self_record = known_peers.iter().find(|m| m.id == id).cloned().unwrap_or(Member {
-            id,
-            name: cfg.name.clone(),
-            peer_ur_ls: cfg.initial_advertise_peer_urls.clone(),
-            client_ur_ls: cfg.advertise_client_urls.clone(),
-            is_learner: false,
-        });
+        let self_record = known_peers
+            .iter()
+            .find(|m| m.id == id)
+            .cloned()
+            .unwrap_or(Member {
+                id,
+                name: cfg.name.clone(),
+                peer_ur_ls: cfg.initial_advertise_peer_urls.clone(),
+                client_ur_ls: cfg.advertise_client_urls.clone(),
+                is_learner: false,
+            });
         for m in known_peers {
             if m.id != id {
                 transport.set_peer(m.id, m.peer_ur_ls.clone());
@@ -457,7 +496,11 @@ impl EtcdServer {
 
     /// This member as the member list has it.
     pub fn member(&self) -> Member {
-        self.membership.read().get(self.id).cloned().unwrap_or_else(|| self.self_record.clone())
+        self.membership
+            .read()
+            .get(self.id)
+            .cloned()
+            .unwrap_or_else(|| self.self_record.clone())
     }
 
     /// etcd serves a learner's clients only Status and serializable Range.
@@ -932,8 +975,14 @@ impl Applier {
                 }
             }
         }
-        let members = self.store.records(membership::MEMBER_PREFIX).unwrap_or_default();
-        let removed = self.store.records(membership::REMOVED_PREFIX).unwrap_or_default();
+        let members = self
+            .store
+            .records(membership::MEMBER_PREFIX)
+            .unwrap_or_default();
+        let removed = self
+            .store
+            .records(membership::REMOVED_PREFIX)
+            .unwrap_or_default();
         let ms = Membership::from_records(&members, &removed);
         for m in ms.members() {
             if m.id != self.id {
@@ -958,7 +1007,11 @@ impl Applier {
                     _ => ConfState::default(),
                 };
                 let keep_entries = raft_node::CATCH_UP_ENTRIES.min(self.snapshot_count);
-                let _ = self.raft_tx.send(RaftInput::Release { index: self.applied, conf_state, keep_entries });
+                let _ = self.raft_tx.send(RaftInput::Release {
+                    index: self.applied,
+                    conf_state,
+                    keep_entries,
+                });
             }
             Err(e) => tracing::error!(error = %e, "syncing the backend failed"),
         }
@@ -1018,10 +1071,18 @@ impl Applier {
         // A member applying its own removal does not reconfigure its Raft (raft-rs cannot run
         // a leader outside its own configuration); it records the removal and exits.
         let cs_bytes = if removed_self {
-            self.store.get_record(META_CONF_STATE).ok().flatten().unwrap_or_default()
+            self.store
+                .get_record(META_CONF_STATE)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
         } else {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            if self.raft_tx.send(RaftInput::ApplyConfChange(cc, tx)).is_err() {
+            if self
+                .raft_tx
+                .send(RaftInput::ApplyConfChange(cc, tx))
+                .is_err()
+            {
                 return;
             }
             let Ok(cs) = rx.recv() else { return };

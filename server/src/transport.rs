@@ -6,15 +6,15 @@
 //! a member of another cluster is refused.
 
 use crate::pb::oxcdpb::{peer_client::PeerClient, PeerMessage, SnapshotChunk};
-use sha2::{Digest, Sha256};
-use std::collections::HashSet;
-use std::sync::Arc;
 use crate::raft_node::RaftInput;
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType, SnapshotMetadata};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::mpsc::Sender as StdSender;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,7 +30,7 @@ const SNAPSHOT_RETRY: Duration = Duration::from_secs(2);
 pub trait SnapshotSource: Send + Sync + 'static {
     /// A consistent copy of the whole state, and the Raft point (index, term, configuration)
     /// it is at.
-    fn snapshot(&self) -> Result<(SnapshotMetadata, Vec<(Vec<u8>, Vec<u8>)>), String>;
+    fn snapshot(&self) -> Result<(SnapshotMetadata, crate::mvcc::Records), String>;
 }
 
 struct PeerHandle {
@@ -106,7 +106,13 @@ impl Transport {
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 let to = m.to;
                 match peers.get(&to) {
-                    Some(_) if self.backoff.lock().get(&to).is_some_and(|t| *t > std::time::Instant::now()) => {
+                    Some(_)
+                        if self
+                            .backoff
+                            .lock()
+                            .get(&to)
+                            .is_some_and(|t| *t > std::time::Instant::now()) =>
+                    {
                         // Failed recently: let Raft keep probing, but do not copy the state again yet.
                         let _ = self.raft_tx.send(RaftInput::SnapshotDone(to, false));
                     }
@@ -239,7 +245,12 @@ fn chunk_crc(keys: &[Vec<u8>], values: &[Vec<u8>]) -> u32 {
 /// Streams a consistent copy of the state to a peer: the snapshot message first, then the
 /// records in checksummed chunks, then a sha256 over all of them. A failure anywhere is
 /// reported to Raft, which sends a new snapshot later (restartable).
-async fn send_snapshot(urls: &[String], cluster_id: u64, mut msg: Message, src: Arc<dyn SnapshotSource>) -> Result<u64, String> {
+async fn send_snapshot(
+    urls: &[String],
+    cluster_id: u64,
+    mut msg: Message,
+    src: Arc<dyn SnapshotSource>,
+) -> Result<u64, String> {
     // Reach the peer first: copying the state holds up writers, so only copy for a live peer.
     let mut client = None;
     let mut last_err = String::from("no peer URL");
@@ -247,18 +258,30 @@ async fn send_snapshot(urls: &[String], cluster_id: u64, mut msg: Message, src: 
         let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| e.to_string())?;
         match ep.connect_timeout(Duration::from_secs(2)).connect().await {
             Ok(ch) => {
-                client = Some(PeerClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX));
+                client = Some(
+                    PeerClient::new(ch)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX),
+                );
                 break;
             }
             Err(e) => last_err = e.to_string(),
         }
     }
-    let Some(mut client) = client else { return Err(last_err) };
-    let (meta, records) = tokio::task::spawn_blocking(move || src.snapshot()).await.map_err(|e| e.to_string())??;
+    let Some(mut client) = client else {
+        return Err(last_err);
+    };
+    let (meta, records) = tokio::task::spawn_blocking(move || src.snapshot())
+        .await
+        .map_err(|e| e.to_string())??;
     let index = meta.index;
     msg.mut_snapshot().set_metadata(meta);
     msg.mut_snapshot().data = Default::default();
-    let first = SnapshotChunk { cluster_id, message: msg.write_to_bytes().map_err(|e| e.to_string())?, ..Default::default() };
+    let first = SnapshotChunk {
+        cluster_id,
+        message: msg.write_to_bytes().map_err(|e| e.to_string())?,
+        ..Default::default()
+    };
     let mut chunks = vec![first];
     let mut sha = Sha256::new();
     let (mut keys, mut values, mut size) = (Vec::new(), Vec::new(), 0usize);
@@ -273,12 +296,25 @@ async fn send_snapshot(urls: &[String], cluster_id: u64, mut msg: Message, src: 
         values.push(v);
         if size >= CHUNK_BYTES || i + 1 == total {
             let crc32 = chunk_crc(&keys, &values);
-            chunks.push(SnapshotChunk { keys: std::mem::take(&mut keys), values: std::mem::take(&mut values), crc32, ..Default::default() });
+            chunks.push(SnapshotChunk {
+                keys: std::mem::take(&mut keys),
+                values: std::mem::take(&mut values),
+                crc32,
+                ..Default::default()
+            });
             size = 0;
         }
     }
-    chunks.push(SnapshotChunk { last: true, sha256: sha.finalize().to_vec(), crc32: chunk_crc(&[], &[]), ..Default::default() });
-    client.snapshot(futures::stream::iter(chunks)).await.map_err(|s| s.message().to_string())?;
+    chunks.push(SnapshotChunk {
+        last: true,
+        sha256: sha.finalize().to_vec(),
+        crc32: chunk_crc(&[], &[]),
+        ..Default::default()
+    });
+    client
+        .snapshot(futures::stream::iter(chunks))
+        .await
+        .map_err(|s| s.message().to_string())?;
     Ok(index)
 }
 
@@ -290,16 +326,28 @@ pub async fn receive_snapshot(
     mut inbound: impl futures::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
 ) -> Result<(Message, String, sled::Db), tonic::Status> {
     use futures::StreamExt;
-    let first = inbound.next().await.ok_or_else(|| tonic::Status::invalid_argument("empty snapshot stream"))??;
+    let first = inbound
+        .next()
+        .await
+        .ok_or_else(|| tonic::Status::invalid_argument("empty snapshot stream"))??;
     if first.cluster_id != cluster_id {
-        return Err(tonic::Status::failed_precondition(format!("cluster ID mismatch: local {cluster_id:x}, remote {:x}", first.cluster_id)));
+        return Err(tonic::Status::failed_precondition(format!(
+            "cluster ID mismatch: local {cluster_id:x}, remote {:x}",
+            first.cluster_id
+        )));
     }
-    let msg = Message::parse_from_bytes(&first.message).map_err(|e| tonic::Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+    let msg = Message::parse_from_bytes(&first.message)
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad snapshot message: {e}")))?;
     let index = msg.get_snapshot().get_metadata().index;
-    let (name, db) = store.stage(index).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let (name, db) = store
+        .stage(index)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let mut sha = Sha256::new();
     loop {
-        let c = inbound.next().await.ok_or_else(|| tonic::Status::data_loss("snapshot stream ended early"))??;
+        let c = inbound
+            .next()
+            .await
+            .ok_or_else(|| tonic::Status::data_loss("snapshot stream ended early"))??;
         if c.keys.len() != c.values.len() || chunk_crc(&c.keys, &c.values) != c.crc32 {
             return Err(tonic::Status::data_loss("snapshot chunk checksum mismatch"));
         }
@@ -311,7 +359,8 @@ pub async fn receive_snapshot(
             sha.update(v);
             batch.insert(k.as_slice(), v.as_slice());
         }
-        db.apply_batch(batch).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        db.apply_batch(batch)
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         if c.last {
             if sha.finalize().as_slice() != c.sha256.as_slice() {
                 return Err(tonic::Status::data_loss("snapshot sha256 mismatch"));
@@ -319,6 +368,8 @@ pub async fn receive_snapshot(
             break;
         }
     }
-    db.flush_async().await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    db.flush_async()
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
     Ok((msg, name, db))
 }

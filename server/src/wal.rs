@@ -396,14 +396,23 @@ impl Wal {
             fs::remove_file(&s.path)?;
         }
         sync_dir(&self.dir)?;
-        self.segments.push(Segment { seq, path, last_index: snapshot.index });
+        self.segments.push(Segment {
+            seq,
+            path,
+            last_index: snapshot.index,
+        });
         self.snapshot = snapshot;
         self.hard_state = hard_state;
         Ok(())
     }
 
     pub fn last_index(&self) -> u64 {
-        self.segments.iter().map(|s| s.last_index).max().unwrap_or(0).max(self.snapshot.index)
+        self.segments
+            .iter()
+            .map(|s| s.last_index)
+            .max()
+            .unwrap_or(0)
+            .max(self.snapshot.index)
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -498,7 +507,8 @@ mod tests {
     fn reset_drops_every_entry_before_and_after_the_snapshot_point() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Wal::create(dir.path(), SnapshotMetadata::default()).unwrap();
-        w.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs(1, 1))).unwrap();
+        w.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], Some(&hs(1, 1)))
+            .unwrap();
         w.sync().unwrap();
         let mut meta = SnapshotMetadata::default();
         meta.index = 2;
@@ -509,7 +519,13 @@ mod tests {
         drop(w);
         let (_, rep) = Wal::open(dir.path()).unwrap();
         assert_eq!(rep.snapshot.index, 2);
-        assert_eq!(rep.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(), vec![(3, 2)]);
+        assert_eq!(
+            rep.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
+            vec![(3, 2)]
+        );
         assert_eq!(rep.hard_state, hs(2, 2));
     }
 

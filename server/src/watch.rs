@@ -49,14 +49,22 @@ impl WatchHub {
     /// Called by the applier after the revision is visible to readers; never blocks.
     pub fn publish(&self, rev: i64, events: Vec<Event>) {
         if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::new(RevisionEvents { rev, events, resync: false }));
+            let _ = self.tx.send(Arc::new(RevisionEvents {
+                rev,
+                events,
+                resync: false,
+            }));
         }
     }
 
     /// After a snapshot install: streams re-read history from the new backend.
     pub fn resync(&self, rev: i64) {
         if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(Arc::new(RevisionEvents { rev, events: vec![], resync: true }));
+            let _ = self.tx.send(Arc::new(RevisionEvents {
+                rev,
+                events: vec![],
+                resync: true,
+            }));
         }
     }
 
@@ -385,7 +393,7 @@ impl<C: WatchContext> WatchStream<C> {
         let total = chunks.len();
         for (i, events) in chunks.into_iter().enumerate() {
             self.send(WatchResponse {
-                header: resp.header.clone(),
+                header: resp.header,
                 watch_id: id,
                 events,
                 fragment: i + 1 < total,

@@ -410,7 +410,8 @@ async fn kill9_leader_under_write_load() {
     // request the connection broke. Those are the only other errors allowed,
     // and only right at the kill.
     let (cut_off, unexpected): (Vec<_>, Vec<_>) = unexpected.into_iter().partition(|(at, msg)| {
-        (msg.ends_with(": Unknown: transport error") || msg.contains(": Unknown: h2 protocol error"))
+        (msg.ends_with(": Unknown: transport error")
+            || msg.contains(": Unknown: h2 protocol error"))
             && *at + Duration::from_millis(200) >= killed_at
             && *at <= killed_at + Duration::from_secs(2)
     });

@@ -10,11 +10,17 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker").args(args).output().map_err(|e| format!("docker {args:?}: {e}"))?;
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .map_err(|e| format!("docker {args:?}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
-        Err(format!("docker {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -35,13 +41,45 @@ impl Drop for Cleanup {
     }
 }
 
+/// Whether a Docker engine answers; says so when it does not, so a skip is never silent.
+fn docker_available(test: &str) -> bool {
+    match docker(&["info", "--format", "{{.ServerVersion}}"]) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: no Docker engine answers, so the {test} test cannot run here ({e})"
+            );
+            false
+        }
+    }
+}
+
+/// Builds the server image from the binary under test with the project's own script.
+fn build_image(tag: &str) {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let build = Command::new("bash")
+        .arg(format!("{repo}/scripts/build-image.sh"))
+        .arg(tag)
+        .env("OXCD", env!("CARGO_BIN_EXE_oxcd"))
+        .output()
+        .expect("run scripts/build-image.sh");
+    assert!(
+        build.status.success(),
+        "image build failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+}
+
 async fn client_for(endpoints: &[String]) -> Client {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(c) = Client::connect(endpoints, None).await {
             return c;
         }
-        assert!(Instant::now() < deadline, "could not connect to {endpoints:?}");
+        assert!(
+            Instant::now() < deadline,
+            "could not connect to {endpoints:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -51,52 +89,75 @@ async fn wait_for_value(endpoint: &str, key: &str, value: &str, within: Duration
     let deadline = Instant::now() + within;
     loop {
         if let Ok(mut c) = Client::connect([endpoint], None).await {
-            if let Ok(r) = c.get(key, Some(GetOptions::new().with_serializable())).await {
+            if let Ok(r) = c
+                .get(key, Some(GetOptions::new().with_serializable()))
+                .await
+            {
                 if r.kvs().first().map(|kv| kv.value()) == Some(value.as_bytes()) {
                     return;
                 }
             }
         }
-        assert!(Instant::now() < deadline, "{endpoint} did not reach {key}={value} within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{endpoint} did not reach {key}={value} within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_member_cluster_in_containers_survives_a_stopped_member() {
-    if let Err(e) = docker(&["info", "--format", "{{.ServerVersion}}"]) {
-        eprintln!("SKIPPED: no Docker engine answers, so the container cluster test cannot run here ({e})");
+    if !docker_available("container cluster") {
         return;
     }
     let run = format!("oxcdtest{:08x}", rand::random::<u32>());
     let image = format!("oxcd:{run}");
     let network = format!("{run}-net");
     let names: Vec<String> = (1..=3).map(|i| format!("{run}-m{i}")).collect();
-    let mut cleanup = Cleanup { containers: vec![], network: network.clone(), image: image.clone() };
+    let mut cleanup = Cleanup {
+        containers: vec![],
+        network: network.clone(),
+        image: image.clone(),
+    };
 
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let build = Command::new("bash")
-        .arg(format!("{repo}/scripts/build-image.sh"))
-        .arg(&image)
-        .env("OXCD", env!("CARGO_BIN_EXE_oxcd"))
-        .output()
-        .expect("run scripts/build-image.sh");
-    assert!(build.status.success(), "image build failed: {}", String::from_utf8_lossy(&build.stderr));
+    build_image(&image);
 
     docker(&["network", "create", &network]).unwrap();
-    let initial: Vec<String> = names.iter().map(|n| format!("{n}=http://{n}:2380")).collect();
+    let initial: Vec<String> = names
+        .iter()
+        .map(|n| format!("{n}=http://{n}:2380"))
+        .collect();
     let initial = initial.join(",");
     for n in &names {
         let id = docker(&[
-            "run", "-d", "--name", n, "--network", &network, "-p", "127.0.0.1::2379", &image,
-            "--name", n,
-            "--listen-client-urls", "http://0.0.0.0:2379",
-            "--advertise-client-urls", &format!("http://{n}:2379"),
-            "--listen-peer-urls", "http://0.0.0.0:2380",
-            "--initial-advertise-peer-urls", &format!("http://{n}:2380"),
-            "--initial-cluster", &initial,
-            "--initial-cluster-token", &run,
-            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "run",
+            "-d",
+            "--name",
+            n,
+            "--network",
+            &network,
+            "-p",
+            "127.0.0.1::2379",
+            &image,
+            "--name",
+            n,
+            "--listen-client-urls",
+            "http://0.0.0.0:2379",
+            "--advertise-client-urls",
+            &format!("http://{n}:2379"),
+            "--listen-peer-urls",
+            "http://0.0.0.0:2380",
+            "--initial-advertise-peer-urls",
+            &format!("http://{n}:2380"),
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            &run,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
         ])
         .unwrap();
         assert!(!id.is_empty());
@@ -104,7 +165,14 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
     }
     let endpoints: Vec<String> = names
         .iter()
-        .map(|n| docker(&["port", n, "2379"]).unwrap().lines().next().unwrap().to_string())
+        .map(|n| {
+            docker(&["port", n, "2379"])
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_string()
+        })
         .collect();
 
     let mut c = client_for(&endpoints).await;
@@ -120,7 +188,10 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
     };
     // Members are known by their container names, as StatefulSet pods are by DNS.
     for n in &names {
-        assert!(members.members().iter().any(|m| m.name() == n && m.peer_urls() == [format!("http://{n}:2380")]));
+        assert!(members
+            .members()
+            .iter()
+            .any(|m| m.name() == n && m.peer_urls() == [format!("http://{n}:2380")]));
     }
     for i in 0..50 {
         c.put(format!("k{i}"), format!("v{i}"), None).await.unwrap();
@@ -135,21 +206,38 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
             match c2.put(format!("k{i}"), format!("v{i}"), None).await {
                 Ok(_) => break,
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "write {i} kept failing with two of three members: {e}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "write {i} kept failing with two of three members: {e}"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
-    let r = c2.get("k", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    let r = c2
+        .get("k", Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .unwrap();
     assert_eq!(r.count(), 100);
 
     // Back again: it catches up from the others.
     docker(&["start", &names[2]]).unwrap();
-    let ep3 = docker(&["port", &names[2], "2379"]).unwrap().lines().next().unwrap().to_string();
+    let ep3 = docker(&["port", &names[2], "2379"])
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
     wait_for_value(&ep3, "k99", "v99", Duration::from_secs(30)).await;
     let mut c3 = client_for(&[ep3]).await;
-    let r = c3.get("k", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+    let r = c3
+        .get(
+            "k",
+            Some(GetOptions::new().with_prefix().with_serializable()),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.kvs().len(), 100, "restarted member has every key");
     drop(cleanup);
 }
@@ -159,8 +247,7 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
 /// member from the peer network partitions it while clients can still reach it.
 #[tokio::test(flavor = "multi_thread")]
 async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
-    if let Err(e) = docker(&["info", "--format", "{{.ServerVersion}}"]) {
-        eprintln!("SKIPPED: no Docker engine answers, so the partition test cannot run here ({e})");
+    if !docker_available("partition") {
         return;
     }
     let run = format!("oxcdpart{:08x}", rand::random::<u32>());
@@ -168,15 +255,12 @@ async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
     let client_net = format!("{run}-clients");
     let peer_net = format!("{run}-peers");
     let names: Vec<String> = (1..=3).map(|i| format!("{run}-m{i}")).collect();
-    let mut cleanup = Cleanup { containers: vec![], network: client_net.clone(), image: image.clone() };
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let build = Command::new("bash")
-        .arg(format!("{repo}/scripts/build-image.sh"))
-        .arg(&image)
-        .env("OXCD", env!("CARGO_BIN_EXE_oxcd"))
-        .output()
-        .expect("run scripts/build-image.sh");
-    assert!(build.status.success(), "image build failed: {}", String::from_utf8_lossy(&build.stderr));
+    let mut cleanup = Cleanup {
+        containers: vec![],
+        network: client_net.clone(),
+        image: image.clone(),
+    };
+    build_image(&image);
     docker(&["network", "create", &client_net]).unwrap();
     docker(&["network", "create", &peer_net]).unwrap();
     struct NetGuard(String);
@@ -185,23 +269,51 @@ async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
             let _ = docker(&["network", "rm", &self.0]);
         }
     }
-    let initial: Vec<String> = names.iter().map(|n| format!("{n}=http://{n}-peer:2380")).collect();
+    let initial: Vec<String> = names
+        .iter()
+        .map(|n| format!("{n}=http://{n}-peer:2380"))
+        .collect();
     let initial = initial.join(",");
     for n in &names {
         docker(&[
-            "create", "--name", n, "--network", &client_net, "-p", "127.0.0.1::2379", &image,
-            "--name", n,
-            "--listen-client-urls", "http://0.0.0.0:2379",
-            "--advertise-client-urls", &format!("http://{n}:2379"),
-            "--listen-peer-urls", "http://0.0.0.0:2380",
-            "--initial-advertise-peer-urls", &format!("http://{n}-peer:2380"),
-            "--initial-cluster", &initial,
-            "--initial-cluster-token", &run,
-            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "create",
+            "--name",
+            n,
+            "--network",
+            &client_net,
+            "-p",
+            "127.0.0.1::2379",
+            &image,
+            "--name",
+            n,
+            "--listen-client-urls",
+            "http://0.0.0.0:2379",
+            "--advertise-client-urls",
+            &format!("http://{n}:2379"),
+            "--listen-peer-urls",
+            "http://0.0.0.0:2380",
+            "--initial-advertise-peer-urls",
+            &format!("http://{n}-peer:2380"),
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            &run,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
         ])
         .unwrap();
         cleanup.containers.push(n.clone());
-        docker(&["network", "connect", "--alias", &format!("{n}-peer"), &peer_net, n]).unwrap();
+        docker(&[
+            "network",
+            "connect",
+            "--alias",
+            &format!("{n}-peer"),
+            &peer_net,
+            n,
+        ])
+        .unwrap();
         docker(&["start", n]).unwrap();
     }
     // Containers go before networks: the peer network guard drops after `cleanup`.
@@ -209,7 +321,14 @@ async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
     let cleanup = cleanup;
     let endpoints: Vec<String> = names
         .iter()
-        .map(|n| docker(&["port", n, "2379"]).unwrap().lines().next().unwrap().to_string())
+        .map(|n| {
+            docker(&["port", n, "2379"])
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let mut all = client_for(&endpoints).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -225,18 +344,34 @@ async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut minority = client_for(&endpoints[2..]).await;
     let w = tokio::time::timeout(Duration::from_secs(8), minority.put("cut-off", "x", None)).await;
-    assert!(!matches!(w, Ok(Ok(_))), "the partitioned member accepted a write: {w:?}");
+    assert!(
+        !matches!(w, Ok(Ok(_))),
+        "the partitioned member accepted a write: {w:?}"
+    );
     let r = tokio::time::timeout(Duration::from_secs(8), minority.get("before", None)).await;
-    assert!(!matches!(r, Ok(Ok(_))), "the partitioned member served a linearizable read: {r:?}");
-    let s = minority.get("before", Some(GetOptions::new().with_serializable())).await.expect("serializable read on the minority");
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "the partitioned member served a linearizable read: {r:?}"
+    );
+    let s = minority
+        .get("before", Some(GetOptions::new().with_serializable()))
+        .await
+        .expect("serializable read on the minority");
     assert_eq!(s.kvs()[0].value(), b"1");
 
     // The majority keeps serving.
     let mut majority = client_for(&endpoints[..2]).await;
     for i in 0..50 {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while majority.put(format!("p{i}"), format!("v{i}"), None).await.is_err() {
-            assert!(Instant::now() < deadline, "the majority stopped serving writes");
+        while majority
+            .put(format!("p{i}"), format!("v{i}"), None)
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the majority stopped serving writes"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -244,21 +379,40 @@ async fn partitioned_minority_refuses_writes_and_the_cluster_heals() {
     assert_eq!(r.kvs()[0].value(), b"v49");
 
     // Heal: the member catches up and serves linearizable reads again.
-    docker(&["network", "connect", "--alias", &format!("{}-peer", names[2]), &peer_net, &names[2]]).unwrap();
+    docker(&[
+        "network",
+        "connect",
+        "--alias",
+        &format!("{}-peer", names[2]),
+        &peer_net,
+        &names[2],
+    ])
+    .unwrap();
     wait_for_value(&endpoints[2], "p49", "v49", Duration::from_secs(30)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), minority.get("p49", None)).await {
+        if let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_secs(3), minority.get("p49", None)).await
+        {
             assert_eq!(r.kvs()[0].value(), b"v49");
             break;
         }
-        assert!(Instant::now() < deadline, "healed member never served a linearizable read");
+        assert!(
+            Instant::now() < deadline,
+            "healed member never served a linearizable read"
+        );
     }
     let counts: Vec<usize> = {
         let mut v = Vec::new();
         for ep in &endpoints {
             let mut c = client_for(std::slice::from_ref(ep)).await;
-            let r = c.get("p", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+            let r = c
+                .get(
+                    "p",
+                    Some(GetOptions::new().with_prefix().with_serializable()),
+                )
+                .await
+                .unwrap();
             v.push(r.kvs().len());
         }
         v

@@ -38,15 +38,26 @@ async fn history_under_leader_kills_is_linearizable() {
                 let (op, ret) = match choice {
                     0 => {
                         let value = format!("c{c}-{n}");
-                        let r = tokio::time::timeout(OP_TIMEOUT, client.put(key.as_str(), value.as_str(), None)).await;
+                        let r = tokio::time::timeout(
+                            OP_TIMEOUT,
+                            client.put(key.as_str(), value.as_str(), None),
+                        )
+                        .await;
                         let ok = matches!(r, Ok(Ok(_)));
                         (Op::Put { value }, ok.then(Instant::now))
                     }
                     1 => {
-                        let r = tokio::time::timeout(OP_TIMEOUT, client.get(key.as_str(), Some(GetOptions::new()))).await;
+                        let r = tokio::time::timeout(
+                            OP_TIMEOUT,
+                            client.get(key.as_str(), Some(GetOptions::new())),
+                        )
+                        .await;
                         match r {
                             Ok(Ok(resp)) => {
-                                let seen = resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).to_string());
+                                let seen = resp
+                                    .kvs()
+                                    .first()
+                                    .map(|kv| String::from_utf8_lossy(kv.value()).to_string());
                                 last_seen[k] = seen.clone();
                                 (Op::Get { seen }, Some(Instant::now()))
                             }
@@ -61,15 +72,39 @@ async fn history_under_leader_kills_is_linearizable() {
                             Some(v) => Compare::value(key.as_str(), CompareOp::Equal, v.as_str()),
                             None => Compare::version(key.as_str(), CompareOp::Equal, 0),
                         };
-                        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key.as_str(), value.as_str(), None)]);
+                        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+                            key.as_str(),
+                            value.as_str(),
+                            None,
+                        )]);
                         let r = tokio::time::timeout(OP_TIMEOUT, client.txn(txn)).await;
                         match r {
-                            Ok(Ok(resp)) => (Op::Cas { expect, value, swapped: Some(resp.succeeded()) }, Some(Instant::now())),
-                            _ => (Op::Cas { expect, value, swapped: None }, None),
+                            Ok(Ok(resp)) => (
+                                Op::Cas {
+                                    expect,
+                                    value,
+                                    swapped: Some(resp.succeeded()),
+                                },
+                                Some(Instant::now()),
+                            ),
+                            _ => (
+                                Op::Cas {
+                                    expect,
+                                    value,
+                                    swapped: None,
+                                },
+                                None,
+                            ),
                         }
                     }
                 };
-                history.lock().unwrap().push(Event { client: c, key, op, invoke, ret });
+                history.lock().unwrap().push(Event {
+                    client: c,
+                    key,
+                    op,
+                    invoke,
+                    ret,
+                });
                 if ret.is_none() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -92,10 +127,16 @@ async fn history_under_leader_kills_is_linearizable() {
     }
     let history = history.lock().unwrap().clone();
     let completed = history.iter().filter(|e| e.ret.is_some()).count();
-    let writes = history.iter().filter(|e| e.ret.is_some() && !matches!(e.op, Op::Get { .. })).count();
+    let writes = history
+        .iter()
+        .filter(|e| e.ret.is_some() && !matches!(e.op, Op::Get { .. }))
+        .count();
     eprintln!("history: {} operations ({completed} completed, {writes} completed writes), {kills} leader kills", history.len());
     assert!(kills >= 2, "the faults did not happen");
-    assert!(completed >= 200 && writes >= 50, "too few operations completed to mean anything");
+    assert!(
+        completed >= 200 && writes >= 50,
+        "too few operations completed to mean anything"
+    );
     if let Err(violation) = check(&history) {
         panic!("{violation}");
     }

@@ -20,7 +20,9 @@ fn put(v: &str) -> Op {
     Op::Put { value: v.into() }
 }
 fn get(v: Option<&str>) -> Op {
-    Op::Get { seen: v.map(Into::into) }
+    Op::Get {
+        seen: v.map(Into::into),
+    }
 }
 
 #[test]
@@ -33,8 +35,28 @@ fn sequential_and_concurrent_histories_are_accepted() {
         ev(t0, 0, put("b"), 40, Some(60)),
         ev(t0, 1, get(Some("a")), 45, Some(50)),
         ev(t0, 1, get(Some("b")), 70, Some(80)),
-        ev(t0, 2, Op::Cas { expect: Some("b".into()), value: "c".into(), swapped: Some(true) }, 90, Some(95)),
-        ev(t0, 2, Op::Cas { expect: Some("b".into()), value: "d".into(), swapped: Some(false) }, 96, Some(99)),
+        ev(
+            t0,
+            2,
+            Op::Cas {
+                expect: Some("b".into()),
+                value: "c".into(),
+                swapped: Some(true),
+            },
+            90,
+            Some(95),
+        ),
+        ev(
+            t0,
+            2,
+            Op::Cas {
+                expect: Some("b".into()),
+                value: "d".into(),
+                swapped: Some(false),
+            },
+            96,
+            Some(99),
+        ),
         ev(t0, 1, get(Some("c")), 100, Some(110)),
     ];
     check(&h).unwrap();
@@ -68,8 +90,28 @@ fn two_successful_swaps_from_the_same_value_are_caught() {
     let t0 = Instant::now();
     let h = vec![
         ev(t0, 0, put("a"), 0, Some(10)),
-        ev(t0, 1, Op::Cas { expect: Some("a".into()), value: "x".into(), swapped: Some(true) }, 20, Some(40)),
-        ev(t0, 2, Op::Cas { expect: Some("a".into()), value: "y".into(), swapped: Some(true) }, 21, Some(41)),
+        ev(
+            t0,
+            1,
+            Op::Cas {
+                expect: Some("a".into()),
+                value: "x".into(),
+                swapped: Some(true),
+            },
+            20,
+            Some(40),
+        ),
+        ev(
+            t0,
+            2,
+            Op::Cas {
+                expect: Some("a".into()),
+                value: "y".into(),
+                swapped: Some(true),
+            },
+            21,
+            Some(41),
+        ),
     ];
     assert!(check(&h).is_err());
 }
@@ -78,12 +120,21 @@ fn two_successful_swaps_from_the_same_value_are_caught() {
 fn unknown_outcomes_may_or_may_not_take_effect() {
     let t0 = Instant::now();
     // A put that timed out may have happened...
-    let h = vec![ev(t0, 0, put("a"), 0, None), ev(t0, 1, get(Some("a")), 20, Some(30))];
+    let h = vec![
+        ev(t0, 0, put("a"), 0, None),
+        ev(t0, 1, get(Some("a")), 20, Some(30)),
+    ];
     check(&h).unwrap();
     // ...or not.
-    let h = vec![ev(t0, 0, put("a"), 0, None), ev(t0, 1, get(None), 20, Some(30))];
+    let h = vec![
+        ev(t0, 0, put("a"), 0, None),
+        ev(t0, 1, get(None), 20, Some(30)),
+    ];
     check(&h).unwrap();
     // But not before it was invoked.
-    let h = vec![ev(t0, 1, get(Some("a")), 0, Some(10)), ev(t0, 0, put("a"), 20, None)];
+    let h = vec![
+        ev(t0, 1, get(Some("a")), 0, Some(10)),
+        ev(t0, 0, put("a"), 20, None),
+    ];
     assert!(check(&h).is_err());
 }

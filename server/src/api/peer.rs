@@ -49,10 +49,24 @@ impl Peer for PeerService {
         Ok(Response::new(PeerAck {}))
     }
 
-    async fn snapshot(&self, req: Request<Streaming<crate::pb::oxcdpb::SnapshotChunk>>) -> Result<Response<PeerAck>, Status> {
-        let (msg, name, db) = crate::transport::receive_snapshot(self.0.cluster_id, &self.0.store, req.into_inner()).await?;
-        tracing::info!(index = msg.get_snapshot().get_metadata().index, "received a snapshot from the leader");
-        self.0.raft_input(RaftInput::SnapshotReceived { msg: Box::new(msg), name, db }).map_err(Status::from)?;
+    async fn snapshot(
+        &self,
+        req: Request<Streaming<crate::pb::oxcdpb::SnapshotChunk>>,
+    ) -> Result<Response<PeerAck>, Status> {
+        let (msg, name, db) =
+            crate::transport::receive_snapshot(self.0.cluster_id, &self.0.store, req.into_inner())
+                .await?;
+        tracing::info!(
+            index = msg.get_snapshot().get_metadata().index,
+            "received a snapshot from the leader"
+        );
+        self.0
+            .raft_input(RaftInput::SnapshotReceived {
+                msg: Box::new(msg),
+                name,
+                db,
+            })
+            .map_err(Status::from)?;
         Ok(Response::new(PeerAck {}))
     }
 

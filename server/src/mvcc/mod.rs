@@ -44,6 +44,9 @@ impl From<MvccError> for crate::error::EtcdError {
 
 pub type Result<T> = std::result::Result<T, MvccError>;
 
+/// Raw backend records, (key, value), in key order.
+pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 /// The Raft point of the last snapshot installed from the leader.
 pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
@@ -245,13 +248,28 @@ impl Store {
         let scheduled = read_u64(db, META_SCHEDULED_COMPACT)? as i64;
         let finished = read_u64(db, META_FINISHED_COMPACT)? as i64;
         // etcd's compactMainRev is -1 until the first compaction; txn checks compare with it.
-        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? { scheduled.max(finished) } else { -1 };
+        let compact_rev = if db.contains_key(META_SCHEDULED_COMPACT)? {
+            scheduled.max(finished)
+        } else {
+            -1
+        };
         current_rev = current_rev.max(compact_rev);
-        let mut rec = Recovered { consistent_index: read_u64(db, META_CONSISTENT_INDEX)?, ..Default::default() };
+        let mut rec = Recovered {
+            consistent_index: read_u64(db, META_CONSISTENT_INDEX)?,
+            ..Default::default()
+        };
         for item in db.scan_prefix(LEASE_PREFIX) {
             let (k, v) = item?;
-            let id = i64::from_be_bytes(k[LEASE_PREFIX.len()..].try_into().map_err(|_| MvccError::Corrupt("lease key".into()))?);
-            let ttl = i64::from_be_bytes(v.as_ref().try_into().map_err(|_| MvccError::Corrupt("lease ttl".into()))?);
+            let id = i64::from_be_bytes(
+                k[LEASE_PREFIX.len()..]
+                    .try_into()
+                    .map_err(|_| MvccError::Corrupt("lease key".into()))?,
+            );
+            let ttl = i64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| MvccError::Corrupt("lease ttl".into()))?,
+            );
             rec.leases.push((id, ttl));
         }
         for item in db.scan_prefix(ALARM_PREFIX) {
@@ -263,7 +281,12 @@ impl Store {
                 rec.attached.push((ki.lease(), key.clone()));
             }
         }
-        let state = State { index, current_rev, compact_rev, applied: rec.consistent_index };
+        let state = State {
+            index,
+            current_rev,
+            compact_rev,
+            applied: rec.consistent_index,
+        };
         Ok((state, rec, scheduled, finished))
     }
 
@@ -285,13 +308,16 @@ impl Store {
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, dir.join("CURRENT")).map_err(io)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         Ok(())
     }
 
     /// Opens (or creates) the backend in `dir` and rebuilds the index from it.
     pub fn open(dir: &Path) -> Result<(Arc<Store>, Recovered)> {
-        std::fs::create_dir_all(dir).map_err(|e| MvccError::Corrupt(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| MvccError::Corrupt(format!("creating {}: {e}", dir.display())))?;
         let name = match Self::current_name(dir)? {
             Some(n) => n,
             None => {
@@ -340,7 +366,13 @@ impl Store {
 
     /// Replaces the whole state with a staged backend holding the state at Raft index
     /// `index` (a snapshot from the leader). Durable when it returns.
-    pub fn install(&self, name: &str, staged: sled::Db, index: u64, term: u64) -> Result<Recovered> {
+    pub fn install(
+        &self,
+        name: &str,
+        staged: sled::Db,
+        index: u64,
+        term: u64,
+    ) -> Result<Recovered> {
         staged.insert(META_CONSISTENT_INDEX, &index.to_be_bytes())?;
         staged.insert(META_SNAPSHOT_INDEX, &index.to_be_bytes())?;
         staged.insert(META_SNAPSHOT_TERM, &term.to_be_bytes())?;
@@ -357,7 +389,9 @@ impl Store {
             .unwrap_or_default();
         drop(old);
         for p in old_dirs {
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("state-") && n != name) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("state-") && n != name)
+            {
                 let _ = std::fs::remove_dir_all(p);
             }
         }
@@ -366,7 +400,7 @@ impl Store {
 
     /// A consistent copy of the whole state and the Raft index it is at (for a follower
     /// that needs a snapshot). Writers wait while it is taken.
-    pub fn snapshot_copy(&self) -> Result<(u64, Vec<(Vec<u8>, Vec<u8>)>)> {
+    pub fn snapshot_copy(&self) -> Result<(u64, Records)> {
         let st = self.state.read();
         let db = self.db();
         let mut out = Vec::new();
@@ -737,7 +771,9 @@ impl WriteTxn<'_> {
         self.batch
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
         let rev = self.rev();
-        self.store.db().apply_batch(std::mem::take(&mut self.batch))?;
+        self.store
+            .db()
+            .apply_batch(std::mem::take(&mut self.batch))?;
         self.state.current_rev = rev;
         Ok(Committed {
             rev,

@@ -14,12 +14,20 @@ use std::time::Instant;
 /// What a client asked for and what it saw, on one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { value: String },
+    Put {
+        value: String,
+    },
     /// A read and the value it returned (None: no such key).
-    Get { seen: Option<String> },
+    Get {
+        seen: Option<String>,
+    },
     /// Compare-and-swap: if the value is `expect`, set `value`; `swapped` is what the txn said
     /// (None when the outcome is unknown).
-    Cas { expect: Option<String>, value: String, swapped: Option<bool> },
+    Cas {
+        expect: Option<String>,
+        value: String,
+        swapped: Option<bool>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -37,14 +45,22 @@ fn step(state: &Option<String>, op: &Op, known: bool) -> Option<Option<String>> 
     match op {
         Op::Put { value } => Some(Some(value.clone())),
         Op::Get { seen } => (!known || seen == state).then(|| state.clone()),
-        Op::Cas { expect, value, swapped } => {
+        Op::Cas {
+            expect,
+            value,
+            swapped,
+        } => {
             let matches = state == expect;
             match swapped {
                 Some(true) if matches => Some(Some(value.clone())),
                 Some(false) if !matches => Some(state.clone()),
                 Some(_) => None,
                 // Unknown outcome: it swapped if it could.
-                None => Some(if matches { Some(value.clone()) } else { state.clone() }),
+                None => Some(if matches {
+                    Some(value.clone())
+                } else {
+                    state.clone()
+                }),
             }
         }
     }
@@ -70,11 +86,20 @@ fn check_key(events: &[&Event]) -> Result<(), usize> {
         return Ok(());
     }
     // Unknown outcomes return after everything else.
-    let end = events.iter().filter_map(|e| e.ret).chain(events.iter().map(|e| e.invoke)).max().unwrap_or_else(Instant::now);
+    let end = events
+        .iter()
+        .filter_map(|e| e.ret)
+        .chain(events.iter().map(|e| e.invoke))
+        .max()
+        .unwrap_or_else(Instant::now);
     let mut times: Vec<(Instant, bool, usize)> = Vec::with_capacity(2 * n);
     for (i, e) in events.iter().enumerate() {
         times.push((e.invoke, true, i));
-        times.push((e.ret.unwrap_or(end + std::time::Duration::from_secs(1)), false, i));
+        times.push((
+            e.ret.unwrap_or(end + std::time::Duration::from_secs(1)),
+            false,
+            i,
+        ));
     }
     // At equal times a return comes before a call: they did not overlap.
     times.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -82,7 +107,13 @@ fn check_key(events: &[&Event]) -> Result<(), usize> {
     let mut call_at = vec![0; n];
     let mut ret_at = vec![0; n];
     for (pos, (_, is_call, op)) in times.iter().enumerate() {
-        list.push(Entry { op: *op, is_call: *is_call, peer: 0, prev: if pos == 0 { HEAD } else { pos - 1 }, next: pos + 1 });
+        list.push(Entry {
+            op: *op,
+            is_call: *is_call,
+            peer: 0,
+            prev: if pos == 0 { HEAD } else { pos - 1 },
+            next: pos + 1,
+        });
         if *is_call {
             call_at[*op] = pos;
         } else {
@@ -98,13 +129,25 @@ fn check_key(events: &[&Event]) -> Result<(), usize> {
     let mut head = 0usize;
     let unlink = |list: &mut Vec<Entry>, head: &mut usize, i: usize| {
         let (p, nx) = (list[i].prev, list[i].next);
-        if p == HEAD { *head = nx } else { list[p].next = nx }
-        if nx != HEAD { list[nx].prev = p }
+        if p == HEAD {
+            *head = nx
+        } else {
+            list[p].next = nx
+        }
+        if nx != HEAD {
+            list[nx].prev = p
+        }
     };
     let relink = |list: &mut Vec<Entry>, head: &mut usize, i: usize| {
         let (p, nx) = (list[i].prev, list[i].next);
-        if p == HEAD { *head = i } else { list[p].next = i }
-        if nx != HEAD { list[nx].prev = i }
+        if p == HEAD {
+            *head = i
+        } else {
+            list[p].next = i
+        }
+        if nx != HEAD {
+            list[nx].prev = i
+        }
     };
 
     let words = n.div_ceil(64);
@@ -135,7 +178,9 @@ fn check_key(events: &[&Event]) -> Result<(), usize> {
             cur = e.next;
         } else {
             // This operation returned, yet none of the ways tried linearizes it: back up.
-            let Some((top, prev_state)) = stack.pop() else { return Err(best) };
+            let Some((top, prev_state)) = stack.pop() else {
+                return Err(best);
+            };
             state = prev_state;
             let op = list[top].op;
             linearized[op / 64] &= !(1 << (op % 64));
@@ -168,8 +213,17 @@ pub fn check(history: &[Event]) -> Result<(), String> {
                 .skip(from)
                 .take(20)
                 .map(|e| {
-                    let ret = e.ret.map(|r| format!("{:?}", r - t0)).unwrap_or_else(|| "unknown".into());
-                    format!("  client {} {:?} invoked {:?} returned {}", e.client, e.op, e.invoke - t0, ret)
+                    let ret = e
+                        .ret
+                        .map(|r| format!("{:?}", r - t0))
+                        .unwrap_or_else(|| "unknown".into());
+                    format!(
+                        "  client {} {:?} invoked {:?} returned {}",
+                        e.client,
+                        e.op,
+                        e.invoke - t0,
+                        ret
+                    )
                 })
                 .collect();
             return Err(format!(
