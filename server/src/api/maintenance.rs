@@ -100,9 +100,26 @@ impl Maintenance for MaintenanceService {
         self.0.check_not_learner()?;
         Err(not_yet("Hash"))
     }
-    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
         self.0.check_not_learner()?;
-        Err(not_yet("HashKV"))
+        let (hash, current, compact) = self
+            .0
+            .store
+            .hash_kv(req.into_inner().revision)
+            .map_err(crate::error::EtcdError::from)?;
+        let mut resp = HashKvResponse {
+            header: Some(crate::pb::etcdserverpb::ResponseHeader {
+                revision: current,
+                ..Default::default()
+            }),
+            hash,
+            compact_revision: compact,
+        };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
     }
 
     type SnapshotStream = ReceiverStream<Result<SnapshotResponse, Status>>;
