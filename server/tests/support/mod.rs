@@ -1164,7 +1164,26 @@ impl Cluster {
             let all_same =
                 first.is_some() && seen.iter().all(|(_, r)| r.as_ref().ok().copied() == first);
             if all_same && previous == first {
-                return first.unwrap().0;
+                let rev = first.unwrap().0;
+                // Same revision and applied index; the key spaces must then hash the same
+                // (etcd's HashKV, as etcd's own corruption check compares members).
+                let mut hashes = Vec::new();
+                for i in self.current() {
+                    let mut c = self.member_client(i).await;
+                    let h = c
+                        .maintenance_client()
+                        .hash_kv(rev)
+                        .await
+                        .map(|r| r.hash())
+                        .map_err(|e| e.to_string());
+                    hashes.push((self.members[i].name.clone(), h));
+                }
+                let h0 = hashes[0].1.clone();
+                assert!(
+                    h0.is_ok() && hashes.iter().all(|(_, h)| *h == h0),
+                    "members at revision {rev} hash differently: {hashes:?}"
+                );
+                return rev;
             }
             previous = if all_same { first } else { None };
             if start.elapsed() > timeout {
