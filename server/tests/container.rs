@@ -193,8 +193,15 @@ async fn three_member_cluster_in_containers_survives_a_stopped_member() {
             .iter()
             .any(|m| m.name() == n && m.peer_urls() == [format!("http://{n}:2380")]));
     }
+    // Connections made while members were still starting went through docker's port proxy
+    // to nothing and may be reset: start a fresh client, and retry transport errors.
+    let mut c = client_for(&endpoints).await;
     for i in 0..50 {
-        c.put(format!("k{i}"), format!("v{i}"), None).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = c.put(format!("k{i}"), format!("v{i}"), None).await {
+            assert!(Instant::now() < deadline, "write {i} kept failing: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     // Stop the third member; the other two keep serving writes and linearizable reads.
