@@ -505,7 +505,9 @@ impl EtcdServer {
 
     /// etcd serves a learner's clients only Status and serializable Range.
     pub fn check_not_learner(&self) -> Result<()> {
-        if self.member().is_learner {
+        // On every request: look the flag up without copying the member record.
+        let learner = self.membership.read().get(self.id).map(|m| m.is_learner);
+        if learner.unwrap_or(self.self_record.is_learner) {
             return Err(EtcdError::NotSupportedForLearner);
         }
         Ok(())

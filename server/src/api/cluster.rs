@@ -33,6 +33,16 @@ fn check_urls(urls: &[String]) -> Result<(), EtcdError> {
 }
 
 impl ClusterService {
+    fn voters(&self) -> usize {
+        self.0
+            .membership
+            .read()
+            .members()
+            .iter()
+            .filter(|m| !m.is_learner)
+            .count()
+    }
+
     fn header(&self) -> Option<crate::pb::etcdserverpb::ResponseHeader> {
         // etcd's Cluster API headers carry no revision.
         Some(self.0.header(0))
@@ -122,14 +132,7 @@ impl Cluster for ClusterService {
             return Err(EtcdError::MemberExist.into());
         }
         if !r.is_learner {
-            let voters = self
-                .0
-                .membership
-                .read()
-                .members()
-                .iter()
-                .filter(|m| !m.is_learner)
-                .count();
+            let voters = self.voters();
             self.check_quorum_after(voters + 1, None).await?;
         }
         let change = if r.is_learner {
@@ -159,14 +162,7 @@ impl Cluster for ClusterService {
             .cloned()
             .ok_or(EtcdError::MemberNotFound)?;
         if !target.is_learner {
-            let voters = self
-                .0
-                .membership
-                .read()
-                .members()
-                .iter()
-                .filter(|m| !m.is_learner)
-                .count();
+            let voters = self.voters();
             self.check_quorum_after(voters.saturating_sub(1), Some(r.id))
                 .await?;
         }
@@ -240,14 +236,7 @@ impl Cluster for ClusterService {
         if (learner_match as f64) < (leader_match as f64) * LEARNER_READY_PERCENT {
             return Err(EtcdError::LearnerNotReady.into());
         }
-        let voters = self
-            .0
-            .membership
-            .read()
-            .members()
-            .iter()
-            .filter(|m| !m.is_learner)
-            .count();
+        let voters = self.voters();
         self.check_quorum_after(voters + 1, None).await?;
         let mut promoted = target;
         promoted.is_learner = false;
