@@ -111,20 +111,23 @@ impl KeyIndex {
         })
     }
 
+    /// The first generation a compaction at `at` leaves: generations ended by a tombstone at or
+    /// before `at` are gone (etcd's `doCompact`); the last generation always stays.
+    fn compaction_generation(&self, at: i64) -> usize {
+        let last = self.generations.len() - 1;
+        self.generations[..last]
+            .iter()
+            .position(|g| g.revs[g.revs.len() - 1].main > at)
+            .unwrap_or(last)
+    }
+
     /// The revisions a compaction at `at` would keep (etcd's `keep`, used by HashKV):
     /// like `compact` without changing anything, and without a tombstone ending a generation.
     pub fn keep(&self, at: i64, available: &mut HashSet<Revision>) {
         if self.is_empty() {
             return;
         }
-        let mut gen_idx = 0;
-        while gen_idx < self.generations.len() - 1 {
-            let g = &self.generations[gen_idx];
-            if g.revs[g.revs.len() - 1].main > at {
-                break;
-            }
-            gen_idx += 1;
-        }
+        let gen_idx = self.compaction_generation(at);
         let g = &self.generations[gen_idx];
         if let Some(n) = g.revs.iter().rposition(|r| r.main <= at) {
             let tombstone = n == g.revs.len() - 1 && gen_idx != self.generations.len() - 1;
@@ -137,14 +140,7 @@ impl KeyIndex {
     /// Drops history before `at`, keeping for a key live at `at` its newest revision at or
     /// below it. Revisions to keep in the backend are added to `available`.
     pub fn compact(&mut self, at: i64, available: &mut HashSet<Revision>) {
-        let mut gen_idx = 0;
-        while gen_idx < self.generations.len() - 1 {
-            let g = &self.generations[gen_idx];
-            if g.revs[g.revs.len() - 1].main > at {
-                break;
-            }
-            gen_idx += 1;
-        }
+        let mut gen_idx = self.compaction_generation(at);
         let last = self.generations.len() - 1;
         let g = &mut self.generations[gen_idx];
         if !g.revs.is_empty() {
