@@ -24,6 +24,8 @@ apt_install() {
 missing=()
 [ -x /usr/bin/etcd ] || missing+=(etcd-server)
 [ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
+# The etcd-client crate (a dev-dependency) compiles etcd's protos with protoc.
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
     # The Debian package may start an etcd service listening on 2379; the

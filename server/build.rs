@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/etcd/kv.proto",
         "proto/etcd/auth.proto",
+        "proto/etcd/lease.proto",
         "proto/etcd/rpc.proto",
         "proto/oxcd/internal.proto",
     ];

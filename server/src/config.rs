@@ -231,6 +231,52 @@ fn resolve(flag: &'static str, u: &str) -> Result<Vec<SocketAddr>, ConfigError> 
     Ok(addrs.into_iter().take(1).collect())
 }
 
+/// Parses `--initial-cluster` (`name=url,name=url`) and checks that `name` is in it with
+/// exactly its advertised peer URLs, as etcd does.
+pub fn parse_initial_cluster(
+    name: &str,
+    ic: &str,
+    advertise: &[String],
+) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    let mut initial_cluster: Vec<(String, Vec<String>)> = Vec::new();
+    for part in ic.split(',').filter(|p| !p.trim().is_empty()) {
+        let (n, u) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("initial-cluster", ic, format!("{part:?} is not name=URL")))?;
+        let u = split_urls("initial-cluster", u)?;
+        match initial_cluster.iter_mut().find(|(name, _)| name == n) {
+            Some((_, urls)) => urls.extend(u),
+            None => initial_cluster.push((n.to_string(), u)),
+        }
+    }
+    let Some((_, my_urls)) = initial_cluster.iter().find(|(n, _)| *n == name) else {
+        return Err(invalid(
+            "initial-cluster",
+            ic,
+            format!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                name
+            ),
+        ));
+    };
+    let mut a = my_urls.clone();
+    let mut b = advertise.to_vec();
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(invalid(
+            "initial-cluster",
+            ic,
+            format!(
+                "--initial-cluster has {} but missing from --initial-advertise-peer-urls={}",
+                a.join(","),
+                b.join(",")
+            ),
+        ));
+    }
+    Ok(initial_cluster)
+}
+
 /// Parses Go-style durations ("10s", "5m", "1h", "1h30m", "500ms").
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
@@ -308,42 +354,7 @@ impl Flags {
                 initial_advertise_peer_urls.join(&format!(",{}=", self.name))
             )
         });
-        let mut initial_cluster: Vec<(String, Vec<String>)> = Vec::new();
-        for part in ic.split(',').filter(|p| !p.trim().is_empty()) {
-            let (n, u) = part.split_once('=').ok_or_else(|| {
-                invalid("initial-cluster", &ic, format!("{part:?} is not name=URL"))
-            })?;
-            let u = split_urls("initial-cluster", u)?;
-            match initial_cluster.iter_mut().find(|(name, _)| name == n) {
-                Some((_, urls)) => urls.extend(u),
-                None => initial_cluster.push((n.to_string(), u)),
-            }
-        }
-        let Some((_, my_urls)) = initial_cluster.iter().find(|(n, _)| *n == self.name) else {
-            return Err(invalid(
-                "initial-cluster",
-                &ic,
-                format!(
-                    "couldn't find local name {:?} in the initial cluster configuration",
-                    self.name
-                ),
-            ));
-        };
-        let mut a = my_urls.clone();
-        let mut b = initial_advertise_peer_urls.clone();
-        a.sort();
-        b.sort();
-        if a != b {
-            return Err(invalid(
-                "initial-cluster",
-                &ic,
-                format!(
-                    "--initial-cluster has {} but missing from --initial-advertise-peer-urls={}",
-                    a.join(","),
-                    b.join(",")
-                ),
-            ));
-        }
+        let initial_cluster = parse_initial_cluster(&self.name, &ic, &initial_advertise_peer_urls)?;
         let new_cluster = match self.initial_cluster_state.as_str() {
             "new" => true,
             "existing" => false,

@@ -12,6 +12,7 @@ pub mod mvcc;
 pub mod pb;
 pub mod raft_node;
 pub mod server;
+pub mod snapshot;
 pub mod transport;
 pub mod wal;
 pub mod watch;

@@ -5,6 +5,14 @@ use oxcd::config::Flags;
 use oxcd::server::EtcdServer;
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        if let Err(e) = oxcd::snapshot::cli::run(args) {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let flags = match Flags::try_parse() {
         Ok(f) => f,
         Err(e) => e.exit(),

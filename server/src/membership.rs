@@ -39,7 +39,7 @@ pub fn cluster_id(member_ids: &[u64]) -> u64 {
     u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
 
-fn record_key(prefix: &[u8], id: u64) -> Vec<u8> {
+pub fn record_key(prefix: &[u8], id: u64) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&id.to_be_bytes());
     k

@@ -189,9 +189,10 @@ fn repair_wal(
     ))
 }
 
-const META_MEMBER_ID: &[u8] = b"m/member_id";
-const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
-const META_CONF_STATE: &[u8] = b"m/conf_state";
+/// This member's identity and the Raft configuration, beside the replicated state.
+pub(crate) const META_MEMBER_ID: &[u8] = b"m/member_id";
+pub(crate) const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
+pub(crate) const META_CONF_STATE: &[u8] = b"m/conf_state";
 
 fn read_id(store: &Store, key: &[u8]) -> anyhow::Result<u64> {
     let v = store.get_record(key)?.ok_or_else(|| {
@@ -287,6 +288,13 @@ impl EtcdServer {
     pub async fn start(cfg: Config) -> anyhow::Result<Arc<EtcdServer>> {
         let member_dir = cfg.data_dir.join("member");
         std::fs::create_dir_all(&member_dir)?;
+        if let Ok(d) = std::fs::read_dir(member_dir.join("snap")) {
+            for e in d.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".db.tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let (store, recovered) = Store::open(&member_dir.join("db"))?;
         let fresh = !Wal::exists(&cfg.wal_dir);
         // Members to reach before the log has replayed the member list (a joining member).
@@ -492,6 +500,14 @@ impl EtcdServer {
         server.clone().spawn_auto_compaction();
         server.clone().spawn_publish();
         Ok(server)
+    }
+
+    /// Where a client backup is written before it is streamed (removed after; leftovers of a
+    /// crash are removed on the next start).
+    pub fn backup_scratch_path(&self) -> std::path::PathBuf {
+        let dir = self.cfg.data_dir.join("member").join("snap");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("backup-{:016x}.db.tmp", rand::random::<u64>()))
     }
 
     /// This member as the member list has it.

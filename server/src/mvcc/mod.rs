@@ -47,12 +47,12 @@ pub type Result<T> = std::result::Result<T, MvccError>;
 /// Raw backend records, (key, value), in key order.
 pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
-const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
+pub const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 /// The Raft point of the last snapshot installed from the leader.
 pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
 pub const META_SNAPSHOT_TERM: &[u8] = b"m/snapshot_term";
-const META_SCHEDULED_COMPACT: &[u8] = b"m/scheduled_compact_rev";
-const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
+pub const META_SCHEDULED_COMPACT: &[u8] = b"m/scheduled_compact_rev";
+pub const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
 /// Prefix of other replicated records kept beside the key space (leases, alarms, members).
 pub const LEASE_PREFIX: &[u8] = b"l/";
 pub const ALARM_PREFIX: &[u8] = b"a/";
@@ -350,6 +350,26 @@ impl Store {
             store.compact_backend(scheduled, &keep)?;
         }
         Ok((store, rec))
+    }
+
+    /// Creates a backend in the empty directory `dir` holding exactly `records` (a member's
+    /// state restored from a backup). Durable when it returns.
+    pub fn create(dir: &Path, records: Records) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| MvccError::Corrupt(format!("creating {}: {e}", dir.display())))?;
+        let name = "state-0";
+        let db = Self::open_db(&dir.join(name))?;
+        let mut batch = sled::Batch::default();
+        for (i, (k, v)) in records.into_iter().enumerate() {
+            batch.insert(k, v);
+            if i % 10_000 == 9_999 {
+                db.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        db.apply_batch(batch)?;
+        db.flush()?;
+        drop(db);
+        Self::set_current(dir, name)
     }
 
     fn db(&self) -> sled::Db {
@@ -823,8 +843,8 @@ impl WriteTxn<'_> {
     }
 }
 
-/// CRC-32C (Castagnoli), the checksum etcd's HashKV uses.
-struct Crc32c {
+/// CRC-32C (Castagnoli), the checksum etcd's HashKV and `snapshot status` use.
+pub(crate) struct Crc32c {
     crc: u32,
 }
 
@@ -855,13 +875,13 @@ const CRC32C_TABLE: [u32; 256] = {
 };
 
 impl Crc32c {
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         for b in data {
             self.crc = CRC32C_TABLE[((self.crc ^ *b as u32) & 0xff) as usize] ^ (self.crc >> 8);
         }
     }
 
-    fn finish(&self) -> u32 {
+    pub(crate) fn finish(&self) -> u32 {
         !self.crc
     }
 }

@@ -607,6 +607,41 @@ pub async fn etcdctl_at(endpoint: &str, args: &[&str], stdin: Option<&str>) -> C
     }
 }
 
+/// `snapshot restore <backup> <args>` with the kind's own tool: `oxcd snapshot restore` or
+/// etcd 3.4's `etcdctl snapshot restore`.
+pub fn snapshot_restore(kind: Kind, backup: &Path, args: &[&str]) -> CmdOut {
+    snapshot_tool(kind, "restore", backup, args)
+}
+
+/// `snapshot <verb> <file> <args>` with oxcd's or etcdctl's offline tool.
+pub fn snapshot_tool(kind: Kind, verb: &str, file: &Path, args: &[&str]) -> CmdOut {
+    let mut cmd = match kind {
+        Kind::Oxcd => Command::new(Kind::Oxcd.binary()),
+        Kind::Etcd => {
+            require_etcd();
+            let mut c = Command::new(ETCDCTL_BIN);
+            c.env("ETCDCTL_API", "3");
+            c
+        }
+    };
+    cmd.arg("snapshot").arg(verb).arg(file).args(args);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {} snapshot {verb}: {e}", kind.label()));
+    let mut all = vec![
+        "snapshot".to_string(),
+        verb.to_string(),
+        file.display().to_string(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    CmdOut {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        status: out.status,
+        args: all,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // gRPC error helpers
 
@@ -695,6 +730,16 @@ impl Cluster {
 
     /// Like `start`, with extra flags for every member (e.g. `--snapshot-count`).
     pub async fn start_with(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
+        Self::start_inner(kind, n, extra, None).await
+    }
+
+    /// Starts `n` members whose data dirs are first restored from an etcd-format backup
+    /// with the kind's own tool (`oxcd snapshot restore` or `etcdctl snapshot restore`).
+    pub async fn start_from_backup(kind: Kind, n: usize, backup: &Path) -> Cluster {
+        Self::start_inner(kind, n, &[], Some(backup)).await
+    }
+
+    async fn start_inner(kind: Kind, n: usize, extra: &[&str], backup: Option<&Path>) -> Cluster {
         assert!(n >= 1);
         let seq = CLUSTER_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = format!(
@@ -731,6 +776,26 @@ impl Cluster {
                     "--initial-cluster-state".to_string(),
                     "new".to_string(),
                 ];
+                if let Some(backup) = backup {
+                    let _ = std::fs::remove_dir_all(m.data_dir());
+                    let out = snapshot_restore(
+                        kind,
+                        backup,
+                        &[
+                            "--name",
+                            &m.name,
+                            "--initial-cluster",
+                            &initial,
+                            "--initial-cluster-token",
+                            &token,
+                            "--initial-advertise-peer-urls",
+                            &m.peer_url(),
+                            "--data-dir",
+                            &m.data_dir().display().to_string(),
+                        ],
+                    );
+                    out.ok();
+                }
                 m.spawn();
             }
             let mut failure = None;
@@ -1169,7 +1234,7 @@ impl Cluster {
                 // (etcd's HashKV, as etcd's own corruption check compares members).
                 let mut hashes = Vec::new();
                 for i in self.current() {
-                    let mut c = self.member_client(i).await;
+                    let c = self.member_client(i).await;
                     let h = c
                         .maintenance_client()
                         .hash_kv(rev)
