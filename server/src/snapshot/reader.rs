@@ -158,12 +158,7 @@ impl BoltFile {
     }
 
     /// Visits every leaf element under a page in key order: (flags, key, value).
-    fn walk(
-        &self,
-        page: &[u8],
-        depth: usize,
-        f: &mut Visit,
-    ) -> Result<()> {
+    fn walk(&self, page: &[u8], depth: usize, f: &mut Visit) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(corrupt("B+tree too deep (a loop in a damaged file)"));
         }

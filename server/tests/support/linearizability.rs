@@ -235,3 +235,126 @@ pub fn check(history: &[Event]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// One client's share of a linearizability test: put / get / compare-and-swap on `keys`
+/// keys (`lin/0`..) until `until`, each operation's invocation and return recorded in
+/// `history`. A failed or timed-out write is recorded with an unknown outcome; a failed
+/// read changed nothing and is left out.
+pub async fn run_client(
+    c: usize,
+    mut client: etcd_client::Client,
+    keys: usize,
+    until: Instant,
+    op_timeout: std::time::Duration,
+    history: std::sync::Arc<std::sync::Mutex<Vec<Event>>>,
+) {
+    use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+    use std::time::Duration;
+    let mut n = 0u64;
+    let mut last_seen: Vec<Option<String>> = vec![None; keys];
+    while Instant::now() < until {
+        n += 1;
+        let k = (rand::random::<u32>() as usize) % keys;
+        let key = format!("lin/{k}");
+        let choice = rand::random::<u32>() % 3;
+        let invoke = Instant::now();
+        let (op, ret) = match choice {
+            0 => {
+                let value = format!("c{c}-{n}");
+                let r = tokio::time::timeout(
+                    op_timeout,
+                    client.put(key.as_str(), value.as_str(), None),
+                )
+                .await;
+                let ok = matches!(r, Ok(Ok(_)));
+                (Op::Put { value }, ok.then(Instant::now))
+            }
+            1 => {
+                let r = tokio::time::timeout(
+                    op_timeout,
+                    client.get(key.as_str(), Some(GetOptions::new())),
+                )
+                .await;
+                match r {
+                    Ok(Ok(resp)) => {
+                        let seen = resp
+                            .kvs()
+                            .first()
+                            .map(|kv| String::from_utf8_lossy(kv.value()).to_string());
+                        last_seen[k] = seen.clone();
+                        (Op::Get { seen }, Some(Instant::now()))
+                    }
+                    // A failed read changed nothing: leave it out.
+                    _ => continue,
+                }
+            }
+            _ => {
+                let expect = last_seen[k].clone();
+                let value = format!("c{c}-{n}");
+                let cmp = match &expect {
+                    Some(v) => Compare::value(key.as_str(), CompareOp::Equal, v.as_str()),
+                    None => Compare::version(key.as_str(), CompareOp::Equal, 0),
+                };
+                let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+                    key.as_str(),
+                    value.as_str(),
+                    None,
+                )]);
+                let r = tokio::time::timeout(op_timeout, client.txn(txn)).await;
+                match r {
+                    Ok(Ok(resp)) => (
+                        Op::Cas {
+                            expect,
+                            value,
+                            swapped: Some(resp.succeeded()),
+                        },
+                        Some(Instant::now()),
+                    ),
+                    _ => (
+                        Op::Cas {
+                            expect,
+                            value,
+                            swapped: None,
+                        },
+                        None,
+                    ),
+                }
+            }
+        };
+        history.lock().unwrap().push(Event {
+            client: c,
+            key,
+            op,
+            invoke,
+            ret,
+        });
+        if ret.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Checks a recorded history, after making sure it is big enough to mean something.
+pub fn assert_linearizable(
+    history: &[Event],
+    faults: &str,
+    min_completed: usize,
+    min_writes: usize,
+) {
+    let completed = history.iter().filter(|e| e.ret.is_some()).count();
+    let writes = history
+        .iter()
+        .filter(|e| e.ret.is_some() && !matches!(e.op, Op::Get { .. }))
+        .count();
+    eprintln!(
+        "history: {} operations ({completed} completed, {writes} completed writes), {faults}",
+        history.len()
+    );
+    assert!(
+        completed >= min_completed && writes >= min_writes,
+        "too few operations completed to mean anything"
+    );
+    if let Err(violation) = check(history) {
+        panic!("{violation}");
+    }
+}

@@ -1332,4 +1332,5 @@ impl Drop for Cluster {
     }
 }
 
+pub mod docker;
 pub mod linearizability;
