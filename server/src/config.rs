@@ -112,6 +112,16 @@ pub struct Flags {
         default_value = "10m"
     )]
     pub experimental_watch_progress_notify_interval: String,
+    /// Reject reconfiguration requests that would cause quorum loss.
+    #[arg(
+        long,
+        env = "ETCD_STRICT_RECONFIG_CHECK",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub strict_reconfig_check: bool,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -177,6 +187,7 @@ pub struct Config {
     pub max_txn_ops: usize,
     pub auto_compaction: AutoCompaction,
     pub watch_progress_interval: Duration,
+    pub strict_reconfig_check: bool,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -489,6 +500,7 @@ impl Flags {
             max_txn_ops: self.max_txn_ops as usize,
             auto_compaction,
             watch_progress_interval,
+            strict_reconfig_check: self.strict_reconfig_check,
             log_level,
             log_json,
         })
@@ -530,6 +542,21 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert_eq!(c.min_lease_ttl(), 2);
         assert_eq!(c.auto_compaction, AutoCompaction::Off);
+        assert!(c.strict_reconfig_check);
+    }
+
+    #[test]
+    fn boolean_flags_take_go_forms() {
+        assert!(
+            !parse(&["--strict-reconfig-check=false"])
+                .unwrap()
+                .strict_reconfig_check
+        );
+        assert!(
+            parse(&["--strict-reconfig-check"])
+                .unwrap()
+                .strict_reconfig_check
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum EtcdError {
     PeerUrlExist,
     #[error("etcdserver: re-configuration failed due to not enough started members")]
     MemberNotEnoughStarted,
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     #[error("etcdserver: given member URLs are invalid")]
     MemberBadUrls,
     #[error("etcdserver: member not found")]

@@ -94,6 +94,39 @@ impl Membership {
         self.removed.iter().copied().collect()
     }
 
+    fn voters(&self) -> impl Iterator<Item = &Member> {
+        self.members.values().filter(|m| !m.is_learner)
+    }
+
+    /// etcd's `IsStarted`: the member has published its name.
+    fn started(m: &Member) -> bool {
+        !m.name.is_empty()
+    }
+
+    /// etcd's `IsReadyToAddVotingMember`: after adding one voter, the started voters still
+    /// make a quorum (adding a second member to a one-member cluster is allowed).
+    pub fn ready_to_add_voter(&self) -> bool {
+        let members = self.voters().count() + 1;
+        let started = self.voters().filter(|m| Self::started(m)).count();
+        (started == 1 && members == 2) || started > members / 2
+    }
+
+    /// etcd's `IsReadyToRemoveVotingMember`: without `id`, the started voters make a quorum.
+    pub fn ready_to_remove_voter(&self, id: u64) -> bool {
+        let rest: Vec<&Member> = self.voters().filter(|m| m.id != id).collect();
+        let members = rest.len();
+        let started = rest.iter().filter(|m| Self::started(m)).count();
+        started > members / 2
+    }
+
+    /// etcd's `IsReadyToPromoteMember`: counting the learner as a started voter, the started
+    /// voters make a quorum.
+    pub fn ready_to_promote(&self) -> bool {
+        let members = self.voters().count() + 1;
+        let started = self.voters().filter(|m| Self::started(m)).count() + 1;
+        started > members / 2
+    }
+
     /// The member using any of these peer URLs, if one does.
     pub fn by_peer_urls(&self, urls: &[String]) -> Option<&Member> {
         self.members
@@ -144,6 +177,42 @@ mod tests {
         let id = member_id(&["http://localhost:2380".to_string()], "etcd-cluster", None);
         assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
         assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    fn member(id: u64, name: &str, learner: bool) -> Member {
+        Member {
+            id,
+            name: name.into(),
+            is_learner: learner,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reconfiguration_needs_a_started_quorum_as_in_etcd() {
+        let mut m = Membership::default();
+        m.add(member(1, "a", false));
+        assert!(
+            m.ready_to_add_voter(),
+            "second member of a one-member cluster"
+        );
+        m.add(member(2, "", false)); // added, never started
+        assert!(!m.ready_to_add_voter(), "1 started of 3 voters");
+        assert!(m.ready_to_promote(), "2 of 3 counting the learner");
+        assert!(
+            m.ready_to_remove_voter(2),
+            "removing the unstarted one leaves 1 of 1"
+        );
+        assert!(
+            !m.ready_to_remove_voter(1),
+            "removing the started one leaves 0 of 1"
+        );
+        m.add(member(3, "c", false));
+        assert!(
+            !m.ready_to_add_voter(),
+            "2 started of 4 voters after the add"
+        );
+        assert!(m.ready_to_promote(), "3 of 4 counting the learner");
     }
 
     #[test]

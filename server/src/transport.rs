@@ -33,10 +33,15 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn snapshot(&self) -> Result<(SnapshotMetadata, crate::mvcc::Records), String>;
 }
 
+/// Since when the stream to a peer has been up (None while it is down): etcd's
+/// `ActiveSince`, which `--strict-reconfig-check` reads.
+type ActiveSince = Arc<Mutex<Option<std::time::Instant>>>;
+
 struct PeerHandle {
     urls: Vec<String>,
     tx: mpsc::Sender<Message>,
     task: tokio::task::JoinHandle<()>,
+    active: ActiveSince,
 }
 
 pub struct Transport {
@@ -79,14 +84,29 @@ impl Transport {
             old.task.abort();
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        let active = ActiveSince::default();
         let task = self.rt.spawn(run_peer(
             id,
             urls.clone(),
             self.cluster_id,
             rx,
             self.raft_tx.clone(),
+            active.clone(),
         ));
-        peers.insert(id, PeerHandle { urls, tx, task });
+        peers.insert(
+            id,
+            PeerHandle {
+                urls,
+                tx,
+                task,
+                active,
+            },
+        );
+    }
+
+    /// Since when this member's stream to peer `id` has been up; None while it is down.
+    pub fn active_since(&self, id: u64) -> Option<std::time::Instant> {
+        self.peers.lock().get(&id).and_then(|p| *p.active.lock())
     }
 
     pub fn remove_peer(&self, id: u64) {
@@ -167,13 +187,22 @@ async fn run_peer(
     cluster_id: u64,
     mut rx: mpsc::Receiver<Message>,
     raft_tx: StdSender<RaftInput>,
+    active: ActiveSince,
 ) {
     let mut attempt = 0usize;
     loop {
+        *active.lock() = None;
         let url = &urls[attempt % urls.len()];
         attempt += 1;
         let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            // Keep-alive pings notice a peer that vanished without closing the connection
+            // (a partition), so it stops counting as active.
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true),
             Err(e) => {
                 tracing::error!(peer = %format!("{id:x}"), %url, error = %e, "bad peer URL");
                 return;
@@ -187,6 +216,7 @@ async fn run_peer(
                 continue;
             }
         };
+        active.lock().get_or_insert_with(std::time::Instant::now);
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);

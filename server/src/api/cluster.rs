@@ -9,13 +9,16 @@ use crate::pb::oxcdpb::raft_request::Request as Raft;
 use crate::server::{Applied, EtcdServer};
 use raft::prelude::ConfChangeType;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 pub struct ClusterService(pub Arc<EtcdServer>);
 
 /// A learner may be promoted once it has 90% of the leader's log (etcd's readyPercent).
 const LEARNER_READY_PERCENT: f64 = 0.9;
+/// etcd's `HealthInterval`: how long every peer must have been connected for a voter to be
+/// added under `--strict-reconfig-check`.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
 fn check_urls(urls: &[String]) -> Result<(), EtcdError> {
     if urls.is_empty() {
@@ -33,39 +36,80 @@ fn check_urls(urls: &[String]) -> Result<(), EtcdError> {
 }
 
 impl ClusterService {
-    fn voters(&self) -> usize {
+    fn header(&self) -> Option<crate::pb::etcdserverpb::ResponseHeader> {
+        // etcd's Cluster API headers carry no revision.
+        Some(self.0.header(0))
+    }
+
+    /// Voters this member has been connected to since `since` (itself included): etcd's
+    /// `numConnectedSince`.
+    fn connected_since(&self, since: Instant, voters: &[u64]) -> usize {
+        voters
+            .iter()
+            .filter(|id| {
+                **id == self.0.id
+                    || self
+                        .0
+                        .transport
+                        .active_since(**id)
+                        .is_some_and(|t| t <= since)
+            })
+            .count()
+    }
+
+    fn voter_ids(&self) -> Vec<u64> {
         self.0
             .membership
             .read()
             .members()
             .iter()
             .filter(|m| !m.is_learner)
-            .count()
+            .map(|m| m.id)
+            .collect()
     }
 
-    fn header(&self) -> Option<crate::pb::etcdserverpb::ResponseHeader> {
-        // etcd's Cluster API headers carry no revision.
-        Some(self.0.header(0))
-    }
-
-    /// etcd's --strict-reconfig-check: a change must leave enough started voters for a quorum.
-    async fn check_quorum_after(
-        &self,
-        voters_after: usize,
-        removing: Option<u64>,
-    ) -> Result<(), EtcdError> {
-        let st = self.0.node_status().await?;
-        if !st.is_leader {
-            // Only the leader knows which members are active; it checks again when proposing.
+    /// etcd's `mayAddMember` under `--strict-reconfig-check`: a new voter needs a started
+    /// quorum afterwards, and any new member needs every voter connected for the last 5 s.
+    fn may_add_member(&self, is_learner: bool) -> Result<(), EtcdError> {
+        if !self.0.cfg.strict_reconfig_check {
             return Ok(());
         }
-        let active = st
-            .voters
-            .iter()
-            .filter(|id| Some(**id) != removing)
-            .filter(|id| st.progress.get(id).is_some_and(|(_, active)| *active))
-            .count();
-        if active < voters_after / 2 + 1 {
+        if !is_learner && !self.0.membership.read().ready_to_add_voter() {
+            return Err(EtcdError::MemberNotEnoughStarted);
+        }
+        let voters = self.voter_ids();
+        let since = Instant::now() - HEALTH_INTERVAL;
+        if self.connected_since(since, &voters) < voters.len() {
+            return Err(EtcdError::Unhealthy);
+        }
+        Ok(())
+    }
+
+    /// etcd's `mayRemoveMember`: removing a voter must leave a started quorum, and, unless
+    /// the member is down, enough voters connected for the last 5 seconds for a quorum.
+    fn may_remove_voter(&self, id: u64) -> Result<(), EtcdError> {
+        if !self.0.cfg.strict_reconfig_check {
+            return Ok(());
+        }
+        if !self.0.membership.read().ready_to_remove_voter(id) {
+            return Err(EtcdError::MemberNotEnoughStarted);
+        }
+        // A member that is down is not part of the active quorum: safe to remove.
+        if id != self.0.id && self.0.transport.active_since(id).is_none() {
+            return Ok(());
+        }
+        let voters = self.voter_ids();
+        let since = Instant::now() - HEALTH_INTERVAL;
+        let active = self.connected_since(since, &voters);
+        if active.saturating_sub(1) < 1 + (voters.len().saturating_sub(1)) / 2 {
+            return Err(EtcdError::Unhealthy);
+        }
+        Ok(())
+    }
+
+    /// etcd's `mayPromoteMember`: counting the learner, the started voters make a quorum.
+    fn may_promote(&self) -> Result<(), EtcdError> {
+        if self.0.cfg.strict_reconfig_check && !self.0.membership.read().ready_to_promote() {
             return Err(EtcdError::MemberNotEnoughStarted);
         }
         Ok(())
@@ -131,10 +175,7 @@ impl Cluster for ClusterService {
         if self.0.membership.read().get(member.id).is_some() {
             return Err(EtcdError::MemberExist.into());
         }
-        if !r.is_learner {
-            let voters = self.voters();
-            self.check_quorum_after(voters + 1, None).await?;
-        }
+        self.may_add_member(r.is_learner)?;
         let change = if r.is_learner {
             ConfChangeType::AddLearnerNode
         } else {
@@ -162,9 +203,7 @@ impl Cluster for ClusterService {
             .cloned()
             .ok_or(EtcdError::MemberNotFound)?;
         if !target.is_learner {
-            let voters = self.voters();
-            self.check_quorum_after(voters.saturating_sub(1), Some(r.id))
-                .await?;
+            self.may_remove_voter(r.id)?;
         }
         let members = self
             .0
@@ -236,8 +275,7 @@ impl Cluster for ClusterService {
         if (learner_match as f64) < (leader_match as f64) * LEARNER_READY_PERCENT {
             return Err(EtcdError::LearnerNotReady.into());
         }
-        let voters = self.voters();
-        self.check_quorum_after(voters + 1, None).await?;
+        self.may_promote()?;
         let mut promoted = target;
         promoted.is_learner = false;
         let members = self

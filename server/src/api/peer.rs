@@ -35,7 +35,7 @@ impl Peer for PeerService {
                     "refusing raft messages from a member of another cluster"
                 );
                 return Err(Status::failed_precondition(format!(
-                    "cluster ID mismatch: local {:x}, remote {:x}",
+                    "cluster ID mismatch: local {:x}, remote {:x} (the sender belongs to another cluster: check its --initial-cluster and --initial-cluster-token)",
                     self.0.cluster_id, m.cluster_id
                 )));
             }

@@ -41,17 +41,20 @@ impl From<EtcdError> for Status {
             | EtcdError::BadLeaderTransferee
             | EtcdError::MemberExist
             | EtcdError::PeerUrlExist
-            | EtcdError::MemberNotEnoughStarted
             | EtcdError::MemberNotLearner
             | EtcdError::LearnerNotReady => (Code::FailedPrecondition, e.to_string()),
             EtcdError::MemberBadUrls => (Code::InvalidArgument, e.to_string()),
             EtcdError::MemberNotFound => (Code::NotFound, e.to_string()),
             EtcdError::NotSupportedForLearner
+            | EtcdError::Unhealthy
             | EtcdError::NoLeader
             | EtcdError::Timeout
             | EtcdError::Stopped
             | EtcdError::LeaderChanged => (Code::Unavailable, e.to_string()),
-            EtcdError::Internal(_) => (Code::Unknown, e.to_string()),
+            // etcd 3.4 has no gRPC mapping for this one: clients see codes.Unknown.
+            EtcdError::MemberNotEnoughStarted | EtcdError::Internal(_) => {
+                (Code::Unknown, e.to_string())
+            }
         };
         Status::new(code, msg)
     }
