@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod benchmark;
 pub mod config;
 pub mod error;
 pub mod lease;

@@ -6,8 +6,15 @@ use oxcd::server::EtcdServer;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("snapshot") {
-        if let Err(e) = oxcd::snapshot::cli::run(args) {
+    // Tools: the offline backup tools and the load generator.
+    let tool: Option<fn(Vec<String>) -> anyhow::Result<()>> = match args.get(1).map(String::as_str)
+    {
+        Some("snapshot") => Some(oxcd::snapshot::cli::run),
+        Some("benchmark") => Some(oxcd::benchmark::run),
+        _ => None,
+    };
+    if let Some(tool) = tool {
+        if let Err(e) = tool(args) {
             eprintln!("Error: {e:#}");
             std::process::exit(1);
         }
