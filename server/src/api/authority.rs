@@ -51,6 +51,10 @@ pub struct AuthorityFix<T> {
     block: Option<Block>,
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
+    /// Until the first header block is seen: its frames as received. grpc-go uses one
+    /// authority per connection, so that block decides: a plain `host:port` passes the
+    /// connection through untouched from then on; a URL makes every block get rewritten.
+    first_block: Option<Vec<u8>>,
     eof: bool,
 }
 
@@ -64,6 +68,7 @@ impl<T> AuthorityFix<T> {
             block: None,
             decoder: Decoder::new(),
             encoder: Encoder::new(),
+            first_block: Some(Vec::new()),
             eof: false,
         }
     }
@@ -139,6 +144,9 @@ impl<T> AuthorityFix<T> {
                     let stream =
                         u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]) & 0x7fff_ffff;
                     let payload = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
+                    if let Some(raw) = self.first_block.as_mut() {
+                        raw.extend_from_slice(&avail[..FRAME_HEADER + len]);
+                    }
                     pos += FRAME_HEADER + len;
                     self.on_header_frame(kind, flags, stream, payload)?;
                 }
@@ -201,6 +209,17 @@ impl<T> AuthorityFix<T> {
             .decoder
             .decode(&block.fragment)
             .map_err(|e| Self::bad(&format!("hpack: {e:?}")))?;
+        if let Some(raw) = self.first_block.take() {
+            let needs_fix = headers
+                .iter()
+                .any(|(n, v)| n == b":authority" && strip_scheme(v).len() != v.len());
+            if !needs_fix {
+                // Forwarded byte for byte, so the server's HPACK state matches the client's.
+                self.output.extend_from_slice(&raw);
+                self.phase = Phase::Raw;
+                return Ok(());
+            }
+        }
         let fixed: Vec<(Vec<u8>, Vec<u8>)> = headers
             .into_iter()
             .map(|(n, v)| {
@@ -395,6 +414,25 @@ mod tests {
             vec![b"127.0.0.1:2379".to_vec(), b"127.0.0.1:2379".to_vec()]
         );
         assert_eq!(data, b"payload");
+    }
+
+    #[tokio::test]
+    async fn plain_authority_passes_the_connection_through_byte_for_byte() {
+        let mut client_enc = Encoder::new();
+        let block = client_enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"127.0.0.1:2379"),
+        ]);
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(0x4, 0, 0, &[]));
+        wire.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        wire.extend(frame(0x0, END_STREAM, 1, b"payload"));
+        // Later blocks are not even parsed: garbage stays garbage.
+        wire.extend(frame(HEADERS, END_HEADERS, 3, b"\xff\xff not hpack"));
+        let mut fix = AuthorityFix::new(&wire[..]);
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, wire);
     }
 
     #[test]
