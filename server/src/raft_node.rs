@@ -369,7 +369,10 @@ impl RaftNode {
             return;
         }
         self.read_seq += 1;
-        let ctx = self.read_seq.to_be_bytes().to_vec();
+        // The leader keys pending reads by context and ignores a duplicate: contexts must be
+        // unique across members, not just here (member ID + sequence, like etcd's request IDs).
+        let mut ctx = self.node.raft.id.to_be_bytes().to_vec();
+        ctx.extend_from_slice(&self.read_seq.to_be_bytes());
         self.node.read_index(ctx.clone());
         self.reads_in_flight
             .insert(ctx, std::mem::take(&mut self.pending_reads));

@@ -1593,3 +1593,39 @@ async fn strict_reconfig_check_refuses_changes_that_risk_quorum() {
         .await
         .expect("remove the voter that never started");
 }
+
+// ---------------------------------------------------------------------------
+// Linearizable reads on every member at once
+
+/// Every member starts its read contexts at the same sequence; the leader ignores a read
+/// whose context is already pending, so contexts must differ between members or a follower's
+/// read is never answered (it timed out before the fix). Reads start together on a fresh
+/// cluster, where the sequences are equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_linearizable_reads_on_every_member_are_all_answered() {
+    let _serial = support::serial_cluster_test();
+    let cluster = Cluster::start(Kind::subject(), 3).await;
+    let mut tasks = Vec::new();
+    let go = Arc::new(tokio::sync::Barrier::new(3));
+    for i in 0..3 {
+        let mut c = cluster.member_client(i).await;
+        let go = go.clone();
+        tasks.push(tokio::spawn(async move {
+            go.wait().await;
+            let mut failures = Vec::new();
+            for n in 0..100 {
+                let r = tokio::time::timeout(Duration::from_secs(3), c.get("k", None)).await;
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => failures.push(format!("read {n}: {e}")),
+                    Err(_) => failures.push(format!("read {n}: no answer within 3 s")),
+                }
+            }
+            failures
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let failures = t.await.unwrap();
+        assert!(failures.is_empty(), "member {i}: {failures:?}");
+    }
+}

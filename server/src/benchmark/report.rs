@@ -10,7 +10,7 @@ use std::time::Duration;
 pub struct Recorder {
     /// Latency of every successful operation, in microseconds.
     pub latencies_us: Vec<u32>,
-    /// Failed operations by gRPC code name.
+    /// Failed operations by gRPC code and message.
     pub errors: BTreeMap<String, u64>,
 }
 
@@ -23,7 +23,7 @@ impl Recorder {
     pub fn err(&mut self, status: &tonic::Status) {
         *self
             .errors
-            .entry(format!("{:?}", status.code()))
+            .entry(format!("{:?}: {}", status.code(), status.message()))
             .or_default() += 1;
     }
 
@@ -153,6 +153,6 @@ mod tests {
         assert_eq!(rep.max, 100.0);
         assert_eq!(rep.min, 1.0);
         assert_eq!(rep.throughput(), 50.0);
-        assert_eq!(rep.errors.get("Unavailable"), Some(&1));
+        assert_eq!(rep.errors.get("Unavailable: x"), Some(&1));
     }
 }
