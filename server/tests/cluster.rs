@@ -690,13 +690,7 @@ async fn full_stop_and_restart_keeps_data_and_leases() {
         "remaining TTL {}",
         ttl.ttl()
     );
-    let mut keys: Vec<String> = ttl
-        .keys()
-        .iter()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, leased);
+    assert_eq!(support::lease_keys(&ttl), leased);
     let leases = client.leases().await.expect("lease list");
     assert!(
         leases.leases().iter().any(|l| l.id() == lease),

@@ -121,13 +121,11 @@ async fn assert_restored(
         .await
         .unwrap();
     assert_eq!(ttl.granted_ttl(), LEASE_TTL, "{label}: lease TTL");
-    let mut keys: Vec<String> = ttl
-        .keys()
-        .iter()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, ["leased/1", "leased/2"], "{label}: lease keys");
+    assert_eq!(
+        support::lease_keys(&ttl),
+        ["leased/1", "leased/2"],
+        "{label}: lease keys"
+    );
     // The restored cluster goes on from the backup's revision.
     let put = c.put("after-restore", "x", None).await.unwrap();
     assert_eq!(put.header().unwrap().revision(), want_rev + 1, "{label}");
@@ -141,19 +139,7 @@ async fn dump_at(c: &mut Client, rev: i64) -> Vec<DumpedKv> {
         )
         .await
         .unwrap();
-    r.kvs()
-        .iter()
-        .map(|kv| {
-            (
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                String::from_utf8_lossy(kv.value()).into_owned(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-                kv.lease(),
-            )
-        })
-        .collect()
+    support::dumped(r.kvs())
 }
 
 /// What the source cluster serves: all keys now, the revision, and the key space at a few

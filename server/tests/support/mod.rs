@@ -705,6 +705,33 @@ pub fn cluster_connect_options() -> ConnectOptions {
 /// mod_revision, version, lease).
 pub type DumpedKv = (String, String, i64, i64, i64, i64);
 
+/// Key-values as comparable tuples (key, value, create, mod, version, lease).
+pub fn dumped(kvs: &[etcd_client::KeyValue]) -> Vec<DumpedKv> {
+    kvs.iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
+        })
+        .collect()
+}
+
+/// The keys attached to a lease, sorted.
+pub fn lease_keys(ttl: &etcd_client::LeaseTimeToLiveResponse) -> Vec<String> {
+    let mut keys: Vec<String> = ttl
+        .keys()
+        .iter()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// An N-member cluster of oxcd (or real etcd) processes on loopback ports, each
 /// member a `Server` with its own temp data dir and log file. Members keep their
 /// index for the whole test, also after being stopped or removed.
@@ -1165,19 +1192,7 @@ impl Cluster {
             )
             .await
             .unwrap_or_else(|e| panic!("serializable range on {}: {e}", self.members[i].name));
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                    kv.create_revision(),
-                    kv.mod_revision(),
-                    kv.version(),
-                    kv.lease(),
-                )
-            })
-            .collect()
+        dumped(resp.kvs())
     }
 
     /// (revision from a serializable count-only range, raft applied index) of member `i`.
