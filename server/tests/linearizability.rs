@@ -17,6 +17,28 @@ const CLIENTS: usize = 6;
 const KEYS: usize = 3;
 const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Starts the workload of every client (client `c` is numbered `c` in the history).
+fn spawn_clients(
+    clients: Vec<etcd_client::Client>,
+    until: Instant,
+    history: &Arc<Mutex<Vec<Event>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, client)| {
+            tokio::spawn(run_client(
+                c,
+                client,
+                KEYS,
+                until,
+                OP_TIMEOUT,
+                history.clone(),
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_under_leader_kills_is_linearizable() {
     const RUN_FOR: Duration = Duration::from_secs(12);
@@ -24,19 +46,12 @@ async fn history_under_leader_kills_is_linearizable() {
     let history: Arc<Mutex<Vec<Event>>> = Arc::default();
     let start = Instant::now();
     let until = start + RUN_FOR;
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for c in 0..CLIENTS {
         // Each client talks to one member, so followers serve (and forward) too.
-        let client = cluster.member_client(c % 3).await;
-        tasks.push(tokio::spawn(run_client(
-            c,
-            client,
-            KEYS,
-            until,
-            OP_TIMEOUT,
-            history.clone(),
-        )));
+        clients.push(cluster.member_client(c % 3).await);
     }
+    let tasks = spawn_clients(clients, until, &history);
 
     // Faults: kill the leader with SIGKILL, bring it back, again, while clients run.
     let mut kills = 0;
@@ -78,18 +93,11 @@ async fn history_under_partitions_and_leader_kills_is_linearizable() {
     let history: Arc<Mutex<Vec<Event>>> = Arc::default();
     let start = Instant::now();
     let until = start + RUN_FOR;
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for c in 0..CLIENTS {
-        let client = client_for(&cluster.endpoints[c % 3..c % 3 + 1]).await;
-        tasks.push(tokio::spawn(run_client(
-            c,
-            client,
-            KEYS,
-            until,
-            OP_TIMEOUT,
-            history.clone(),
-        )));
+        clients.push(client_for(&cluster.endpoints[c % 3..c % 3 + 1]).await);
     }
+    let tasks = spawn_clients(clients, until, &history);
 
     // Faults, in turn while clients run: the leader cut off from its peers (it must step
     // down while the others elect a new one), the leader killed and restarted, a follower cut

@@ -298,6 +298,15 @@ async fn run_workload(cli: BenchCli) -> anyhow::Result<Report> {
     Ok(Report::new(name, rec, took))
 }
 
+/// Waits for every worker and merges what they recorded.
+async fn merge_all(tasks: Vec<tokio::task::JoinHandle<Recorder>>) -> anyhow::Result<Recorder> {
+    let mut all = Recorder::default();
+    for t in tasks {
+        all.merge(t.await?);
+    }
+    Ok(all)
+}
+
 /// Per-client state of the closed-loop workloads.
 #[derive(Default)]
 struct ClientState {
@@ -337,10 +346,7 @@ async fn closed_loop(
             rec
         }));
     }
-    let mut all = Recorder::default();
-    for t in tasks {
-        all.merge(t.await?);
-    }
+    let all = merge_all(tasks).await?;
     let took = start.elapsed();
     if let Some(p) = progress {
         p.abort();
@@ -564,10 +570,7 @@ async fn watch(
             rec
         }));
     }
-    let mut writes = Recorder::default();
-    for w in writers {
-        writes.merge(w.await?);
-    }
+    let writes = merge_all(writers).await?;
     // Wait for the events of every acknowledged write, at most 10 s more.
     let expected = writes.latencies_us.len() as u64 * watchers as u64;
     let wait_until = Instant::now() + Duration::from_secs(10);
@@ -579,10 +582,7 @@ async fn watch(
         p.abort();
     }
     let _ = stop_tx.send(true);
-    let mut events = Recorder::default();
-    for r in readers {
-        events.merge(r.await?);
-    }
+    let mut events = merge_all(readers).await?;
     for (code, n) in writes.errors {
         *events.errors.entry(format!("write {code}")).or_default() += n;
     }
@@ -665,10 +665,7 @@ async fn lease_keepalive(
             rec
         }));
     }
-    let mut all = Recorder::default();
-    for t in tasks {
-        all.merge(t.await?);
-    }
+    let all = merge_all(tasks).await?;
     let took = start.elapsed();
     if let Some(p) = progress {
         p.abort();

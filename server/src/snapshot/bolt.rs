@@ -196,9 +196,11 @@ pub fn write(path: &Path, backup: &Backup) -> Result<()> {
 /// Reads the state etcd (or oxcd) wrote into a backend file at `path`.
 pub fn read(path: &Path) -> Result<Backup> {
     let file = BoltFile::open(path)?;
+    // The root is walked once; each bucket is then taken by name.
+    let mut buckets: std::collections::HashMap<Vec<u8>, _> = file.buckets()?.into_iter().collect();
+    let mut bucket = |name: &str| buckets.remove(name.as_bytes());
     let mut out = Backup::default();
-    let keys = file
-        .bucket(KEY.as_bytes())?
+    let keys = bucket(KEY)
         .ok_or_else(|| SnapshotError::Corrupt("no \"key\" bucket: not an etcd backend".into()))?;
     file.for_each(&keys, |k, v| {
         let (rev, tomb) = parse_revision_key(k)
@@ -206,7 +208,7 @@ pub fn read(path: &Path) -> Result<Backup> {
         out.revisions.push((rev, tomb, v.to_vec()));
         Ok(())
     })?;
-    if let Some(meta) = file.bucket(META.as_bytes())? {
+    if let Some(meta) = bucket(META) {
         file.for_each(&meta, |k, v| {
             let rev = || {
                 parse_revision_key(v)
@@ -227,7 +229,7 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(leases) = file.bucket(LEASE.as_bytes())? {
+    if let Some(leases) = bucket(LEASE) {
         file.for_each(&leases, |_, v| {
             let l = Lease::decode(v)
                 .map_err(|e| SnapshotError::Corrupt(format!("lease record: {e}")))?;
@@ -235,13 +237,13 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(members) = file.bucket(MEMBERS.as_bytes())? {
+    if let Some(members) = bucket(MEMBERS) {
         file.for_each(&members, |_, v| {
             out.members.push(parse_member(v)?);
             Ok(())
         })?;
     }
-    if let Some(removed) = file.bucket(MEMBERS_REMOVED.as_bytes())? {
+    if let Some(removed) = bucket(MEMBERS_REMOVED) {
         file.for_each(&removed, |k, _| {
             let id = std::str::from_utf8(k)
                 .ok()
@@ -251,7 +253,7 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(alarms) = file.bucket(ALARM.as_bytes())? {
+    if let Some(alarms) = bucket(ALARM) {
         file.for_each(&alarms, |k, _| {
             let a = AlarmMember::decode(k)
                 .map_err(|e| SnapshotError::Corrupt(format!("alarm record: {e}")))?;
@@ -259,7 +261,7 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(cluster) = file.bucket(CLUSTER.as_bytes())? {
+    if let Some(cluster) = bucket(CLUSTER) {
         file.for_each(&cluster, |k, v| {
             if k == CLUSTER_VERSION {
                 out.cluster_version = String::from_utf8_lossy(v).into_owned();
@@ -267,7 +269,7 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(auth) = file.bucket(AUTH.as_bytes())? {
+    if let Some(auth) = bucket(AUTH) {
         file.for_each(&auth, |k, v| {
             if k == b"authEnabled" {
                 out.auth_enabled = v == [1];

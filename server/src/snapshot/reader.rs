@@ -216,14 +216,6 @@ impl BoltFile {
         Ok(out)
     }
 
-    pub fn bucket(&self, name: &[u8]) -> Result<Option<Bucket>> {
-        Ok(self
-            .buckets()?
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, b)| b))
-    }
-
     /// Visits a bucket's keys and values in order (nested buckets are skipped; etcd has none).
     pub fn for_each(
         &self,
