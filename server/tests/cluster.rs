@@ -405,13 +405,14 @@ async fn kill9_leader_under_write_load() {
     let (acked, unexpected, unavailable) = load.finish().await;
     let after_kill = acked.iter().filter(|a| a.at > killed_at).count();
     // Puts in flight to the killed process lose their connection: tonic
-    // reports that as `Unknown: transport error` or `Unknown: h2 protocol
-    // error: ...` (grpc-go as Unavailable), depending on where in the
-    // request the connection broke. Those are the only other errors allowed,
-    // and only right at the kill.
+    // reports that as `Unknown: transport error`, `Unknown: h2 protocol
+    // error: ...` or hyper's `Cancelled: operation was canceled` (grpc-go as
+    // Unavailable), depending on where in the request the connection broke.
+    // Those are the only other errors allowed, and only right at the kill.
     let (cut_off, unexpected): (Vec<_>, Vec<_>) = unexpected.into_iter().partition(|(at, msg)| {
         (msg.ends_with(": Unknown: transport error")
-            || msg.contains(": Unknown: h2 protocol error"))
+            || msg.contains(": Unknown: h2 protocol error")
+            || msg.ends_with(": Cancelled: operation was canceled"))
             && *at + Duration::from_millis(200) >= killed_at
             && *at <= killed_at + Duration::from_secs(2)
     });
