@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/etcd/auth.proto",
         "proto/etcd/lease.proto",
         "proto/etcd/rpc.proto",
+        "proto/etcd/v3lock.proto",
+        "proto/etcd/v3election.proto",
         "proto/oxcd/internal.proto",
     ];
     tonic_prost_build::configure()

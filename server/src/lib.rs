@@ -4,8 +4,10 @@
 pub mod api;
 pub mod apply;
 pub mod benchmark;
+pub mod concurrency;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod lease;
 pub mod log;
 pub mod membership;

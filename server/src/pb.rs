@@ -14,6 +14,12 @@ pub mod leasepb {
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}
 pub mod oxcdpb {
     tonic::include_proto!("oxcdpb");
 }

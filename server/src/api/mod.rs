@@ -3,8 +3,10 @@
 
 mod authority;
 mod cluster;
-mod kv;
-mod lease;
+mod election;
+pub(crate) mod kv;
+pub(crate) mod lease;
+mod lock;
 mod maintenance;
 pub mod peer;
 mod status;
@@ -14,6 +16,8 @@ use crate::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use crate::pb::v3electionpb::election_server::ElectionServer;
+use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::server::EtcdServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +33,7 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
     let max = server.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(address = %addr, "serving client traffic");
-    let incoming = async_stream_incoming(listener);
+    let incoming = async_stream_incoming(server.clone(), listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(
@@ -50,20 +54,78 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
             MaintenanceServer::new(maintenance::MaintenanceService(server.clone()))
                 .max_decoding_message_size(max),
         )
+        .add_service(
+            LockServer::new(lock::LockService(server.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            ElectionServer::new(election::ElectionService(server.clone()))
+                .max_decoding_message_size(max),
+        )
         .serve_with_incoming(incoming)
         .await?;
     Ok(())
 }
 
-/// Accepted client connections, each wrapped so that grpc-go's URL authorities are accepted.
+/// Accepted client connections that speak HTTP/2 (gRPC), each wrapped so that grpc-go's URL
+/// authorities are accepted. Other connections are HTTP/1.1 and go to `http` (etcd's cmux).
 fn async_stream_incoming(
+    server: Arc<EtcdServer>,
     listener: tokio::net::TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<authority::AuthorityFix<tokio::net::TcpStream>>> {
-    futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            authority::AuthorityFix::new(s)
-        });
-        Some((r, l))
-    })
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: etcd logs and keeps accepting.
+                    tracing::warn!(error = %e, "accepting a client connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let grpc = tx.clone();
+            let server = server.clone();
+            tokio::spawn(async move {
+                match starts_with_http2_preface(&stream).await {
+                    Ok(true) => {
+                        let _ = grpc.send(Ok(authority::AuthorityFix::new(stream))).await;
+                    }
+                    Ok(false) => crate::http::serve_connection(server, stream).await,
+                    Err(_) => {}
+                }
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Whether a connection's first bytes are HTTP/2's preface ("PRI "), read without consuming.
+/// A silent connection is given a while, then dropped.
+async fn starts_with_http2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    const PRI: &[u8] = b"PRI ";
+    let decide = async {
+        let mut buf = [0u8; 4];
+        loop {
+            let n = stream.peek(&mut buf).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if buf[..n] != PRI[..n] {
+                return Ok(false);
+            }
+            if n == PRI.len() {
+                return Ok(true);
+            }
+            // A partial preface: peek returns at once with the same bytes, so wait a little.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), decide)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))?
 }

@@ -6,6 +6,7 @@
 
 pub mod report;
 
+use crate::mvcc::prefix_end;
 use crate::pb::etcdserverpb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
     kv_client::KvClient,
@@ -160,17 +161,6 @@ impl Run {
 fn key_bytes(n: u64, size: usize) -> Vec<u8> {
     let s = format!("{n:0size$}");
     s.as_bytes()[s.len().saturating_sub(size)..].to_vec()
-}
-
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 impl BenchCli {

@@ -57,6 +57,19 @@ pub const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
 pub const LEASE_PREFIX: &[u8] = b"l/";
 pub const ALARM_PREFIX: &[u8] = b"a/";
 
+/// The `range_end` that covers every key starting with `prefix` (clientv3's GetPrefixRangeEnd):
+/// the prefix with its last byte below 0xff incremented, or "\0" (every key) if there is none.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// How far a range reaches: etcd's `range_end` after `mkGteRange`.
 #[derive(Clone, Copy, Debug)]
 pub enum RangeEnd<'a> {

@@ -1,0 +1,40 @@
+//! `v3lockpb.Lock`: etcd's lock service, over the concurrency recipes.
+
+use crate::concurrency::{self, LocalClient};
+use crate::pb::v3lockpb::{
+    lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse,
+};
+use crate::server::EtcdServer;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct LockService(pub Arc<EtcdServer>);
+
+#[tonic::async_trait]
+impl Lock for LockService {
+    async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let r = req.into_inner();
+        let client = LocalClient::new(self.0.clone());
+        let (header, key) = concurrency::lock(&client, &r.name, r.lease)
+            .await
+            .map_err(concurrency::as_service_error)?;
+        Ok(Response::new(LockResponse {
+            header: Some(header),
+            key,
+        }))
+    }
+
+    async fn unlock(
+        &self,
+        req: Request<UnlockRequest>,
+    ) -> Result<Response<UnlockResponse>, Status> {
+        let client = LocalClient::new(self.0.clone());
+        let header = client
+            .delete(req.into_inner().key)
+            .await
+            .map_err(concurrency::as_service_error)?;
+        Ok(Response::new(UnlockResponse {
+            header: Some(header),
+        }))
+    }
+}

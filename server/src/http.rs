@@ -1,0 +1,193 @@
+//! etcd's HTTP endpoints on the client URLs (etcd's `etcdhttp`): `/health`, `/version`, and the
+//! Kubernetes probe endpoints `/livez` and `/readyz` that etcd 3.5 added.
+//!
+//! etcd serves HTTP/1.1 and gRPC on the same port (cmux). `api::serve` looks at the first bytes
+//! of each connection: the HTTP/2 preface goes to gRPC, anything else comes here.
+
+use crate::pb::etcdserverpb::AlarmType;
+use crate::server::EtcdServer;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The cluster version etcd 3.4 reports (major.minor.0).
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+
+/// etcd gives the health check's linearizable read one second.
+const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one HTTP/1.1 connection.
+pub async fn serve_connection<S>(server: Arc<EtcdServer>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let server = server.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(&server, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended");
+    }
+}
+
+type Body = Full<Bytes>;
+
+async fn handle<B>(server: &EtcdServer, req: Request<B>) -> Response<Body> {
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    let path = req.uri().path();
+    let known = matches!(path, "/health" | "/version" | "/livez" | "/readyz");
+    if !known {
+        return text(StatusCode::NOT_FOUND, "404 page not found\n");
+    }
+    if req.method() != Method::GET {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+        r.headers_mut()
+            .insert("Allow", hyper::header::HeaderValue::from_static("GET"));
+        return r;
+    }
+    match path {
+        "/version" => json(
+            StatusCode::OK,
+            format!(
+                r#"{{"etcdserver":"{}","etcdcluster":"{}"}}"#,
+                crate::api::ETCD_API_VERSION,
+                ETCD_CLUSTER_VERSION
+            ),
+        ),
+        "/health" => {
+            let check = check_health(server, &query.exclude, query.serializable).await;
+            let body = format!(r#"{{"health":"{}"}}"#, check.is_ok());
+            match check {
+                Ok(()) => text(StatusCode::OK, body),
+                Err(reason) => {
+                    tracing::warn!(reason, "/health error");
+                    // Go's http.Error: the body plus a newline.
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("{body}\n"))
+                }
+            }
+        }
+        // Alive: the process answers and its local store serves reads; no quorum needed, so a
+        // partitioned member is not restarted for it.
+        "/livez" => probe(Ok(())),
+        "/readyz" => probe(check_health(server, &query.exclude, query.serializable).await),
+        _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
+    }
+}
+
+/// etcd's health rule: no alarm (except excluded ones), a known leader, and unless
+/// `serializable=true`, a linearizable read that completes within a second.
+async fn check_health(
+    server: &EtcdServer,
+    exclude: &HashSet<String>,
+    serializable: bool,
+) -> Result<(), String> {
+    let alarms: Vec<String> = server
+        .alarms
+        .lock()
+        .iter()
+        .filter_map(|(_, a)| AlarmType::try_from(*a).ok())
+        .map(|a| a.as_str_name().to_string())
+        .filter(|name| !exclude.contains(name))
+        .collect();
+    if let Some(name) = alarms.first() {
+        return Err(format!("alarm activated: {name}"));
+    }
+    let status = server.node_status().await.map_err(|e| e.to_string())?;
+    if status.leader == 0 {
+        return Err("no leader".to_string());
+    }
+    if !serializable {
+        match tokio::time::timeout(HEALTH_READ_TIMEOUT, server.read_barrier()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("linearizable read failed: {e}")),
+            Err(_) => return Err("linearizable read timed out".to_string()),
+        }
+    }
+    Ok(())
+}
+
+fn probe(check: Result<(), String>) -> Response<Body> {
+    match check {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(reason) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ok: {reason}\n"),
+        ),
+    }
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Query {
+    exclude: HashSet<String>,
+    serializable: bool,
+}
+
+impl Query {
+    fn parse(q: &str) -> Query {
+        let mut out = Query::default();
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "exclude" => {
+                    out.exclude.insert(v.to_string());
+                }
+                "serializable" => out.serializable = v == "true",
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// etcd wraps its handlers in CORS headers for browser clients.
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    use hyper::header::HeaderValue;
+    h.insert("Content-Type", HeaderValue::from_static(content_type));
+    h.insert("Access-Control-Allow-Origin", HeaderValue::from_static("*"));
+    h.insert(
+        "Access-Control-Allow-Methods",
+        HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
+    );
+    h.insert(
+        "Access-Control-Allow-Headers",
+        HeaderValue::from_static("accept, content-type, authorization"),
+    );
+    // Go's http.Error, which etcd uses for every failure, adds this.
+    if !status.is_success() {
+        h.insert(
+            "X-Content-Type-Options",
+            HeaderValue::from_static("nosniff"),
+        );
+    }
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    response(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    response(status, "application/json", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_reads_exclude_and_serializable() {
+        let q = Query::parse("exclude=NOSPACE&serializable=true&exclude=CORRUPT&x");
+        assert!(q.serializable);
+        assert!(q.exclude.contains("NOSPACE") && q.exclude.contains("CORRUPT"));
+        assert_eq!(Query::parse(""), Query::default());
+        assert!(!Query::parse("serializable=1").serializable);
+    }
+}
