@@ -26,6 +26,8 @@ missing=()
 [ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
 # The etcd-client crate (a dev-dependency) compiles etcd's protos with protoc.
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# The operator's manifest checks render deploy/ with kubectl kustomize.
+command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
     # The Debian package may start an etcd service listening on 2379; the
@@ -36,6 +38,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
         || true
 fi
 
+# Kubernetes' schemas for the manifest checks.
+python3 -c "import kubernetes_validate" 2>/dev/null \
+    || python3 -m pip install --quiet kubernetes-validate
+# An S3 endpoint for the operator's backup tests.
+command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet "moto[server]"
+
 if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] || { echo "cargo (a Rust toolchain) is required" >&2; exit 1; }
     export PATH="$HOME/.cargo/bin:$PATH"
@@ -44,6 +52,9 @@ fi
 etcd --version | head -n 1
 etcdctl version | head -n 1
 cargo --version
+
+# The operator's end-to-end tests run the server binary: build it before any test starts.
+cargo build --release --bin oxcd
 
 # Release mode: the durability and differential tests generate real load.
 # --no-fail-fast: report every failing test binary, not just the first.
