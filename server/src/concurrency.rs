@@ -11,10 +11,9 @@ use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
 use crate::mvcc::prefix_end;
 use crate::pb::etcdserverpb::{
-    compare, kv_server::Kv, lease_server::Lease, range_request, request_op, watch_request,
-    Compare, DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RangeResponse,
-    RequestOp, ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
-    WatchResponse,
+    compare, kv_server::Kv, lease_server::Lease, range_request, request_op, watch_request, Compare,
+    DeleteRangeRequest, LeaseGrantRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::pb::mvccpb::{event::EventType, KeyValue};
 use crate::pb::v3electionpb::LeaderKey;
@@ -70,13 +69,17 @@ impl LocalClient {
             key,
             ..Default::default()
         };
-        let resp = KvService(self.0.clone()).delete_range(Request::new(r)).await?;
+        let resp = KvService(self.0.clone())
+            .delete_range(Request::new(r))
+            .await?;
         Ok(resp.into_inner().header.unwrap_or_default())
     }
 
     async fn grant(&self, ttl: i64) -> Result<i64, Status> {
         let r = LeaseGrantRequest { ttl, id: 0 };
-        let resp = LeaseService(self.0.clone()).lease_grant(Request::new(r)).await?;
+        let resp = LeaseService(self.0.clone())
+            .lease_grant(Request::new(r))
+            .await?;
         Ok(resp.into_inner().id)
     }
 
@@ -305,7 +308,10 @@ pub async fn lock(
     let resp = client
         .txn(TxnRequest {
             compare: vec![create_rev_is(&my_key, 0)],
-            success: vec![put_op(&my_key, b"", lease), range_op(first_created(&prefix))],
+            success: vec![
+                put_op(&my_key, b"", lease),
+                range_op(first_created(&prefix)),
+            ],
             failure: vec![range_op(get(&my_key)), range_op(first_created(&prefix))],
         })
         .await?;
@@ -376,7 +382,11 @@ pub async fn campaign(
         create_rev: leader.rev,
         armed: true,
     };
-    if !resp.succeeded && range_kvs(&resp, 0).first().is_some_and(|kv| kv.value != value) {
+    if !resp.succeeded
+        && range_kvs(&resp, 0)
+            .first()
+            .is_some_and(|kv| kv.value != value)
+    {
         proclaim(client, &leader, value).await?;
     }
     wait_deletes(client, &prefix, leader.rev - 1).await?;
@@ -412,10 +422,12 @@ async fn resign_key(
         .txn(TxnRequest {
             compare: vec![create_rev_is(key, create_rev)],
             success: vec![RequestOp {
-                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                    key: key.to_vec(),
-                    ..Default::default()
-                })),
+                request: Some(request_op::Request::RequestDeleteRange(
+                    DeleteRangeRequest {
+                        key: key.to_vec(),
+                        ..Default::default()
+                    },
+                )),
             }],
             failure: vec![],
         })
@@ -462,7 +474,9 @@ pub async fn observe(
                     loop {
                         let wr = watch.next().await?;
                         let put = wr.events.into_iter().find_map(|ev| {
-                            (ev.r#type == EventType::Put as i32).then_some(ev.kv).flatten()
+                            (ev.r#type == EventType::Put as i32)
+                                .then_some(ev.kv)
+                                .flatten()
                         });
                         if let Some(kv) = put {
                             let mut h = wr.header.unwrap_or_default();
@@ -513,7 +527,10 @@ mod tests {
 
     #[test]
     fn session_keys_are_name_slash_lease_in_hex() {
-        assert_eq!(session_key(&name_prefix(b"lk"), 0x694d7a1b2c3d4e5f), b"lk/694d7a1b2c3d4e5f");
+        assert_eq!(
+            session_key(&name_prefix(b"lk"), 0x694d7a1b2c3d4e5f),
+            b"lk/694d7a1b2c3d4e5f"
+        );
         assert_eq!(session_key(&name_prefix(b""), 10), b"/a");
     }
 

@@ -16,6 +16,18 @@ pub enum ConfigError {
     },
     #[error("--{0} is not supported yet by oxcd")]
     Unsupported(&'static str),
+    #[error("config file {path}: {why}")]
+    File { path: String, why: String },
+}
+
+/// Why the server's configuration could not be read.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// Bad command line: clap prints it (and `--help`) itself.
+    #[error("{0}")]
+    Usage(clap::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Default quota when `--quota-backend-bytes` is 0, as etcd's DefaultQuotaBytes.
@@ -31,6 +43,10 @@ pub struct Flags {
     /// Print the version and exit.
     #[arg(long)]
     pub version: bool,
+    /// Path to etcd's YAML configuration file (keys are the flag names); when given, other
+    /// flags and ETCD_* variables are ignored, as in etcd.
+    #[arg(long, env = "ETCD_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
     /// Human-readable name for this member.
     #[arg(long, env = "ETCD_NAME", default_value = "default")]
     pub name: String,
@@ -122,6 +138,17 @@ pub struct Flags {
         action = clap::ArgAction::Set
     )]
     pub strict_reconfig_check: bool,
+    /// Disaster recovery: restart this member as a one-member cluster keeping its data
+    /// (every other member is removed); add the others back afterwards.
+    #[arg(
+        long,
+        env = "ETCD_FORCE_NEW_CLUSTER",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub force_new_cluster: bool,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -131,6 +158,9 @@ pub struct Flags {
     /// Logger implementation (accepted for compatibility; oxcd always logs through tracing).
     #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
     pub logger: String,
+    /// Where logs go: "default" or "stderr" (oxcd logs to stderr).
+    #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
+    pub log_outputs: String,
 
     // Flags of features still to come: accepted by name so that the error is clear.
     #[arg(long, env = "ETCD_CERT_FILE", hide = true)]
@@ -153,7 +183,8 @@ pub struct Flags {
     pub peer_auto_tls: Option<String>,
     #[arg(long, env = "ETCD_AUTH_TOKEN", hide = true)]
     pub auth_token: Option<String>,
-    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS", hide = true)]
+    /// Extra URLs serving /metrics and /health (http:// only).
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
     pub listen_metrics_urls: Option<String>,
 }
 
@@ -171,6 +202,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
     pub listen_client: Vec<SocketAddr>,
+    /// `--listen-metrics-urls`: HTTP listeners for /metrics and /health only.
+    pub listen_metrics: Vec<SocketAddr>,
     pub listen_peer: Vec<SocketAddr>,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
@@ -188,6 +221,8 @@ pub struct Config {
     pub auto_compaction: AutoCompaction,
     pub watch_progress_interval: Duration,
     pub strict_reconfig_check: bool,
+    /// `--force-new-cluster`: see `server::force_new_cluster`.
+    pub force_new_cluster: bool,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -317,24 +352,169 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
+/// etcd's configuration-file keys that oxcd accepts with any value and does not use: WAL and
+/// snapshot file retention (oxcd manages its own files), CORS, and the v2 proxy's timings.
+const IGNORED_FILE_KEYS: &[&str] = &[
+    "max-snapshots",
+    "max-wals",
+    "cors",
+    "proxy-failure-wait",
+    "proxy-refresh-interval",
+    "proxy-dial-timeout",
+    "proxy-write-timeout",
+    "proxy-read-timeout",
+];
+
+/// A value that means "not set" for a flag oxcd lacks (etcd's sample file lists every key).
+fn is_unset(v: &str) -> bool {
+    matches!(v, "" | "false" | "off" | "0")
+}
+
+/// The flag a configuration-file key stands for: the key itself, and inside
+/// `peer-transport-security` the `peer-` flag (`allowed-cn` is `peer-cert-allowed-cn`).
+fn file_key_flag(section: Option<&str>, key: &str) -> String {
+    match (section, key) {
+        (Some("peer-transport-security"), "allowed-cn") => "peer-cert-allowed-cn".to_string(),
+        (Some("peer-transport-security"), "allowed-hostname") => {
+            "peer-cert-allowed-hostname".to_string()
+        }
+        (Some("peer-transport-security"), k) => format!("peer-{k}"),
+        (_, k) => k.to_string(),
+    }
+}
+
+fn yaml_scalar(v: &serde_yaml::Value) -> Option<Result<String, String>> {
+    use serde_yaml::Value;
+    match v {
+        Value::Null => None,
+        Value::Bool(b) => Some(Ok(b.to_string())),
+        Value::Number(n) => Some(Ok(n.to_string())),
+        Value::String(s) => Some(Ok(s.clone())),
+        Value::Sequence(items) => Some(
+            items
+                .iter()
+                .filter_map(yaml_scalar)
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.join(",")),
+        ),
+        _ => Some(Err(
+            "a nested value where a flag's value belongs".to_string()
+        )),
+    }
+}
+
 impl Flags {
+    /// Parses the command line and `ETCD_*` variables; with `--config-file`, the file's keys
+    /// replace them all, as in etcd.
+    pub fn load() -> Result<Flags, LoadError> {
+        let flags = Flags::try_parse().map_err(LoadError::Usage)?;
+        match &flags.config_file {
+            Some(path) => Flags::from_config_file(path).map_err(LoadError::Config),
+            None => Ok(flags),
+        }
+    }
+
+    /// etcd's YAML configuration file: each key is a flag name; `client-transport-security`
+    /// and `peer-transport-security` hold the TLS flags.
+    pub fn from_config_file(path: &std::path::Path) -> Result<Flags, ConfigError> {
+        let file_err = |why: String| ConfigError::File {
+            path: path.display().to_string(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        let mut entries: Vec<(String, serde_yaml::Value)> = Vec::new();
+        match doc {
+            serde_yaml::Value::Null => {}
+            serde_yaml::Value::Mapping(map) => {
+                for (k, v) in map {
+                    let key = k
+                        .as_str()
+                        .ok_or_else(|| file_err(format!("key {k:?} is not a string")))?;
+                    match (key, v) {
+                        (
+                            section @ ("client-transport-security" | "peer-transport-security"),
+                            serde_yaml::Value::Mapping(inner),
+                        ) => {
+                            for (ik, iv) in inner {
+                                let ik = ik.as_str().unwrap_or_default();
+                                entries.push((file_key_flag(Some(section), ik), iv));
+                            }
+                        }
+                        (_, v) => entries.push((file_key_flag(None, key), v)),
+                    }
+                }
+            }
+            _ => {
+                return Err(file_err(
+                    "not a YAML mapping of flag names to values".to_string(),
+                ))
+            }
+        }
+        // Only the file counts: ETCD_* variables are not read.
+        let cmd = <Flags as clap::CommandFactory>::command().mut_args(|a| a.env(None));
+        let known: std::collections::HashSet<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_string))
+            .collect();
+        let mut args = vec!["oxcd".to_string()];
+        for (flag, value) in entries {
+            let Some(value) = yaml_scalar(&value) else {
+                continue;
+            };
+            let value = value.map_err(|why| file_err(format!("{flag}: {why}")))?;
+            if flag == "config-file" || flag == "version" {
+                continue;
+            }
+            if known.contains(&flag) {
+                if !value.is_empty() {
+                    args.push(format!("--{flag}={value}"));
+                }
+            } else if IGNORED_FILE_KEYS.contains(&flag.as_str()) || is_unset(&value) {
+                tracing::debug!(key = %flag, "configuration key not used by oxcd");
+            } else {
+                return Err(file_err(format!(
+                    "{flag}: {value:?} is not supported by oxcd"
+                )));
+            }
+        }
+        let matches = cmd
+            .try_get_matches_from(&args)
+            .map_err(|e| file_err(e.to_string().trim().to_string()))?;
+        let mut flags = <Flags as clap::FromArgMatches>::from_arg_matches(&matches)
+            .map_err(|e| file_err(e.to_string().trim().to_string()))?;
+        flags.config_file = Some(path.to_path_buf());
+        Ok(flags)
+    }
+
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !is_unset(v));
         for (set, name) in [
-            (self.cert_file.is_some(), "cert-file"),
-            (self.key_file.is_some(), "key-file"),
-            (self.trusted_ca_file.is_some(), "trusted-ca-file"),
-            (self.client_cert_auth.is_some(), "client-cert-auth"),
-            (self.auto_tls.is_some(), "auto-tls"),
-            (self.peer_cert_file.is_some(), "peer-cert-file"),
-            (self.peer_key_file.is_some(), "peer-key-file"),
-            (self.peer_trusted_ca_file.is_some(), "peer-trusted-ca-file"),
-            (self.peer_auto_tls.is_some(), "peer-auto-tls"),
-            (self.auth_token.is_some(), "auth-token"),
-            (self.listen_metrics_urls.is_some(), "listen-metrics-urls"),
+            (set(&self.cert_file), "cert-file"),
+            (set(&self.key_file), "key-file"),
+            (set(&self.trusted_ca_file), "trusted-ca-file"),
+            (set(&self.client_cert_auth), "client-cert-auth"),
+            (set(&self.auto_tls), "auto-tls"),
+            (set(&self.peer_cert_file), "peer-cert-file"),
+            (set(&self.peer_key_file), "peer-key-file"),
+            (set(&self.peer_trusted_ca_file), "peer-trusted-ca-file"),
+            (set(&self.peer_auto_tls), "peer-auto-tls"),
+            (
+                self.auth_token.as_deref().is_some_and(|t| t != "simple"),
+                "auth-token",
+            ),
         ] {
             if set {
                 return Err(ConfigError::Unsupported(name));
             }
+        }
+        if !matches!(self.log_outputs.as_str(), "default" | "stderr") {
+            return Err(invalid(
+                "log-outputs",
+                &self.log_outputs,
+                "oxcd logs to stderr: use default or stderr",
+            ));
         }
         let data_dir = self
             .data_dir
@@ -347,6 +527,12 @@ impl Flags {
         let mut listen_client = Vec::new();
         for u in split_urls("listen-client-urls", &self.listen_client_urls)? {
             listen_client.extend(resolve("listen-client-urls", &u)?);
+        }
+        let mut listen_metrics = Vec::new();
+        if let Some(urls) = &self.listen_metrics_urls {
+            for u in split_urls("listen-metrics-urls", urls)? {
+                listen_metrics.extend(resolve("listen-metrics-urls", &u)?);
+            }
         }
         let advertise_client_urls =
             split_urls("advertise-client-urls", &self.advertise_client_urls)?;
@@ -482,6 +668,7 @@ impl Flags {
             data_dir,
             wal_dir,
             listen_client,
+            listen_metrics,
             listen_peer,
             advertise_client_urls,
             initial_advertise_peer_urls,
@@ -501,6 +688,7 @@ impl Flags {
             auto_compaction,
             watch_progress_interval,
             strict_reconfig_check: self.strict_reconfig_check,
+            force_new_cluster: self.force_new_cluster,
             log_level,
             log_json,
         })
@@ -543,6 +731,61 @@ mod tests {
         assert_eq!(c.min_lease_ttl(), 2);
         assert_eq!(c.auto_compaction, AutoCompaction::Off);
         assert!(c.strict_reconfig_check);
+    }
+
+    fn from_file(yaml: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("etcd.conf.yml");
+        std::fs::write(&path, yaml).expect("write config");
+        Flags::from_config_file(&path)?.into_config()
+    }
+
+    #[test]
+    fn config_file_keys_are_flag_names() {
+        let c = from_file(
+            "name: infra9\n\
+             data-dir: /var/lib/x\n\
+             listen-client-urls: http://127.0.0.1:12379\n\
+             advertise-client-urls: http://127.0.0.1:12379\n\
+             listen-peer-urls: http://127.0.0.1:12380\n\
+             initial-advertise-peer-urls: http://127.0.0.1:12380\n\
+             initial-cluster: infra9=http://127.0.0.1:12380\n\
+             heartbeat-interval: 50\n\
+             election-timeout: 500\n\
+             quota-backend-bytes: 1048576\n\
+             strict-reconfig-check: false\n\
+             log-outputs: [stderr]\n\
+             logger: zap\n\
+             max-wals: 5\n\
+             enable-v2: false\n\
+             discovery:\n\
+             proxy: 'off'\n\
+             client-transport-security:\n  client-cert-auth: false\n  cert-file:\n\
+             peer-transport-security:\n  auto-tls: false\n",
+        )
+        .unwrap();
+        assert_eq!(c.name, "infra9");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(c.listen_client, vec!["127.0.0.1:12379".parse().unwrap()]);
+        assert_eq!(c.quota_backend_bytes, 1_048_576);
+        assert!(!c.strict_reconfig_check);
+    }
+
+    #[test]
+    fn config_file_refuses_what_oxcd_lacks_and_bad_yaml() {
+        let e = from_file("enable-v2: true\n").unwrap_err().to_string();
+        assert!(
+            e.contains("enable-v2") && e.contains("not supported"),
+            "{e}"
+        );
+        let e = from_file("client-transport-security:\n  cert-file: /x.pem\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "--cert-file is not supported yet by oxcd");
+        let e = from_file("name: [a\n").unwrap_err().to_string();
+        assert!(e.starts_with("config file "), "{e}");
+        let e = from_file("snapshot-count: many\n").unwrap_err().to_string();
+        assert!(e.contains("snapshot-count"), "{e}");
     }
 
     #[test]

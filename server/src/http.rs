@@ -1,9 +1,11 @@
 //! etcd's HTTP endpoints on the client URLs (etcd's `etcdhttp`): `/health`, `/version`, and the
-//! Kubernetes probe endpoints `/livez` and `/readyz` that etcd 3.5 added.
+//! Kubernetes probe endpoints `/livez` and `/readyz` that etcd 3.5 added, and `/metrics`
+//! (Prometheus, see `metrics.rs`).
 //!
 //! etcd serves HTTP/1.1 and gRPC on the same port (cmux). `api::serve` looks at the first bytes
 //! of each connection: the HTTP/2 preface goes to gRPC, anything else comes here.
 
+use crate::metrics::METRICS;
 use crate::pb::etcdserverpb::AlarmType;
 use crate::server::EtcdServer;
 use bytes::Bytes;
@@ -19,14 +21,43 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 /// etcd gives the health check's linearizable read one second.
 const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// A client URL: everything.
+    Client,
+    /// A `--listen-metrics-urls` listener: `/metrics` and `/health`, as etcd's.
+    Metrics,
+}
+
+/// Serves `--listen-metrics-urls` on one address until the process ends.
+pub async fn serve_metrics(
+    server: Arc<EtcdServer>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %addr, "serving metrics");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(server.clone(), stream, Endpoints::Metrics));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a metrics connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves one HTTP/1.1 connection.
-pub async fn serve_connection<S>(server: Arc<EtcdServer>, stream: S)
+pub async fn serve_connection<S>(server: Arc<EtcdServer>, stream: S, endpoints: Endpoints)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| {
         let server = server.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(&server, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(handle(&server, req, endpoints).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
@@ -37,10 +68,18 @@ where
 
 type Body = Full<Bytes>;
 
-async fn handle<B>(server: &EtcdServer, req: Request<B>) -> Response<Body> {
+async fn handle<B>(server: &EtcdServer, req: Request<B>, endpoints: Endpoints) -> Response<Body> {
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let path = req.uri().path();
-    let known = matches!(path, "/health" | "/version" | "/livez" | "/readyz");
+    let known = match endpoints {
+        Endpoints::Client => {
+            matches!(
+                path,
+                "/health" | "/version" | "/livez" | "/readyz" | "/metrics"
+            )
+        }
+        Endpoints::Metrics => matches!(path, "/health" | "/metrics"),
+    };
     if !known {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
     }
@@ -63,8 +102,12 @@ async fn handle<B>(server: &EtcdServer, req: Request<B>) -> Response<Body> {
             let check = check_health(server, &query.exclude, query.serializable).await;
             let body = format!(r#"{{"health":"{}"}}"#, check.is_ok());
             match check {
-                Ok(()) => text(StatusCode::OK, body),
+                Ok(()) => {
+                    METRICS.health_success.inc();
+                    text(StatusCode::OK, body)
+                }
                 Err(reason) => {
+                    METRICS.health_failures.inc();
                     tracing::warn!(reason, "/health error");
                     // Go's http.Error: the body plus a newline.
                     text(StatusCode::SERVICE_UNAVAILABLE, format!("{body}\n"))
@@ -73,6 +116,11 @@ async fn handle<B>(server: &EtcdServer, req: Request<B>) -> Response<Body> {
         }
         // Alive: the process answers and its local store serves reads; no quorum needed, so a
         // partitioned member is not restarted for it.
+        "/metrics" => response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            METRICS.render(server),
+        ),
         "/livez" => probe(Ok(())),
         "/readyz" => probe(check_health(server, &query.exclude, query.serializable).await),
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),

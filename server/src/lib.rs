@@ -11,6 +11,7 @@ pub mod http;
 pub mod lease;
 pub mod log;
 pub mod membership;
+pub mod metrics;
 pub mod mvcc;
 pub mod pb;
 pub mod raft_node;

@@ -1,6 +1,5 @@
 //! The `oxcd` binary: an etcd-compatible server.
 
-use clap::Parser;
 use oxcd::config::Flags;
 use oxcd::server::EtcdServer;
 
@@ -20,9 +19,13 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let flags = match Flags::try_parse() {
+    let flags = match Flags::load() {
         Ok(f) => f,
-        Err(e) => e.exit(),
+        Err(oxcd::config::LoadError::Usage(e)) => e.exit(),
+        Err(oxcd::config::LoadError::Config(e)) => {
+            eprintln!("oxcd: {e}");
+            std::process::exit(2);
+        }
     };
     if flags.version {
         // Same shape as `etcd --version`.
@@ -59,6 +62,12 @@ fn main() -> anyhow::Result<()> {
         server.ready().await;
         for addr in cfg.listen_client.clone() {
             tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
+        }
+        for addr in cfg.listen_metrics.clone() {
+            tasks.push(tokio::spawn(oxcd::http::serve_metrics(
+                server.clone(),
+                addr,
+            )));
         }
         tokio::select! {
             r = futures::future::select_all(tasks) => {

@@ -503,6 +503,7 @@ impl RaftNode {
         let old_leader = self.status.leader.swap(leader, Ordering::Relaxed);
         let is_leader = role == StateRole::Leader;
         self.status.is_leader.store(is_leader, Ordering::Relaxed);
+        crate::metrics::on_leader(old_leader, leader);
         if old_leader != leader {
             tracing::info!(leader = %format!("{leader:x}"), term = self.node.raft.term, "leader changed");
             // Reads waiting on the old leader will not be answered.

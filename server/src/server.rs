@@ -204,6 +204,84 @@ fn read_id(store: &Store, key: &[u8]) -> anyhow::Result<u64> {
     Ok(u64::from_be_bytes(v.as_slice().try_into()?))
 }
 
+/// `--force-new-cluster` (etcd's restart as a standalone node): drops the log's uncommitted
+/// tail, then appends and commits, on this member alone, the removal of every other member
+/// of the configuration the committed log ends with. Replaying them shrinks Raft's
+/// configuration to this member, which then elects itself and serves its data.
+fn force_new_cluster(
+    store: &Store,
+    id: u64,
+    applied: u64,
+    wal: &mut Wal,
+    rep: &mut Replayed,
+) -> anyhow::Result<()> {
+    let committed = rep.hard_state.commit.max(applied).max(rep.snapshot.index);
+    let dropped = rep.entries.iter().filter(|e| e.index > committed).count();
+    rep.entries.retain(|e| e.index <= committed);
+    // The members as of `applied` (the store), then the committed membership changes after it.
+    let mut members: BTreeSet<u64> = Membership::from_records(
+        &store.records(membership::MEMBER_PREFIX)?,
+        &store.records(membership::REMOVED_PREFIX)?,
+    )
+    .members()
+    .iter()
+    .map(|m| m.id)
+    .collect();
+    for e in rep.entries.iter().filter(|e| e.index > applied) {
+        if e.get_entry_type() != EntryType::EntryConfChangeV2 {
+            continue;
+        }
+        let cc = ConfChangeV2::parse_from_bytes(&e.data)?;
+        for ch in cc.get_changes() {
+            match ch.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    members.insert(ch.node_id);
+                }
+                ConfChangeType::RemoveNode => {
+                    members.remove(&ch.node_id);
+                }
+            }
+        }
+    }
+    let (last_index, last_term) = rep
+        .entries
+        .last()
+        .map(|e| (e.index, e.term))
+        .unwrap_or((rep.snapshot.index, rep.snapshot.term));
+    let term = rep.hard_state.term.max(last_term);
+    let mut removals = Vec::new();
+    // One change per entry: simple membership changes, never a joint configuration.
+    for (i, other) in members.iter().filter(|m| **m != id).enumerate() {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ConfChangeType::RemoveNode);
+        single.node_id = *other;
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        cc.context = ConfChangeContext::default().encode_to_vec().into();
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e.term = term;
+        e.index = last_index + 1 + i as u64;
+        e.data = cc.write_to_bytes()?.into();
+        removals.push(e);
+    }
+    let mut hs = rep.hard_state.clone();
+    hs.term = term;
+    hs.commit = last_index + removals.len() as u64;
+    wal.append(&removals, Some(&hs))?;
+    wal.sync()?;
+    tracing::warn!(
+        member_id = %format!("{id:x}"),
+        dropped_uncommitted_entries = dropped,
+        removed_members = ?members.iter().filter(|m| **m != id).map(|m| format!("{m:x}")).collect::<Vec<_>>(),
+        commit = hs.commit,
+        "forcing a new cluster of this member alone (--force-new-cluster)"
+    );
+    rep.entries.extend(removals);
+    rep.hard_state = hs;
+    Ok(())
+}
+
 /// The committed entries every member of a new cluster starts its log with.
 fn bootstrap_entries(members: &[Member]) -> anyhow::Result<Vec<Entry>> {
     let mut entries = Vec::new();
@@ -354,7 +432,17 @@ impl EtcdServer {
         } else {
             Wal::open(&cfg.wal_dir)?
         };
-        let (wal, replayed) = repair_wal(&store, recovered.consistent_index, wal, replayed)?;
+        let (mut wal, mut replayed) =
+            repair_wal(&store, recovered.consistent_index, wal, replayed)?;
+        if cfg.force_new_cluster && !fresh {
+            force_new_cluster(
+                &store,
+                id,
+                recovered.consistent_index,
+                &mut wal,
+                &mut replayed,
+            )?;
+        }
         let applied = recovered.consistent_index.max(replayed.snapshot.index);
         let membership = Membership::from_records(
             &store.records(membership::MEMBER_PREFIX)?,
@@ -761,16 +849,25 @@ impl EtcdServer {
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
+        let metrics = &crate::metrics::METRICS;
         let rx = self.waiters.register(id);
         if self.raft_tx.send(RaftInput::Propose { id, data }).is_err() {
             self.waiters.forget(id);
+            metrics.proposals_failed.inc();
             return Err(EtcdError::Stopped);
         }
-        match tokio::time::timeout(self.request_timeout(), rx).await {
+        let pending = crate::metrics::PendingProposal::start();
+        let result = tokio::time::timeout(self.request_timeout(), rx).await;
+        drop(pending);
+        match result {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(EtcdError::Stopped),
+            Ok(Err(_)) => {
+                metrics.proposals_failed.inc();
+                Err(EtcdError::Stopped)
+            }
             Err(_) => {
                 self.waiters.forget(id);
+                metrics.proposals_failed.inc();
                 Err(EtcdError::Timeout)
             }
         }

@@ -331,7 +331,9 @@ impl Wal {
             return Ok(());
         }
         self.file.write_all(&self.buf)?;
+        let fsync = crate::metrics::METRICS.wal_fsync.start_timer();
         self.file.sync_data()?;
+        fsync.observe_duration();
         self.size += self.buf.len() as u64;
         self.buf.clear();
         Ok(())

@@ -1624,3 +1624,59 @@ async fn simultaneous_linearizable_reads_on_every_member_are_all_answered() {
         assert!(failures.is_empty(), "member {i}: {failures:?}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Disaster recovery
+
+/// Quorum lost for good (two of three members gone): the survivor restarts with
+/// `--force-new-cluster`, keeps every acknowledged write, serves as a one-member cluster with
+/// its own member ID, stays so when restarted without the flag, and grows again by MemberAdd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn force_new_cluster_recovers_a_survivor_that_then_grows_again() {
+    let _serial = support::serial_cluster_test();
+    let mut cluster = Cluster::start(Kind::subject(), 3).await;
+    let mut c = cluster.client().await;
+    for i in 0..50 {
+        c.put(format!("dr/{i:03}"), format!("v{i}"), None)
+            .await
+            .expect("put before the disaster");
+    }
+    cluster.wait_converged(CONVERGE_TIMEOUT).await;
+    let survivor = 2;
+    let before = cluster.dump(survivor).await;
+    assert_eq!(before.len(), 50);
+    for lost in [0, 1] {
+        cluster.kill9(lost);
+        cluster.mark_removed(lost);
+    }
+    cluster.kill9(survivor);
+
+    cluster.members[survivor].push_arg("--force-new-cluster");
+    cluster.restart(survivor).await;
+    let mut c = cluster.member_client(survivor).await;
+    let list = c.member_list().await.expect("member list");
+    let ids: Vec<u64> = list.members().iter().map(|m| m.id()).collect();
+    assert_eq!(ids, [cluster.id(survivor)], "only the survivor is left");
+    assert_eq!(
+        cluster.dump(survivor).await,
+        before,
+        "the survivor kept its data"
+    );
+    c.put("dr/after", "x", None)
+        .await
+        .expect("a write after recovery");
+
+    // Without the flag it stays a one-member cluster with everything.
+    cluster.members[survivor].remove_arg("--force-new-cluster");
+    cluster.restart(survivor).await;
+    let after = cluster.dump(survivor).await;
+    assert_eq!(after.len(), 51);
+
+    // Grows again: a new member joins and gets the whole state.
+    let joined = cluster.add_member(false).await;
+    cluster.wait_converged(CONVERGE_TIMEOUT).await;
+    assert_eq!(cluster.dump(joined).await, after);
+    let mut c = cluster.client().await;
+    let list = c.member_list().await.expect("member list");
+    assert_eq!(list.members().len(), 2);
+}

@@ -33,10 +33,9 @@ impl Trace {
         }
     }
     fn named(&self, text: String) -> String {
-        self.leases
-            .iter()
-            .enumerate()
-            .fold(text, |t, (i, id)| t.replace(&format!("{id:x}"), &format!("L{}", i + 1)))
+        self.leases.iter().enumerate().fold(text, |t, (i, id)| {
+            t.replace(&format!("{id:x}"), &format!("L{}", i + 1))
+        })
     }
     fn push(&mut self, line: String) {
         let line = self.named(line);
@@ -83,11 +82,17 @@ async fn lock_scenario(server: &Server) -> Vec<String> {
     assert!(k1.starts_with(b"lk/"), "lock key {k1:?}");
 
     // Locking again under the same lease re-enters at once with the same key.
-    let r = finish("re-lock", c.lock("lk", Some(LockOptions::new().with_lease(l1))))
-        .await
-        .expect("re-lock");
+    let r = finish(
+        "re-lock",
+        c.lock("lk", Some(LockOptions::new().with_lease(l1))),
+    )
+    .await
+    .expect("re-lock");
     assert_eq!(r.key(), k1.as_slice());
-    t.push(format!("re-lock L1: rev={}", r.header().unwrap().revision()));
+    t.push(format!(
+        "re-lock L1: rev={}",
+        r.header().unwrap().revision()
+    ));
 
     // L2 and then L3 queue behind L1, in order.
     let mut c2 = server.client().await;
@@ -109,7 +114,10 @@ async fn lock_scenario(server: &Server) -> Vec<String> {
 
     // Revoking the holder's lease releases the lock too.
     let rv = c.lease_revoke(l2).await.expect("revoke L2");
-    t.push(format!("revoke L2: rev={}", rv.header().unwrap().revision()));
+    t.push(format!(
+        "revoke L2: rev={}",
+        rv.header().unwrap().revision()
+    ));
     let r = finish("lock L3", third).await.expect("lock L3");
     t.push(format!(
         "lock L3 acquired: key={} rev={}",
@@ -124,7 +132,10 @@ async fn lock_scenario(server: &Server) -> Vec<String> {
         .expect_err("lock with a lease that does not exist");
     t.push(format!("lock with missing lease: {}", err_text(&e)));
     let u = c.unlock("no/such/key").await.expect("unlock of no key");
-    t.push(format!("unlock missing: rev={}", u.header().unwrap().revision()));
+    t.push(format!(
+        "unlock missing: rev={}",
+        u.header().unwrap().revision()
+    ));
 
     // A waiter that gives up leaves nothing behind: L1 locks at once afterwards... no, L3
     // still holds; after L3 unlocks, L1 gets it without waiting for the gone waiter.
@@ -141,7 +152,14 @@ async fn lock_scenario(server: &Server) -> Vec<String> {
     let gone = async {
         loop {
             let n = c
-                .get("lk/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+                .get(
+                    "lk/",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
                 .await
                 .expect("count lock keys")
                 .count();
@@ -154,9 +172,12 @@ async fn lock_scenario(server: &Server) -> Vec<String> {
     finish("the canceled waiter's key to go", gone).await;
     t.push("canceled waiter's key deleted".to_string());
     c.unlock(r.key().to_vec()).await.expect("unlock L3");
-    let r = finish("lock L1 again", c.lock("lk", Some(LockOptions::new().with_lease(l1))))
-        .await
-        .expect("lock L1 again");
+    let r = finish(
+        "lock L1 again",
+        c.lock("lk", Some(LockOptions::new().with_lease(l1))),
+    )
+    .await
+    .expect("lock L1 again");
     t.push(format!(
         "lock L1 again: key={}",
         String::from_utf8_lossy(r.key())
@@ -185,7 +206,10 @@ async fn election_scenario(server: &Server) -> Vec<String> {
     let l1 = grant(&mut c, &mut t, 60).await;
     let l2 = grant(&mut c, &mut t, 60).await;
 
-    let e = c.leader("el").await.expect_err("leader of an empty election");
+    let e = c
+        .leader("el")
+        .await
+        .expect_err("leader of an empty election");
     t.push(format!("leader before any campaign: {}", err_text(&e)));
 
     let r = c.campaign("el", "a", l1).await.expect("campaign L1");
@@ -209,10 +233,16 @@ async fn election_scenario(server: &Server) -> Vec<String> {
     assert_blocks("campaign L2 while L1 leads", &mut second).await;
 
     let p = c
-        .proclaim("a2", Some(ProclaimOptions::new().with_leader(leader1.clone())))
+        .proclaim(
+            "a2",
+            Some(ProclaimOptions::new().with_leader(leader1.clone())),
+        )
         .await
         .expect("proclaim");
-    t.push(format!("proclaim a2: rev={}", p.header().unwrap().revision()));
+    t.push(format!(
+        "proclaim a2: rev={}",
+        p.header().unwrap().revision()
+    ));
     seen.push(observed(&mut obs).await);
     let l = c.leader("el").await.expect("leader");
     let kv = l.kv().unwrap();
@@ -228,7 +258,10 @@ async fn election_scenario(server: &Server) -> Vec<String> {
         .resign(Some(ResignOptions::new().with_leader(leader1.clone())))
         .await
         .expect("resign");
-    t.push(format!("resign L1: rev={}", rs.header().unwrap().revision()));
+    t.push(format!(
+        "resign L1: rev={}",
+        rs.header().unwrap().revision()
+    ));
     let r2 = finish("campaign L2", second).await.expect("campaign L2");
     let leader2 = r2.leader().unwrap().clone();
     t.push(format!(
@@ -241,7 +274,10 @@ async fn election_scenario(server: &Server) -> Vec<String> {
 
     // The old leader key no longer proves anything.
     let e = c
-        .proclaim("late", Some(ProclaimOptions::new().with_leader(leader1.clone())))
+        .proclaim(
+            "late",
+            Some(ProclaimOptions::new().with_leader(leader1.clone())),
+        )
         .await
         .expect_err("proclaim with a resigned leader key");
     t.push(format!("proclaim after resign: {}", err_text(&e)));
@@ -249,7 +285,10 @@ async fn election_scenario(server: &Server) -> Vec<String> {
         .resign(Some(ResignOptions::new().with_leader(leader1.clone())))
         .await
         .expect("resign twice");
-    t.push(format!("resign again: rev={}", rs.header().unwrap().revision()));
+    t.push(format!(
+        "resign again: rev={}",
+        rs.header().unwrap().revision()
+    ));
 
     // Campaigning again under a lease that already leads with another value proclaims it.
     let r = c.campaign("el", "b2", l2).await.expect("campaign L2 again");
@@ -329,13 +368,19 @@ async fn etcdctl_scenario(server: &Server) -> Vec<String> {
 
     let mut waiter = server.spawn_etcdctl(&["lock", "cmdlock", "echo", "got-it"]);
     let waited = tokio::time::timeout(BLOCKED_FOR, waiter.wait()).await;
-    assert!(waited.is_err(), "etcdctl lock returned while another holds the lock");
+    assert!(
+        waited.is_err(),
+        "etcdctl lock returned while another holds the lock"
+    );
     holder.start_kill().expect("kill the holder");
     let out = finish("the waiter to get the lock", waiter.wait_with_output())
         .await
         .expect("waiter output");
     assert!(out.status.success(), "waiter failed: {out:?}");
-    t.push(format!("waiter: {}", String::from_utf8_lossy(&out.stdout).trim()));
+    t.push(format!(
+        "waiter: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    ));
 
     let mut leader = server.spawn_etcdctl(&["elect", "cmdelect", "p1"]);
     let mut leader_out = stdout_lines(&mut leader);
@@ -345,12 +390,18 @@ async fn etcdctl_scenario(server: &Server) -> Vec<String> {
     let mut observer = server.spawn_etcdctl(&["elect", "-l", "cmdelect"]);
     let mut observed = stdout_lines(&mut observer);
     for _ in 0..2 {
-        t.push(format!("observer: {}", lease_free(&next_line(&mut observed).await, "cmdelect")));
+        t.push(format!(
+            "observer: {}",
+            lease_free(&next_line(&mut observed).await, "cmdelect")
+        ));
     }
     let mut next = server.spawn_etcdctl(&["elect", "cmdelect", "p2"]);
     let mut next_out = stdout_lines(&mut next);
     let early = tokio::time::timeout(BLOCKED_FOR, next_out.next_line()).await;
-    assert!(early.is_err(), "a second candidate was elected while p1 leads: {early:?}");
+    assert!(
+        early.is_err(),
+        "a second candidate was elected while p1 leads: {early:?}"
+    );
     // On an interrupt, `etcdctl elect` resigns.
     let pid = leader.id().expect("leader pid").to_string();
     let status = std::process::Command::new("kill")
@@ -358,10 +409,16 @@ async fn etcdctl_scenario(server: &Server) -> Vec<String> {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -INT {pid}");
-    t.push(format!("next: {}", lease_free(&next_line(&mut next_out).await, "cmdelect")));
+    t.push(format!(
+        "next: {}",
+        lease_free(&next_line(&mut next_out).await, "cmdelect")
+    ));
     t.push(format!("next: {}", next_line(&mut next_out).await));
     for _ in 0..2 {
-        t.push(format!("observer: {}", lease_free(&next_line(&mut observed).await, "cmdelect")));
+        t.push(format!(
+            "observer: {}",
+            lease_free(&next_line(&mut observed).await, "cmdelect")
+        ));
     }
     t
 }

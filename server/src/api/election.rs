@@ -34,10 +34,9 @@ impl Election for ElectionService {
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
         let r = req.into_inner();
-        let (header, leader) =
-            concurrency::campaign(&self.client(), &r.name, r.lease, &r.value)
-                .await
-                .map_err(as_service_error)?;
+        let (header, leader) = concurrency::campaign(&self.client(), &r.name, r.lease, &r.value)
+            .await
+            .map_err(as_service_error)?;
         Ok(Response::new(CampaignResponse {
             header: Some(header),
             leader: Some(leader),

@@ -37,6 +37,11 @@ impl Kv for KvService {
             self.0.check_not_learner()?;
             self.0.read_barrier().await?;
         }
+        crate::metrics::TxnOps {
+            ranges: 1,
+            ..Default::default()
+        }
+        .record();
         let mut resp = apply::range(&self.0.store.read(), &r).map_err(Status::from)?;
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))

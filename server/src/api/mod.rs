@@ -4,6 +4,7 @@
 mod authority;
 mod cluster;
 mod election;
+pub(crate) mod grpc_metrics;
 pub(crate) mod kv;
 pub(crate) mod lease;
 mod lock;
@@ -36,6 +37,7 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
     let incoming = async_stream_incoming(server.clone(), listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(grpc_metrics::GrpcMetricsLayer)
         .add_service(
             KvServer::from_arc(Arc::new(kv::KvService(server.clone())))
                 .max_decoding_message_size(max),
@@ -92,7 +94,14 @@ fn async_stream_incoming(
                     Ok(true) => {
                         let _ = grpc.send(Ok(authority::AuthorityFix::new(stream))).await;
                     }
-                    Ok(false) => crate::http::serve_connection(server, stream).await,
+                    Ok(false) => {
+                        crate::http::serve_connection(
+                            server,
+                            stream,
+                            crate::http::Endpoints::Client,
+                        )
+                        .await
+                    }
                     Err(_) => {}
                 }
             });

@@ -9,6 +9,7 @@
 pub mod key_index;
 pub mod revision;
 
+use crate::metrics::TxnOps;
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 use key_index::KeyIndex;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -531,7 +532,19 @@ impl Store {
             overlay: HashMap::new(),
             events: Vec::new(),
             lease_changes: Vec::new(),
+            ops: std::cell::Cell::new(TxnOps::default()),
         }
+    }
+
+    /// Keys with a live version now (etcd_debugging_mvcc_keys_total).
+    pub fn live_keys(&self) -> usize {
+        let state = self.state.read();
+        let rev = state.current_rev;
+        state
+            .index
+            .values()
+            .filter(|ki| ki.get(rev).is_some())
+            .count()
     }
 
     pub fn current_rev(&self) -> i64 {
@@ -706,6 +719,15 @@ pub struct WriteTxn<'a> {
     overlay: HashMap<Revision, KeyValue>,
     events: Vec<Event>,
     lease_changes: Vec<LeaseChange>,
+    /// Ranges, puts and deletes so far, for etcd's mvcc metrics (recorded when the
+    /// transaction ends, committed or not, as etcd's End does).
+    ops: std::cell::Cell<TxnOps>,
+}
+
+impl Drop for WriteTxn<'_> {
+    fn drop(&mut self) {
+        self.ops.get().record();
+    }
 }
 
 /// What a committed write transaction changed.
@@ -729,6 +751,7 @@ impl ReadView for WriteTxn<'_> {
         self.state.compact_rev
     }
     fn range(&self, key: &[u8], end: RangeEnd, opts: RangeOptions) -> Result<RangeResult> {
+        self.count(|o| o.ranges += 1);
         let cur = self.rev();
         range_at(&self.state, key, end, cur, opts, |r| {
             match self.overlay.get(&r) {
@@ -740,6 +763,18 @@ impl ReadView for WriteTxn<'_> {
 }
 
 impl WriteTxn<'_> {
+    fn count(&self, f: impl FnOnce(&mut TxnOps)) {
+        let mut ops = self.ops.get();
+        f(&mut ops);
+        self.ops.set(ops);
+    }
+
+    /// Takes the operations counted so far (a txn's compares, which etcd counts in a read
+    /// transaction of their own).
+    pub fn take_ops(&self) -> TxnOps {
+        self.ops.take()
+    }
+
     /// Whether the transaction changed keys (and so cannot be abandoned).
     pub fn is_dirty(&self) -> bool {
         !self.events.is_empty()
@@ -751,6 +786,7 @@ impl WriteTxn<'_> {
 
     /// Writes a new version of `key`; returns the transaction's revision.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+        self.count(|o| o.puts += 1);
         let rev = self.next_rev();
         let (created, version, old_lease) = match self.state.index.get(key) {
             Some(ki) => match ki.get(rev.main) {
@@ -791,6 +827,7 @@ impl WriteTxn<'_> {
 
     /// Deletes every live key in the range; returns (deleted, revision).
     pub fn delete_range(&mut self, key: &[u8], end: RangeEnd) -> (i64, i64) {
+        self.count(|o| o.deletes += 1);
         let at = self.rev();
         let keys: Vec<Vec<u8>> = index_range(&self.state.index, key, end)
             .filter(|(_, ki)| ki.get(at).is_some())
@@ -844,9 +881,11 @@ impl WriteTxn<'_> {
         self.batch
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
         let rev = self.rev();
+        let timer = crate::metrics::METRICS.backend_commit.start_timer();
         self.store
             .db()
             .apply_batch(std::mem::take(&mut self.batch))?;
+        timer.observe_duration();
         self.state.current_rev = rev;
         Ok(Committed {
             rev,

@@ -400,6 +400,16 @@ impl Server {
         None
     }
 
+    /// Adds a flag to every later start of this server (e.g. `--force-new-cluster`).
+    pub fn push_arg(&mut self, arg: &str) {
+        self.extra_args.push(arg.to_string());
+    }
+
+    /// Drops a flag added with `push_arg` from later starts.
+    pub fn remove_arg(&mut self, arg: &str) {
+        self.extra_args.retain(|a| a != arg);
+    }
+
     /// Spawns the server again (same data dir, ports and flags) without
     /// waiting for it; see `wait_until_ready`.
     pub fn respawn(&mut self) {

@@ -1,0 +1,285 @@
+//! etcd's Prometheus metrics, with etcd 3.4's names, types, labels and buckets, so etcd's
+//! Grafana dashboard and alerting rules work unchanged. Served at `/metrics` on the client
+//! URLs and on `--listen-metrics-urls`.
+//!
+//! Counters live in one process-wide registry (etcd's are package globals too); gauges that
+//! mirror server state (leader, indexes, db size, keys) are read from the server at scrape time.
+
+use crate::server::EtcdServer;
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::sync::atomic::Ordering;
+use std::sync::LazyLock;
+
+pub struct Metrics {
+    registry: Registry,
+    pub has_leader: IntGauge,
+    pub is_leader: IntGauge,
+    pub leader_changes: IntCounter,
+    pub is_learner: IntGauge,
+    pub proposals_committed: IntGauge,
+    pub proposals_applied: IntGauge,
+    pub proposals_pending: IntGauge,
+    pub proposals_failed: IntCounter,
+    pub server_version: IntGaugeVec,
+    pub cluster_version: IntGaugeVec,
+    pub server_id: IntGaugeVec,
+    pub quota_backend_bytes: IntGauge,
+    pub health_success: IntCounter,
+    pub health_failures: IntCounter,
+    pub wal_fsync: Histogram,
+    pub backend_commit: Histogram,
+    pub db_total_size: IntGauge,
+    pub db_total_size_in_use: IntGauge,
+    pub debugging_db_total_size: IntGauge,
+    pub put_total: IntCounter,
+    pub range_total: IntCounter,
+    pub delete_total: IntCounter,
+    pub txn_total: IntCounter,
+    pub keys_total: IntGauge,
+    pub current_revision: IntGauge,
+    pub compact_revision: IntGauge,
+    pub peer_rtt: HistogramVec,
+    pub grpc_started: IntCounterVec,
+    pub grpc_handled: IntCounterVec,
+    pub grpc_msg_received: IntCounterVec,
+    pub grpc_msg_sent: IntCounterVec,
+    pub grpc_received_bytes: IntCounter,
+    pub grpc_sent_bytes: IntCounter,
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    // Names are fixed and distinct, so registration cannot collide.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::warn!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+fn gauge(r: &Registry, ns: &str, sub: &str, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::with_opts(Opts::new(name, help).namespace(ns).subsystem(sub));
+    reg(r, g.expect("valid metric name"))
+}
+
+fn counter(r: &Registry, ns: &str, sub: &str, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(ns).subsystem(sub));
+    reg(r, c.expect("valid metric name"))
+}
+
+fn gauge_vec(
+    r: &Registry,
+    ns: &str,
+    sub: &str,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(ns).subsystem(sub), labels);
+    reg(r, g.expect("valid metric name"))
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name"),
+    )
+}
+
+/// etcd's disk latency buckets: 1 ms doubling 14 times (to about 8 s).
+fn disk_buckets() -> Vec<f64> {
+    exponential_buckets(0.001, 2.0, 14).unwrap_or_default()
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        if let Err(e) = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+        let wal_fsync = Histogram::with_opts(
+            HistogramOpts::new(
+                "wal_fsync_duration_seconds",
+                "The latency distributions of fsync called by WAL.",
+            )
+            .namespace("etcd")
+            .subsystem("disk")
+            .buckets(disk_buckets()),
+        );
+        let backend_commit = Histogram::with_opts(
+            HistogramOpts::new(
+                "backend_commit_duration_seconds",
+                "The latency distributions of commit called by backend.",
+            )
+            .namespace("etcd")
+            .subsystem("disk")
+            .buckets(disk_buckets()),
+        );
+        let peer_rtt = HistogramVec::new(
+            HistogramOpts::new(
+                "peer_round_trip_time_seconds",
+                "Round-Trip-Time histogram between peers",
+            )
+            .namespace("etcd")
+            .subsystem("network")
+            .buckets(exponential_buckets(0.0001, 2.0, 14).unwrap_or_default()),
+            &["To"],
+        );
+        let rpc = ["grpc_type", "grpc_service", "grpc_method"];
+        let m = Metrics {
+            has_leader: gauge(&r, "etcd", "server", "has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
+            is_leader: gauge(&r, "etcd", "server", "is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
+            leader_changes: counter(&r, "etcd", "server", "leader_changes_seen_total", "The number of leader changes seen."),
+            is_learner: gauge(&r, "etcd", "server", "is_learner", "Whether or not this member is a learner. 1 if is, 0 otherwise."),
+            proposals_committed: gauge(&r, "etcd", "server", "proposals_committed_total", "The total number of consensus proposals committed."),
+            proposals_applied: gauge(&r, "etcd", "server", "proposals_applied_total", "The total number of consensus proposals applied."),
+            proposals_pending: gauge(&r, "etcd", "server", "proposals_pending", "The current number of pending proposals to commit."),
+            proposals_failed: counter(&r, "etcd", "server", "proposals_failed_total", "The total number of failed proposals seen."),
+            server_version: gauge_vec(&r, "etcd", "server", "version", "Which version is running. 1 for 'server_version' label with current version.", &["server_version"]),
+            cluster_version: gauge_vec(&r, "etcd", "cluster", "version", "Which version is running. 1 for 'cluster_version' label with current cluster version", &["cluster_version"]),
+            server_id: gauge_vec(&r, "etcd", "server", "id", "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.", &["server_id"]),
+            quota_backend_bytes: gauge(&r, "etcd", "server", "quota_backend_bytes", "Current backend storage quota size in bytes."),
+            health_success: counter(&r, "etcd", "server", "health_success", "The total number of successful health checks"),
+            health_failures: counter(&r, "etcd", "server", "health_failures", "The total number of failed health checks"),
+            wal_fsync: reg(&r, wal_fsync.expect("valid metric name")),
+            backend_commit: reg(&r, backend_commit.expect("valid metric name")),
+            db_total_size: gauge(&r, "etcd", "mvcc", "db_total_size_in_bytes", "Total size of the underlying database physically allocated in bytes."),
+            db_total_size_in_use: gauge(&r, "etcd", "mvcc", "db_total_size_in_use_in_bytes", "Total size of the underlying database logically in use in bytes."),
+            debugging_db_total_size: gauge(&r, "etcd_debugging", "mvcc", "db_total_size_in_bytes", "Total size of the underlying database physically allocated in bytes."),
+            put_total: counter(&r, "etcd", "mvcc", "put_total", "Total number of puts seen by this member."),
+            range_total: counter(&r, "etcd", "mvcc", "range_total", "Total number of ranges seen by this member."),
+            delete_total: counter(&r, "etcd", "mvcc", "delete_total", "Total number of deletes seen by this member."),
+            txn_total: counter(&r, "etcd", "mvcc", "txn_total", "Total number of txns seen by this member."),
+            keys_total: gauge(&r, "etcd_debugging", "mvcc", "keys_total", "Total number of keys."),
+            current_revision: gauge(&r, "etcd_debugging", "mvcc", "current_revision", "The current revision of store."),
+            compact_revision: gauge(&r, "etcd_debugging", "mvcc", "compact_revision", "The revision of the last compaction in store."),
+            peer_rtt: reg(&r, peer_rtt.expect("valid metric name")),
+            grpc_started: counter_vec(&r, "grpc_server_started_total", "Total number of RPCs started on the server.", &rpc),
+            grpc_handled: counter_vec(&r, "grpc_server_handled_total", "Total number of RPCs completed on the server, regardless of success or failure.", &["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
+            grpc_msg_received: counter_vec(&r, "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", &rpc),
+            grpc_msg_sent: counter_vec(&r, "grpc_server_msg_sent_total", "Total number of gRPC stream messages sent by the server.", &rpc),
+            grpc_received_bytes: counter(&r, "etcd", "network", "client_grpc_received_bytes_total", "The total number of bytes received from grpc clients."),
+            grpc_sent_bytes: counter(&r, "etcd", "network", "client_grpc_sent_bytes_total", "The total number of bytes sent to grpc clients."),
+            registry: r,
+        };
+        m.server_version
+            .with_label_values(&[crate::api::ETCD_API_VERSION])
+            .set(1);
+        m.cluster_version
+            .with_label_values(&[crate::http::ETCD_CLUSTER_VERSION.trim_end_matches(".0")])
+            .set(1);
+        crate::api::grpc_metrics::preregister(&m);
+        m
+    }
+
+    /// The Prometheus text exposition of every metric, with the state gauges read from `server`.
+    pub fn render(&self, server: &EtcdServer) -> String {
+        let leader = server.raft_status.leader.load(Ordering::Relaxed);
+        self.has_leader.set((leader != 0) as i64);
+        self.is_leader
+            .set((leader != 0 && leader == server.id) as i64);
+        self.is_learner.set(server.member().is_learner as i64);
+        self.proposals_committed
+            .set(server.raft_status.commit.load(Ordering::Relaxed) as i64);
+        self.proposals_applied.set(server.applied_index() as i64);
+        self.server_id
+            .with_label_values(&[&format!("{:x}", server.id)])
+            .set(1);
+        self.quota_backend_bytes
+            .set(server.cfg.quota_backend_bytes as i64);
+        let size = server.store.size_on_disk() as i64;
+        self.db_total_size.set(size);
+        self.db_total_size_in_use.set(size);
+        self.debugging_db_total_size.set(size);
+        self.keys_total.set(server.store.live_keys() as i64);
+        self.current_revision.set(server.store.current_rev());
+        self.compact_revision.set(server.store.compact_rev());
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Operations of one mvcc transaction, counted as etcd counts them (its `metricsTxnWrite`):
+/// each range (compares included), put and delete; a transaction with more than one is a txn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxnOps {
+    pub ranges: u64,
+    pub puts: u64,
+    pub deletes: u64,
+}
+
+impl TxnOps {
+    pub fn record(self) {
+        let m = &*METRICS;
+        if self.ranges + self.puts + self.deletes > 1 {
+            m.txn_total.inc();
+        }
+        m.range_total.inc_by(self.ranges);
+        m.put_total.inc_by(self.puts);
+        m.delete_total.inc_by(self.deletes);
+    }
+}
+
+/// Counts a proposal as pending until dropped (also when its caller goes away).
+pub struct PendingProposal(());
+
+impl PendingProposal {
+    pub fn start() -> Self {
+        METRICS.proposals_pending.inc();
+        PendingProposal(())
+    }
+}
+
+impl Drop for PendingProposal {
+    fn drop(&mut self) {
+        METRICS.proposals_pending.dec();
+    }
+}
+
+/// Counts a new leader as etcd does: a change to a known leader other than the last one seen.
+pub fn on_leader(old: u64, new: u64) {
+    if new != 0 && new != old {
+        METRICS.leader_changes.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_buckets_are_etcds() {
+        let b = disk_buckets();
+        assert_eq!(b.len(), 14);
+        assert_eq!(b[0], 0.001);
+        assert!((b[13] - 8.192).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_single_op_is_not_a_txn() {
+        let before = METRICS.txn_total.get();
+        TxnOps {
+            ranges: 1,
+            ..Default::default()
+        }
+        .record();
+        assert_eq!(METRICS.txn_total.get(), before);
+        TxnOps {
+            ranges: 1,
+            puts: 1,
+            deletes: 0,
+        }
+        .record();
+        assert_eq!(METRICS.txn_total.get(), before + 1);
+    }
+}
