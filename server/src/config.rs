@@ -149,6 +149,25 @@ pub struct Flags {
         action = clap::ArgAction::Set
     )]
     pub force_new_cluster: bool,
+    /// Before serving clients, compare this member's HashKV with its peers' and refuse to
+    /// start on a mismatch.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub experimental_initial_corrupt_check: bool,
+    /// Duration between the leader's checks of the members' HashKV (0s disables); a member
+    /// whose hash differs gets the CORRUPT alarm.
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME",
+        default_value = "0s"
+    )]
+    pub experimental_corrupt_check_time: String,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -223,6 +242,10 @@ pub struct Config {
     pub strict_reconfig_check: bool,
     /// `--force-new-cluster`: see `server::force_new_cluster`.
     pub force_new_cluster: bool,
+    /// `--experimental-initial-corrupt-check`: see `corrupt::initial_check`.
+    pub initial_corrupt_check: bool,
+    /// `--experimental-corrupt-check-time`, when not zero: see `corrupt::periodic_check`.
+    pub corrupt_check_interval: Option<Duration>,
     pub log_level: String,
     pub log_json: bool,
 }
@@ -647,6 +670,14 @@ impl Flags {
                         "not a positive duration",
                     )
                 })?;
+        let corrupt_check_interval = parse_go_duration(&self.experimental_corrupt_check_time)
+            .ok_or_else(|| {
+                invalid(
+                    "experimental-corrupt-check-time",
+                    &self.experimental_corrupt_check_time,
+                    "not a duration",
+                )
+            })?;
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" | "dpanic" => "error".to_string(),
@@ -689,6 +720,8 @@ impl Flags {
             watch_progress_interval,
             strict_reconfig_check: self.strict_reconfig_check,
             force_new_cluster: self.force_new_cluster,
+            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            corrupt_check_interval: Some(corrupt_check_interval).filter(|d| !d.is_zero()),
             log_level,
             log_json,
         })

@@ -23,6 +23,8 @@ pub enum EtcdError {
     FutureRev,
     #[error("mvcc: database space exceeded")]
     NoSpace,
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
     #[error("lease not found")]
     LeaseNotFound,
     #[error("lease already exists")]

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod benchmark;
 pub mod concurrency;
 pub mod config;
+pub mod corrupt;
 pub mod error;
 pub mod http;
 pub mod lease;

@@ -53,6 +53,13 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         };
+        if cfg.initial_corrupt_check {
+            if let Err(e) = oxcd::corrupt::initial_check(&server).await {
+                tracing::error!(error = %e, "initial corruption check failed");
+                eprintln!("oxcd: {e:#}");
+                std::process::exit(1);
+            }
+        }
         let mut tasks = Vec::new();
         for addr in cfg.listen_peer.clone() {
             tasks.push(tokio::spawn(oxcd::api::peer::serve(server.clone(), addr)));
@@ -62,6 +69,9 @@ fn main() -> anyhow::Result<()> {
         server.ready().await;
         for addr in cfg.listen_client.clone() {
             tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
+        }
+        if let Some(interval) = cfg.corrupt_check_interval {
+            tokio::spawn(oxcd::corrupt::periodic_check(server.clone(), interval));
         }
         for addr in cfg.listen_metrics.clone() {
             tasks.push(tokio::spawn(oxcd::http::serve_metrics(

@@ -307,6 +307,19 @@ fn bootstrap_entries(members: &[Member]) -> anyhow::Result<Vec<Entry>> {
     Ok(entries)
 }
 
+/// A client of the peer API of the member at `urls` (the first that answers).
+pub async fn connect_peer(urls: &[String]) -> Option<PeerClient<tonic::transport::Channel>> {
+    for url in urls {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone()) else {
+            continue;
+        };
+        if let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await {
+            return Some(PeerClient::new(ch));
+        }
+    }
+    None
+}
+
 /// `--initial-cluster-state existing`: ask the members we were given for the cluster's
 /// identity and find ourselves (added beforehand with MemberAdd) by our peer URLs.
 async fn join_existing(cfg: &Config) -> anyhow::Result<(u64, u64, Vec<Member>)> {
@@ -795,17 +808,9 @@ impl EtcdServer {
             .get(leader)
             .map(|m| m.peer_ur_ls.clone())
             .ok_or(EtcdError::NoLeader)?;
-        for url in urls {
-            let Ok(ep) = tonic::transport::Endpoint::from_shared(url) else {
-                continue;
-            };
-            if let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await {
-                let c = PeerClient::new(ch);
-                *cached = Some((leader, c.clone()));
-                return Ok(c);
-            }
-        }
-        Err(EtcdError::NoLeader)
+        let c = connect_peer(&urls).await.ok_or(EtcdError::NoLeader)?;
+        *cached = Some((leader, c.clone()));
+        Ok(c)
     }
 
     /// A fresh positive id (request ids, and lease ids when the client names none).
@@ -1225,11 +1230,12 @@ impl Applier {
         }
     }
 
+    fn alarmed(&self, alarm: AlarmType) -> bool {
+        self.alarms.lock().iter().any(|(_, a)| *a == alarm as i32)
+    }
+
     fn no_space(&self) -> bool {
-        self.alarms
-            .lock()
-            .iter()
-            .any(|(_, a)| *a == AlarmType::Nospace as i32)
+        self.alarmed(AlarmType::Nospace)
     }
 
     /// Runs `f` in one write transaction and commits it with the entry's index.
@@ -1263,6 +1269,20 @@ impl Applier {
     }
 
     fn apply_request(&mut self, index: u64, request: Request) -> Result<Applied> {
+        // etcd's corrupt applier: once a member's data is known to differ, nothing changes the
+        // key space or leases until an operator disarms the alarm.
+        if matches!(
+            request,
+            Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::Compaction(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_)
+        ) && self.alarmed(AlarmType::Corrupt)
+        {
+            return Err(EtcdError::Corrupt);
+        }
         match request {
             Request::Put(p) => {
                 if self.no_space() {

@@ -17,10 +17,6 @@ use tonic::{Request, Response, Status};
 
 pub struct MaintenanceService(pub Arc<EtcdServer>);
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!("oxcd: {what} is not supported yet"))
-}
-
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
@@ -89,36 +85,55 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(resp))
     }
 
+    /// Rewrites this member's backend without the space compaction freed (not replicated:
+    /// each member is defragmented on its own, as on etcd).
     async fn defragment(
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         self.0.check_not_learner()?;
-        Err(not_yet("Defragment"))
+        let store = self.0.store.clone();
+        let before = store.size_on_disk();
+        tracing::info!(size = before, "defragmenting");
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || store.defragment())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: defragment: {e}")))?
+            .map_err(EtcdError::from)?;
+        let after = self.0.store.size_on_disk();
+        tracing::info!(
+            size = after,
+            freed = before.saturating_sub(after),
+            took = ?started.elapsed(),
+            "defragmented"
+        );
+        let mut resp = DefragmentResponse { header: None };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
     }
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         self.0.check_not_learner()?;
-        Err(not_yet("Hash"))
+        let store = self.0.store.clone();
+        let (hash, rev) = tokio::task::spawn_blocking(move || store.hash())
+            .await
+            .map_err(|e| Status::internal(format!("etcdserver: hash: {e}")))?
+            .map_err(EtcdError::from)?;
+        let mut resp = HashResponse {
+            header: Some(crate::pb::etcdserverpb::ResponseHeader {
+                revision: rev,
+                ..Default::default()
+            }),
+            hash,
+        };
+        self.0.fill(&mut resp.header);
+        Ok(Response::new(resp))
     }
     async fn hash_kv(
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         self.0.check_not_learner()?;
-        let (hash, current, compact) = self
-            .0
-            .store
-            .hash_kv(req.into_inner().revision)
-            .map_err(crate::error::EtcdError::from)?;
-        let mut resp = HashKvResponse {
-            header: Some(crate::pb::etcdserverpb::ResponseHeader {
-                revision: current,
-                ..Default::default()
-            }),
-            hash,
-            compact_revision: compact,
-        };
-        self.0.fill(&mut resp.header);
+        let resp = crate::corrupt::hash_kv(&self.0, req.into_inner().revision).await?;
         Ok(Response::new(resp))
     }
 

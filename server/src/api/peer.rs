@@ -3,7 +3,8 @@
 
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::oxcdpb::{peer_server::Peer, ClusterInfo, ClusterInfoRequest, PeerAck, PeerMessage};
 use crate::raft_node::RaftInput;
@@ -113,6 +114,14 @@ impl Peer for PeerService {
         Ok(Response::new(
             self.0.local_time_to_live(req.into_inner()).await?,
         ))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let resp = crate::corrupt::hash_kv(&self.0, req.into_inner().revision).await?;
+        Ok(Response::new(resp))
     }
 }
 

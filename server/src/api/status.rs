@@ -26,6 +26,7 @@ impl From<EtcdError> for Status {
                 Code::ResourceExhausted,
                 "etcdserver: mvcc: database space exceeded".into(),
             ),
+            EtcdError::Corrupt => (Code::DataLoss, e.to_string()),
             EtcdError::LeaseNotFound => (
                 Code::NotFound,
                 "etcdserver: requested lease not found".into(),

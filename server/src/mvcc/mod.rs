@@ -149,6 +149,10 @@ pub struct Store {
     /// Backend size cache: sled measures it with file system calls, too slow per request.
     size: std::sync::atomic::AtomicU64,
     size_at: parking_lot::Mutex<std::time::Instant>,
+    /// Held by the physical compaction and by defragmentation, which must not interleave:
+    /// a compaction still deleting from a generation that defragmentation replaced would
+    /// leave the new one holding history the index no longer knows.
+    maintenance: parking_lot::Mutex<()>,
 }
 
 /// Reads the store at a consistent point: the index cannot change while this is held.
@@ -229,6 +233,19 @@ fn range_at(
         count,
         rev: cur,
     })
+}
+
+/// Deletes every state generation in `dir` but `keep` (the one CURRENT names).
+fn remove_generations_except(dir: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("state-") && n != keep {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 impl Store {
@@ -339,15 +356,9 @@ impl Store {
                 "state-0".to_string()
             }
         };
-        // Generations left behind by an interrupted snapshot install are garbage.
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().to_string();
-                if n.starts_with("state-") && n != name {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        // Generations left behind by an interrupted snapshot install or defragmentation
+        // are garbage.
+        remove_generations_except(dir, &name);
         let db = Self::open_db(&dir.join(&name))?;
         let (state, rec, scheduled, finished) = Self::load_state(&db)?;
         let size = db.size_on_disk().unwrap_or(0);
@@ -357,6 +368,7 @@ impl Store {
             state: RwLock::new(state),
             size: std::sync::atomic::AtomicU64::new(size),
             size_at: parking_lot::Mutex::new(std::time::Instant::now()),
+            maintenance: parking_lot::Mutex::new(()),
         });
         if scheduled > finished {
             // A compaction was cut short by a crash: finish it, as etcd does on start.
@@ -418,17 +430,8 @@ impl Store {
         let old = std::mem::replace(&mut *self.db.write(), staged);
         *st = state;
         drop(st);
-        let old_dirs: Vec<_> = std::fs::read_dir(&self.dir)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
         drop(old);
-        for p in old_dirs {
-            if p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("state-") && n != name)
-            {
-                let _ = std::fs::remove_dir_all(p);
-            }
-        }
+        remove_generations_except(&self.dir, name);
         Ok(rec)
     }
 
@@ -483,6 +486,61 @@ impl Store {
             h.update(&v);
         }
         Ok((h.finish(), current, compact))
+    }
+
+    /// etcd's Hash (a testing aid): crc32c over every record of the backend, and the
+    /// revision it was taken at. Unlike HashKV it covers member-local records too, so members
+    /// need not agree on it.
+    pub fn hash(&self) -> Result<(u32, i64)> {
+        let st = self.state.read();
+        let mut h = Crc32c::default();
+        for item in self.db().iter() {
+            let (k, v) = item?;
+            h.update(&(k.len() as u64).to_be_bytes());
+            h.update(&k);
+            h.update(&v);
+        }
+        Ok((h.finish(), st.current_rev))
+    }
+
+    /// etcd's defragmentation: copies the live records into a new generation and drops the
+    /// old one, so the space compaction freed goes back to the file system. Readers and
+    /// writers wait while it runs, as on etcd. Every record is copied as it is, the consistent
+    /// index among them, so the copy is exactly the state the old generation held.
+    pub fn defragment(&self) -> Result<()> {
+        let _m = self.maintenance.lock();
+        let st = self.state.write();
+        let name = format!("state-defrag-{:08x}", rand::random::<u32>());
+        let path = self.dir.join(&name);
+        let _ = std::fs::remove_dir_all(&path);
+        let fresh = Self::open_db(&path)?;
+        let copied = (|| {
+            let mut batch = sled::Batch::default();
+            for (i, item) in self.db().iter().enumerate() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                if i % 10_000 == 9_999 {
+                    fresh.apply_batch(std::mem::take(&mut batch))?;
+                }
+            }
+            fresh.apply_batch(batch)?;
+            fresh.flush()?;
+            Ok::<_, MvccError>(())
+        })();
+        if let Err(e) = copied.and_then(|_| Self::set_current(&self.dir, &name)) {
+            drop(fresh);
+            let _ = std::fs::remove_dir_all(&path);
+            return Err(e);
+        }
+        let old = std::mem::replace(&mut *self.db.write(), fresh);
+        drop(st);
+        drop(old);
+        remove_generations_except(&self.dir, &name);
+        self.size.store(
+            self.db().size_on_disk().unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// Records that an entry which changed nothing was applied.
@@ -569,9 +627,11 @@ impl Store {
 
     /// Makes every applied batch durable; afterwards the WAL before the consistent index can go.
     pub fn sync(&self, consistent_index: u64) -> Result<()> {
-        self.db()
-            .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
-        self.db().flush()?;
+        // The state lock keeps a defragmentation from swapping the generation under us.
+        let _st = self.state.read();
+        let db = self.db();
+        db.insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes())?;
+        db.flush()?;
         Ok(())
     }
 
@@ -595,9 +655,10 @@ impl Store {
             if rev > st.current_rev {
                 return Err(MvccError::FutureRev);
             }
+            // Written under the state lock so that it lands in the current generation.
+            self.db()
+                .insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
         }
-        self.db()
-            .insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
         Ok(self.compact_index(rev))
     }
 
@@ -615,6 +676,7 @@ impl Store {
     /// Physically removes the history compacted away at `rev`, in bounded batches so that
     /// writers interleave with it.
     pub fn compact_backend(&self, rev: i64, keep: &HashSet<Revision>) -> Result<()> {
+        let _m = self.maintenance.lock();
         let end = Revision::backend_lower_bound(rev + 1);
         let mut batch = sled::Batch::default();
         let mut n = 0;
@@ -946,5 +1008,63 @@ mod crc_tests {
         let mut h = super::Crc32c::default();
         h.update(b"123456789");
         assert_eq!(h.finish(), 0xE306_9283);
+    }
+}
+
+#[cfg(test)]
+mod maintenance_tests {
+    use super::*;
+
+    fn fill(store: &Store, index: &mut u64, rounds: usize) {
+        for i in 0..rounds {
+            let mut t = store.write();
+            t.put(format!("k{}", i % 10).as_bytes(), vec![i as u8; 4096], 0);
+            *index += 1;
+            t.commit(*index).unwrap();
+        }
+    }
+
+    fn all(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let r = store.read();
+        let res = r
+            .range(b"\0", RangeEnd::Infinity, RangeOptions::default())
+            .unwrap();
+        res.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+    }
+
+    #[test]
+    fn defragment_returns_compacted_space_and_keeps_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut index = 0;
+        fill(&store, &mut index, 2_000);
+        let rev = store.current_rev();
+        let keep = store.schedule_compaction(rev).unwrap();
+        store.compact_backend(rev, &keep).unwrap();
+        store.sync(index).unwrap();
+        let before_kv = store.hash_kv(0).unwrap();
+        let before_keys = all(&store);
+        let before = store.db().size_on_disk().unwrap();
+
+        store.defragment().unwrap();
+
+        let after = store.db().size_on_disk().unwrap();
+        assert!(after < before / 2, "{before} bytes before, {after} after");
+        assert_eq!(store.hash_kv(0).unwrap(), before_kv);
+        assert_eq!(all(&store), before_keys);
+        // Writes go on in the new generation, and it is the one found after a restart.
+        fill(&store, &mut index, 5);
+        let expect = (store.hash_kv(0).unwrap(), all(&store));
+        store.sync(index).unwrap();
+        drop(store);
+        let gens: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("state-"))
+            .collect();
+        assert_eq!(gens.len(), 1, "old generations are deleted");
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.consistent_index, index);
+        assert_eq!((store.hash_kv(0).unwrap(), all(&store)), expect);
     }
 }
