@@ -26,6 +26,8 @@ missing=()
 [ -x /usr/bin/etcdctl ] || missing+=(etcd-client)
 # The etcd-client crate (a dev-dependency) compiles etcd's protos with protoc.
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# The TLS tests call curl over https.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 # The operator's manifest checks render deploy/ with kubectl kustomize.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -14,6 +14,8 @@ pub enum ConfigError {
         value: String,
         why: String,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("--{0} is not supported yet by oxcd")]
     Unsupported(&'static str),
     #[error("config file {path}: {why}")]
@@ -181,25 +183,79 @@ pub struct Flags {
     #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
     pub log_outputs: String,
 
-    // Flags of features still to come: accepted by name so that the error is clear.
-    #[arg(long, env = "ETCD_CERT_FILE", hide = true)]
+    /// Path to the client server TLS cert file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
     pub cert_file: Option<String>,
-    #[arg(long, env = "ETCD_KEY_FILE", hide = true)]
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
     pub key_file: Option<String>,
-    #[arg(long, env = "ETCD_TRUSTED_CA_FILE", hide = true)]
+    /// Path to the client server TLS trusted CA cert file (client certificates must be signed by it).
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<String>,
-    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", hide = true)]
-    pub client_cert_auth: Option<String>,
-    #[arg(long, env = "ETCD_AUTO_TLS", hide = true)]
-    pub auto_tls: Option<String>,
-    #[arg(long, env = "ETCD_PEER_CERT_FILE", hide = true)]
+    /// Enable client cert authentication.
+    #[arg(
+        long,
+        env = "ETCD_CLIENT_CERT_AUTH",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub client_cert_auth: bool,
+    /// Path to the client certificate revocation list file.
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<String>,
+    /// Client TLS using generated certificates.
+    #[arg(
+        long,
+        env = "ETCD_AUTO_TLS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub auto_tls: bool,
+    /// Path to the peer server TLS cert file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
     pub peer_cert_file: Option<String>,
-    #[arg(long, env = "ETCD_PEER_KEY_FILE", hide = true)]
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
     pub peer_key_file: Option<String>,
-    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE", hide = true)]
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
     pub peer_trusted_ca_file: Option<String>,
-    #[arg(long, env = "ETCD_PEER_AUTO_TLS", hide = true)]
-    pub peer_auto_tls: Option<String>,
+    /// Enable peer client cert authentication.
+    #[arg(
+        long,
+        env = "ETCD_PEER_CLIENT_CERT_AUTH",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub peer_client_cert_auth: bool,
+    /// Path to the peer certificate revocation list file.
+    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<String>,
+    /// Peer TLS using self-generated certificates.
+    #[arg(
+        long,
+        env = "ETCD_PEER_AUTO_TLS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub peer_auto_tls: bool,
+    /// Allowed CN for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Allowed TLS hostname for inter peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
+    pub peer_cert_allowed_hostname: Option<String>,
+    /// Comma-separated list of supported TLS cipher suites between client/server and peers (empty: the defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES")]
+    pub cipher_suites: Option<String>,
     #[arg(long, env = "ETCD_AUTH_TOKEN", hide = true)]
     pub auth_token: Option<String>,
     /// Extra URLs serving /metrics and /health (http:// only).
@@ -220,10 +276,19 @@ pub struct Config {
     pub name: String,
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
+    /// Every client listening address, once, in flag order.
     pub listen_client: Vec<SocketAddr>,
+    /// The client addresses named by an http:// URL, and by an https:// URL (etcd serves both
+    /// on one port when both name it).
+    pub listen_client_plain: Vec<SocketAddr>,
+    pub listen_client_tls: Vec<SocketAddr>,
+    pub client_tls: crate::tls::TlsInfo,
     /// `--listen-metrics-urls`: HTTP listeners for /metrics and /health only.
     pub listen_metrics: Vec<SocketAddr>,
     pub listen_peer: Vec<SocketAddr>,
+    pub listen_peer_plain: Vec<SocketAddr>,
+    pub listen_peer_tls: Vec<SocketAddr>,
+    pub peer_tls: crate::tls::TlsInfo,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
     /// (name, peer urls) of the initial cluster.
@@ -270,8 +335,10 @@ fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
     for u in &urls {
         let parsed = url::Url::parse(u).map_err(|e| invalid(flag, u, e.to_string()))?;
         match parsed.scheme() {
-            "http" | "unix" => {}
-            "https" | "unixs" => return Err(invalid(flag, u, "TLS is not supported yet by oxcd")),
+            "http" | "https" => {}
+            "unix" | "unixs" => {
+                return Err(invalid(flag, u, "unix sockets are not supported by oxcd"))
+            }
             other => {
                 return Err(invalid(
                     flag,
@@ -285,6 +352,98 @@ fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
         }
     }
     Ok(urls)
+}
+
+/// The distinct addresses of `urls`, and which of them http:// and https:// URLs name.
+#[allow(clippy::type_complexity)]
+fn listeners(
+    flag: &'static str,
+    urls: &[String],
+) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>, Vec<SocketAddr>), ConfigError> {
+    let (mut all, mut plain, mut tls) = (Vec::new(), Vec::new(), Vec::new());
+    for u in urls {
+        let https = u.starts_with("https://");
+        for a in resolve(flag, u)? {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+            let list = if https { &mut tls } else { &mut plain };
+            if !list.contains(&a) {
+                list.push(a);
+            }
+        }
+    }
+    Ok((all, plain, tls))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Peer,
+}
+
+struct TlsFlags<'a> {
+    cert: &'a Option<String>,
+    key: &'a Option<String>,
+    ca: &'a Option<String>,
+    cert_auth: bool,
+    crl: &'a Option<String>,
+    auto: bool,
+}
+
+/// One side's TLS settings from its flags; `--auto-tls` generates the pair when no
+/// certificate is given (etcd ignores it when one is).
+fn tls_info(
+    side: Side,
+    f: TlsFlags,
+    data_dir: &std::path::Path,
+    urls: &[String],
+    serves_tls: bool,
+    cipher_suites: &[String],
+) -> Result<crate::tls::TlsInfo, ConfigError> {
+    let (prefix, what) = match side {
+        Side::Client => ("", "client"),
+        Side::Peer => ("peer-", "peer"),
+    };
+    let path = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+    let mut info = crate::tls::TlsInfo {
+        cert_file: path(f.cert),
+        key_file: path(f.key),
+        trusted_ca_file: path(f.ca),
+        client_cert_auth: f.cert_auth,
+        crl_file: path(f.crl),
+        cipher_suites: cipher_suites.to_vec(),
+        ..Default::default()
+    };
+    if info.cert_file.is_some() != info.key_file.is_some() {
+        return Err(ConfigError::Tls(format!(
+            "--{prefix}cert-file and --{prefix}key-file must be given together"
+        )));
+    }
+    if f.auto && info.is_empty() {
+        let dir = data_dir.join("fixtures").join(what);
+        let (cert, key) = crate::tls::self_signed(&dir, urls)
+            .map_err(|e| ConfigError::Tls(format!("--{prefix}auto-tls: {e}")))?;
+        info.cert_file = Some(cert);
+        info.key_file = Some(key);
+        info.self_signed = true;
+    }
+    if serves_tls && info.is_empty() {
+        let url = urls
+            .iter()
+            .find(|u| u.starts_with("https://"))
+            .cloned()
+            .unwrap_or_default();
+        return Err(ConfigError::Tls(format!(
+            "TLS key/cert (--{prefix}cert-file, --{prefix}key-file) must be provided for {what} url {url} with HTTPS scheme"
+        )));
+    }
+    if info.client_cert_auth && info.trusted_ca_file.is_none() && !info.self_signed {
+        return Err(ConfigError::Tls(format!(
+            "--{prefix}client-cert-auth needs --{prefix}trusted-ca-file"
+        )));
+    }
+    Ok(info)
 }
 
 fn resolve(flag: &'static str, u: &str) -> Result<Vec<SocketAddr>, ConfigError> {
@@ -402,6 +561,7 @@ fn file_key_flag(section: Option<&str>, key: &str) -> String {
             "peer-cert-allowed-hostname".to_string()
         }
         (Some("peer-transport-security"), k) => format!("peer-{k}"),
+        (Some("client-transport-security"), "crl-file") => "client-crl-file".to_string(),
         (_, k) => k.to_string(),
     }
 }
@@ -512,25 +672,8 @@ impl Flags {
     }
 
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !is_unset(v));
-        for (set, name) in [
-            (set(&self.cert_file), "cert-file"),
-            (set(&self.key_file), "key-file"),
-            (set(&self.trusted_ca_file), "trusted-ca-file"),
-            (set(&self.client_cert_auth), "client-cert-auth"),
-            (set(&self.auto_tls), "auto-tls"),
-            (set(&self.peer_cert_file), "peer-cert-file"),
-            (set(&self.peer_key_file), "peer-key-file"),
-            (set(&self.peer_trusted_ca_file), "peer-trusted-ca-file"),
-            (set(&self.peer_auto_tls), "peer-auto-tls"),
-            (
-                self.auth_token.as_deref().is_some_and(|t| t != "simple"),
-                "auth-token",
-            ),
-        ] {
-            if set {
-                return Err(ConfigError::Unsupported(name));
-            }
+        if self.auth_token.as_deref().is_some_and(|t| t != "simple") {
+            return Err(ConfigError::Unsupported("auth-token"));
         }
         if !matches!(self.log_outputs.as_str(), "default" | "stderr") {
             return Err(invalid(
@@ -547,10 +690,9 @@ impl Flags {
             .wal_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("member").join("wal"));
-        let mut listen_client = Vec::new();
-        for u in split_urls("listen-client-urls", &self.listen_client_urls)? {
-            listen_client.extend(resolve("listen-client-urls", &u)?);
-        }
+        let client_urls = split_urls("listen-client-urls", &self.listen_client_urls)?;
+        let (listen_client, listen_client_plain, listen_client_tls) =
+            listeners("listen-client-urls", &client_urls)?;
         let mut listen_metrics = Vec::new();
         if let Some(urls) = &self.listen_metrics_urls {
             for u in split_urls("listen-metrics-urls", urls)? {
@@ -559,9 +701,60 @@ impl Flags {
         }
         let advertise_client_urls =
             split_urls("advertise-client-urls", &self.advertise_client_urls)?;
-        let mut listen_peer = Vec::new();
-        for u in split_urls("listen-peer-urls", &self.listen_peer_urls)? {
-            listen_peer.extend(resolve("listen-peer-urls", &u)?);
+        let peer_urls = split_urls("listen-peer-urls", &self.listen_peer_urls)?;
+        let (listen_peer, listen_peer_plain, listen_peer_tls) =
+            listeners("listen-peer-urls", &peer_urls)?;
+        let cipher_suites: Vec<String> = self
+            .cipher_suites
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect();
+        crate::tls::check_cipher_suites(&cipher_suites)
+            .map_err(|why| invalid("cipher-suites", &cipher_suites.join(","), why))?;
+        let client_tls = tls_info(
+            Side::Client,
+            TlsFlags {
+                cert: &self.cert_file,
+                key: &self.key_file,
+                ca: &self.trusted_ca_file,
+                cert_auth: self.client_cert_auth,
+                crl: &self.client_crl_file,
+                auto: self.auto_tls,
+            },
+            &data_dir,
+            &client_urls,
+            !listen_client_tls.is_empty(),
+            &cipher_suites,
+        )?;
+        let mut peer_tls = tls_info(
+            Side::Peer,
+            TlsFlags {
+                cert: &self.peer_cert_file,
+                key: &self.peer_key_file,
+                ca: &self.peer_trusted_ca_file,
+                cert_auth: self.peer_client_cert_auth,
+                crl: &self.peer_crl_file,
+                auto: self.peer_auto_tls,
+            },
+            &data_dir,
+            &peer_urls,
+            !listen_peer_tls.is_empty(),
+            &cipher_suites,
+        )?;
+        peer_tls.allowed_cn = self.peer_cert_allowed_cn.clone().filter(|s| !s.is_empty());
+        peer_tls.allowed_hostname = self
+            .peer_cert_allowed_hostname
+            .clone()
+            .filter(|s| !s.is_empty());
+        if peer_tls.allowed_cn.is_some() && peer_tls.allowed_hostname.is_some() {
+            return Err(invalid(
+                "peer-cert-allowed-cn",
+                peer_tls.allowed_cn.as_deref().unwrap_or_default(),
+                "cannot be given together with --peer-cert-allowed-hostname",
+            ));
         }
         let initial_advertise_peer_urls = split_urls(
             "initial-advertise-peer-urls",
@@ -699,8 +892,14 @@ impl Flags {
             data_dir,
             wal_dir,
             listen_client,
+            listen_client_plain,
+            listen_client_tls,
+            client_tls,
             listen_metrics,
             listen_peer,
+            listen_peer_plain,
+            listen_peer_tls,
+            peer_tls,
             advertise_client_urls,
             initial_advertise_peer_urls,
             initial_cluster,
@@ -814,7 +1013,7 @@ mod tests {
         let e = from_file("client-transport-security:\n  cert-file: /x.pem\n")
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "--cert-file is not supported yet by oxcd");
+        assert_eq!(e, "--cert-file and --key-file must be given together");
         let e = from_file("name: [a\n").unwrap_err().to_string();
         assert!(e.starts_with("config file "), "{e}");
         let e = from_file("snapshot-count: many\n").unwrap_err().to_string();
@@ -841,8 +1040,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--auto-compaction-mode"), "{e}");
-        let e = parse(&["--cert-file", "x.pem"]).unwrap_err().to_string();
-        assert!(e.contains("not supported yet"), "{e}");
+        let e = parse(&["--listen-client-urls", "https://127.0.0.1:2379"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "TLS key/cert (--cert-file, --key-file) must be provided for client url https://127.0.0.1:2379 with HTTPS scheme"
+        );
+        let e = parse(&["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unexpected TLS cipher suite"), "{e}");
         assert!(Flags::try_parse_from(["oxcd", "--no-such-flag"]).is_err());
         assert_eq!(
             parse(&["--auto-compaction-retention", "90m"])

@@ -53,9 +53,10 @@ async fn peer_hashes(server: &EtcdServer, rev: i64) -> Vec<PeerHash> {
         .filter(|m| m.id != server.id)
         .map(|m| (m.id, m.peer_ur_ls))
         .collect();
+    let tls = &server.cfg.peer_tls;
     let asks = peers.into_iter().map(|(id, urls)| async move {
         let ask = async {
-            let mut c = crate::server::connect_peer(&urls)
+            let mut c = crate::server::connect_peer(&urls, tls)
                 .await
                 .ok_or_else(|| tonic::Status::unavailable(format!("cannot reach {urls:?}")))?;
             Ok(c.hash_kv(HashKvRequest { revision: rev })

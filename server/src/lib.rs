@@ -18,6 +18,7 @@ pub mod pb;
 pub mod raft_node;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod transport;
 pub mod wal;
 pub mod watch;

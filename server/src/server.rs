@@ -308,12 +308,12 @@ fn bootstrap_entries(members: &[Member]) -> anyhow::Result<Vec<Entry>> {
 }
 
 /// A client of the peer API of the member at `urls` (the first that answers).
-pub async fn connect_peer(urls: &[String]) -> Option<PeerClient<tonic::transport::Channel>> {
+pub async fn connect_peer(
+    urls: &[String],
+    tls: &crate::tls::TlsInfo,
+) -> Option<PeerClient<tonic::transport::Channel>> {
     for url in urls {
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone()) else {
-            continue;
-        };
-        if let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await {
+        if let Ok(ch) = crate::tls::peer_channel(url, tls, Duration::from_secs(1)).await {
             return Some(PeerClient::new(ch));
         }
     }
@@ -331,13 +331,12 @@ async fn join_existing(cfg: &Config) -> anyhow::Result<(u64, u64, Vec<Member>)> 
                 continue;
             }
             for url in urls {
-                let Ok(ep) = tonic::transport::Endpoint::from_shared(url.clone()) else {
-                    continue;
-                };
-                let ch = match ep.connect_timeout(Duration::from_secs(1)).connect().await {
+                let ch = match crate::tls::peer_channel(url, &cfg.peer_tls, Duration::from_secs(1))
+                    .await
+                {
                     Ok(ch) => ch,
                     Err(e) => {
-                        last_err = format!("{url}: {e}");
+                        last_err = e;
                         continue;
                     }
                 };
@@ -512,6 +511,7 @@ impl EtcdServer {
             raft_tx.clone(),
             tokio::runtime::Handle::current(),
             source,
+            Arc::new(cfg.peer_tls.clone()),
         ));
         for m in membership.members() {
             if m.id != id {
@@ -808,7 +808,9 @@ impl EtcdServer {
             .get(leader)
             .map(|m| m.peer_ur_ls.clone())
             .ok_or(EtcdError::NoLeader)?;
-        let c = connect_peer(&urls).await.ok_or(EtcdError::NoLeader)?;
+        let c = connect_peer(&urls, &self.cfg.peer_tls)
+            .await
+            .ok_or(EtcdError::NoLeader)?;
         *cached = Some((leader, c.clone()));
         Ok(c)
     }

@@ -54,6 +54,8 @@ pub struct Transport {
     raft_tx: StdSender<RaftInput>,
     rt: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, PeerHandle>>,
+    /// How peers are dialed (`--peer-*` TLS flags).
+    tls: Arc<crate::tls::TlsInfo>,
 }
 
 impl Transport {
@@ -62,8 +64,10 @@ impl Transport {
         raft_tx: StdSender<RaftInput>,
         rt: tokio::runtime::Handle,
         snapshots: Arc<dyn SnapshotSource>,
+        tls: Arc<crate::tls::TlsInfo>,
     ) -> Self {
         Transport {
+            tls,
             cluster_id,
             snapshots,
             sending: Arc::default(),
@@ -92,6 +96,7 @@ impl Transport {
             rx,
             self.raft_tx.clone(),
             active.clone(),
+            self.tls.clone(),
         ));
         peers.insert(
             id,
@@ -137,16 +142,17 @@ impl Transport {
                         let _ = self.raft_tx.send(RaftInput::SnapshotDone(to, false));
                     }
                     Some(p) if self.sending.lock().insert(to) => {
-                        let (urls, cid, src, tx, sending, backoff) = (
+                        let (urls, cid, src, tx, sending, backoff, tls) = (
                             p.urls.clone(),
                             self.cluster_id,
                             self.snapshots.clone(),
                             self.raft_tx.clone(),
                             self.sending.clone(),
                             self.backoff.clone(),
+                            self.tls.clone(),
                         );
                         self.rt.spawn(async move {
-                            let ok = match send_snapshot(&urls, cid, m, src).await {
+                            let ok = match send_snapshot(&urls, cid, m, src, &tls).await {
                                 Ok(index) => {
                                     tracing::info!(to = %format!("{to:x}"), index, "snapshot sent");
                                     true
@@ -188,29 +194,19 @@ async fn run_peer(
     mut rx: mpsc::Receiver<Message>,
     raft_tx: StdSender<RaftInput>,
     active: ActiveSince,
+    tls: Arc<crate::tls::TlsInfo>,
 ) {
     let mut attempt = 0usize;
     loop {
         *active.lock() = None;
         let url = &urls[attempt % urls.len()];
         attempt += 1;
-        let endpoint = match tonic::transport::Endpoint::from_shared(url.clone()) {
-            // Keep-alive pings notice a peer that vanished without closing the connection
-            // (a partition), so it stops counting as active.
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(1))
-                .keep_alive_timeout(Duration::from_secs(3))
-                .keep_alive_while_idle(true),
-            Err(e) => {
-                tracing::error!(peer = %format!("{id:x}"), %url, error = %e, "bad peer URL");
-                return;
-            }
-        };
-        let channel = match endpoint.connect().await {
+        // Keep-alive pings (set by `peer_channel`) notice a peer that vanished without
+        // closing the connection (a partition), so it stops counting as active.
+        let channel = match crate::tls::peer_channel(url, &tls, Duration::from_secs(1)).await {
             Ok(c) => c,
-            Err(_) => {
+            Err(e) => {
+                tracing::debug!(peer = %format!("{id:x}"), error = %e, "peer unreachable");
                 let _ = raft_tx.send(RaftInput::Unreachable(id));
                 drain_for(&mut rx, RETRY).await;
                 continue;
@@ -280,13 +276,13 @@ async fn send_snapshot(
     cluster_id: u64,
     mut msg: Message,
     src: Arc<dyn SnapshotSource>,
+    tls: &crate::tls::TlsInfo,
 ) -> Result<u64, String> {
     // Reach the peer first: copying the state holds up writers, so only copy for a live peer.
     let mut client = None;
     let mut last_err = String::from("no peer URL");
     for url in urls {
-        let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| e.to_string())?;
-        match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+        match crate::tls::peer_channel(url, tls, Duration::from_secs(2)).await {
             Ok(ch) => {
                 client = Some(
                     PeerClient::new(ch)
@@ -295,7 +291,7 @@ async fn send_snapshot(
                 );
                 break;
             }
-            Err(e) => last_err = e.to_string(),
+            Err(e) => last_err = e,
         }
     }
     let Some(mut client) = client else {

@@ -32,9 +32,19 @@ const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// Serves the client API on one listener until the process ends.
 pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<()> {
     let max = server.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let cfg = &server.cfg;
+    let mode = crate::tls::mode_for(
+        &addr,
+        &cfg.listen_client_plain,
+        &cfg.listen_client_tls,
+        &cfg.client_tls,
+    )?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(address = %addr, "serving client traffic");
-    let incoming = async_stream_incoming(server.clone(), listener);
+    match mode {
+        crate::tls::Mode::Plain => tracing::info!(address = %addr, "serving client traffic"),
+        _ => tracing::info!(address = %addr, "serving client traffic securely"),
+    }
+    let incoming = async_stream_incoming(server.clone(), listener, mode);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(grpc_metrics::GrpcMetricsLayer)
@@ -69,12 +79,15 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
 }
 
 /// Accepted client connections that speak HTTP/2 (gRPC), each wrapped so that grpc-go's URL
-/// authorities are accepted. Other connections are HTTP/1.1 and go to `http` (etcd's cmux).
+/// authorities are accepted. Other connections are HTTP/1.1 and go to `http` (etcd's cmux):
+/// a plain connection is told by its first bytes, a TLS one by the protocol ALPN chose.
 fn async_stream_incoming(
     server: Arc<EtcdServer>,
     listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<authority::AuthorityFix<tokio::net::TcpStream>>> {
+    mode: crate::tls::Mode,
+) -> impl futures::Stream<Item = std::io::Result<authority::AuthorityFix<crate::tls::Conn>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mode = Arc::new(mode);
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -89,18 +102,22 @@ fn async_stream_incoming(
             let _ = stream.set_nodelay(true);
             let grpc = tx.clone();
             let server = server.clone();
+            let mode = mode.clone();
             tokio::spawn(async move {
-                match starts_with_http2_preface(&stream).await {
+                let Ok(conn) = mode.establish(stream).await else {
+                    return;
+                };
+                let h2 = match &conn {
+                    crate::tls::Conn::Plain(tcp) => starts_with_http2_preface(tcp).await,
+                    tls => Ok(crate::tls::Mode::negotiated_h2(tls).unwrap_or(false)),
+                };
+                match h2 {
                     Ok(true) => {
-                        let _ = grpc.send(Ok(authority::AuthorityFix::new(stream))).await;
+                        let _ = grpc.send(Ok(authority::AuthorityFix::new(conn))).await;
                     }
                     Ok(false) => {
-                        crate::http::serve_connection(
-                            server,
-                            stream,
-                            crate::http::Endpoints::Client,
-                        )
-                        .await
+                        crate::http::serve_connection(server, conn, crate::http::Endpoints::Client)
+                            .await
                     }
                     Err(_) => {}
                 }

@@ -127,9 +127,43 @@ impl Peer for PeerService {
 
 /// Serves the peer API on one listener until the process ends.
 pub async fn serve(server: Arc<EtcdServer>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let cfg = &server.cfg;
+    let mode = Arc::new(crate::tls::mode_for(
+        &addr,
+        &cfg.listen_peer_plain,
+        &cfg.listen_peer_tls,
+        &cfg.peer_tls,
+    )?);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(address = %addr, "serving peer traffic");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    match *mode {
+        crate::tls::Mode::Plain => tracing::info!(address = %addr, "serving peer traffic"),
+        _ => tracing::info!(address = %addr, "serving peer traffic securely"),
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<crate::tls::Conn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let tcp = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a peer connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (conns, mode) = (tx.clone(), mode.clone());
+            tokio::spawn(async move {
+                // A refused peer (a certificate that is not allowed) is logged by `establish`.
+                if let Ok(conn) = mode.establish(tcp).await {
+                    let _ = conns.send(Ok(conn)).await;
+                }
+            });
+            if tx.is_closed() {
+                break;
+            }
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(

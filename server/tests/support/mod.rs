@@ -20,6 +20,64 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions};
 
+pub mod pki;
+
+/// How a test reaches a TLS server: which URLs are https://, the CA it trusts and the
+/// certificate it presents. The server's own TLS flags are the test's extra arguments.
+#[derive(Clone, Debug, Default)]
+pub struct TlsClient {
+    pub client_https: bool,
+    /// Also listen on the same client port with http:// (one port, both schemes).
+    pub client_plain_too: bool,
+    pub peer_https: bool,
+    pub ca: Option<PathBuf>,
+    /// Trust the pair `--auto-tls` generates: `<data-dir>/<this path>`.
+    pub ca_in_data_dir: Option<&'static str>,
+    pub identity: Option<pki::Leaf>,
+}
+
+impl TlsClient {
+    fn apply(&self, opts: ConnectOptions, data_dir: &Path) -> ConnectOptions {
+        if !self.client_https {
+            return opts;
+        }
+        let mut tls = etcd_client::TlsOptions::new();
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| self.ca_in_data_dir.map(|p| data_dir.join(p)));
+        // A generated CA may not be written yet while a server starts: connecting then
+        // fails, and readiness polling tries again.
+        if let Some(pem) = ca.and_then(|ca| std::fs::read(ca).ok()) {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+        }
+        if let Some(id) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                std::fs::read(&id.cert).expect("read cert"),
+                std::fs::read(&id.key).expect("read key"),
+            ));
+        }
+        opts.with_tls(tls)
+    }
+
+    /// etcdctl's flags for the same.
+    pub fn etcdctl_args(&self, data_dir: &Path) -> Vec<String> {
+        let mut a = Vec::new();
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| self.ca_in_data_dir.map(|p| data_dir.join(p)));
+        if let Some(ca) = &ca {
+            a.push(format!("--cacert={}", ca.display()));
+        }
+        if let Some(id) = &self.identity {
+            a.push(format!("--cert={}", id.cert.display()));
+            a.push(format!("--key={}", id.key.display()));
+        }
+        a
+    }
+}
+
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
 pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
 
@@ -115,6 +173,8 @@ pub struct Server {
     /// single-member server, which then lists only itself.
     cluster_flags: Vec<String>,
     child: Option<Child>,
+    /// Set for servers with https:// URLs (`start_tls`).
+    pub tls: TlsClient,
     log_path: PathBuf,
     /// Byte offset in the log file where the current run's output starts.
     log_start: u64,
@@ -128,11 +188,17 @@ impl Server {
 
     /// Like `start`, with extra command-line flags (e.g. `--max-txn-ops=4`).
     pub async fn start_with(kind: Kind, extra_args: &[&str]) -> Server {
+        Self::start_tls(kind, extra_args, TlsClient::default()).await
+    }
+
+    /// Starts a server whose URLs use https:// as `tls` says; `extra_args` carry its TLS flags.
+    pub async fn start_tls(kind: Kind, extra_args: &[&str], tls: TlsClient) -> Server {
         let mut server = Server::unstarted(
             kind,
             "node1",
             &extra_args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         );
+        server.tls = tls;
         // A port picked as free can still be grabbed by someone else before
         // the server binds it; retry a fresh start with new ports in that case.
         for attempt in 0..3 {
@@ -182,6 +248,7 @@ impl Server {
             extra_args: extra_args.to_vec(),
             cluster_flags: Vec::new(),
             child: None,
+            tls: TlsClient::default(),
             log_start: 0,
         };
         if std::env::var_os("OXCD_KEEP_TEST_DIRS").is_some() {
@@ -205,13 +272,19 @@ impl Server {
         &self.log_path
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (https:// for a TLS server)
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.client_https {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        let scheme = if self.tls.peer_https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.peer_port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -221,13 +294,18 @@ impl Server {
     fn args(&self) -> Vec<String> {
         let client = self.endpoint();
         let peer = self.peer_url();
+        let listen = if self.tls.client_plain_too {
+            format!("{client},http://127.0.0.1:{}", self.client_port)
+        } else {
+            client.clone()
+        };
         let mut args = vec![
             "--name".to_string(),
             self.name.clone(),
             "--data-dir".to_string(),
             self.data_dir().display().to_string(),
             "--listen-client-urls".to_string(),
-            client.clone(),
+            listen,
             "--advertise-client-urls".to_string(),
             client,
             "--listen-peer-urls".to_string(),
@@ -306,9 +384,12 @@ impl Server {
             let mut c = Client::connect(
                 [self.endpoint()],
                 Some(
-                    ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_millis(500))
-                        .with_timeout(Duration::from_secs(2)),
+                    self.tls.apply(
+                        ConnectOptions::new()
+                            .with_connect_timeout(Duration::from_millis(500))
+                            .with_timeout(Duration::from_secs(2)),
+                        &self.data_dir(),
+                    ),
                 ),
             )
             .await?;
@@ -356,9 +437,12 @@ impl Server {
         Client::connect(
             [self.endpoint()],
             Some(
-                ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(15)),
+                self.tls.apply(
+                    ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(5))
+                        .with_timeout(Duration::from_secs(15)),
+                    &self.data_dir(),
+                ),
             ),
         )
         .await
@@ -485,11 +569,23 @@ impl Server {
     // -- etcdctl ----------------------------------------------------------
 
     pub async fn etcdctl(&self, args: &[&str]) -> CmdOut {
-        etcdctl_at(&self.endpoint(), args, None).await
+        let tls = self.tls.etcdctl_args(&self.data_dir());
+        let all: Vec<&str> = tls
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect();
+        etcdctl_at(&self.endpoint(), &all, None).await
     }
 
     pub async fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> CmdOut {
-        etcdctl_at(&self.endpoint(), args, Some(stdin)).await
+        let tls = self.tls.etcdctl_args(&self.data_dir());
+        let all: Vec<&str> = tls
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect();
+        etcdctl_at(&self.endpoint(), &all, Some(stdin)).await
     }
 
     /// Spawns a long-running etcdctl (e.g. `watch`) with piped stdout.
@@ -767,16 +863,27 @@ impl Cluster {
 
     /// Like `start`, with extra flags for every member (e.g. `--snapshot-count`).
     pub async fn start_with(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
-        Self::start_inner(kind, n, extra, None).await
+        Self::start_inner(kind, n, extra, None, TlsClient::default()).await
+    }
+
+    /// Like `start_with`, with https:// URLs as `tls` says (the TLS flags go in `extra`).
+    pub async fn start_tls(kind: Kind, n: usize, extra: &[&str], tls: TlsClient) -> Cluster {
+        Self::start_inner(kind, n, extra, None, tls).await
     }
 
     /// Starts `n` members whose data dirs are first restored from an etcd-format backup
     /// with the kind's own tool (`oxcd snapshot restore` or `etcdctl snapshot restore`).
     pub async fn start_from_backup(kind: Kind, n: usize, backup: &Path) -> Cluster {
-        Self::start_inner(kind, n, &[], Some(backup)).await
+        Self::start_inner(kind, n, &[], Some(backup), TlsClient::default()).await
     }
 
-    async fn start_inner(kind: Kind, n: usize, extra: &[&str], backup: Option<&Path>) -> Cluster {
+    async fn start_inner(
+        kind: Kind,
+        n: usize,
+        extra: &[&str],
+        backup: Option<&Path>,
+        tls: TlsClient,
+    ) -> Cluster {
         assert!(n >= 1);
         let seq = CLUSTER_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let token = format!(
@@ -792,7 +899,11 @@ impl Cluster {
         ];
         extra_args.extend(extra.iter().map(|s| s.to_string()));
         let mut members: Vec<Server> = (1..=n)
-            .map(|i| Server::unstarted(kind, &format!("n{i}"), &extra_args))
+            .map(|i| {
+                let mut m = Server::unstarted(kind, &format!("n{i}"), &extra_args);
+                m.tls = tls.clone();
+                m
+            })
             .collect();
         for attempt in 0..3 {
             for m in members.iter_mut() {
@@ -930,7 +1041,10 @@ impl Cluster {
     /// An etcd-client connected to all `endpoints()`.
     pub async fn client(&self) -> Client {
         let eps = self.endpoints();
-        Client::connect(&eps, Some(cluster_connect_options()))
+        let opts = self.members[0]
+            .tls
+            .apply(cluster_connect_options(), &self.members[0].data_dir());
+        Client::connect(&eps, Some(opts))
             .await
             .unwrap_or_else(|e| panic!("connect to {eps:?}: {e}"))
     }
@@ -938,7 +1052,10 @@ impl Cluster {
     /// An etcd-client connected to member `i` only.
     pub async fn member_client(&self, i: usize) -> Client {
         let ep = self.members[i].endpoint();
-        Client::connect([&ep], Some(cluster_connect_options()))
+        let opts = self.members[i]
+            .tls
+            .apply(cluster_connect_options(), &self.members[i].data_dir());
+        Client::connect([&ep], Some(opts))
             .await
             .unwrap_or_else(|e| panic!("connect to {ep}: {e}"))
     }
@@ -1055,6 +1172,7 @@ impl Cluster {
     pub async fn member_add_unstarted(&mut self, learner: bool) -> usize {
         let name = format!("n{}", self.members.len() + 1);
         let mut m = Server::unstarted(self.kind, &name, &self.extra_args);
+        m.tls = self.members[0].tls.clone();
         m.client_port = free_port();
         m.peer_port = free_port();
         let mut client = self.client().await;
@@ -1208,12 +1326,16 @@ impl Cluster {
     /// (revision from a serializable count-only range, raft applied index) of member `i`.
     pub async fn progress(&self, i: usize) -> Result<(i64, u64), String> {
         let attempt = async {
+            let m = &self.members[i];
             let mut c = Client::connect(
-                [self.members[i].endpoint()],
+                [m.endpoint()],
                 Some(
-                    ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_millis(500))
-                        .with_timeout(Duration::from_secs(2)),
+                    m.tls.apply(
+                        ConnectOptions::new()
+                            .with_connect_timeout(Duration::from_millis(500))
+                            .with_timeout(Duration::from_secs(2)),
+                        &m.data_dir(),
+                    ),
                 ),
             )
             .await?;
