@@ -173,15 +173,38 @@ pub struct Flags {
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-    /// Log format: text or json (oxcd).
+    /// Log format: text or json (oxcd; json is the shape of etcd's zap logger).
     #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
-    /// Logger implementation (accepted for compatibility; oxcd always logs through tracing).
-    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
+    /// Specify 'zap' for structured logging (etcd's JSON lines) or 'capnslog' (text).
+    #[arg(long, env = "ETCD_LOGGER", default_value = "capnslog")]
     pub logger: String,
-    /// Where logs go: "default" or "stderr" (oxcd logs to stderr).
+    /// Where logs go: "default" or "stderr" (standard error), or "stdout".
     #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
     pub log_outputs: String,
+    /// Maximum concurrent streams that each client can open at a time.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
+    pub max_concurrent_streams: u32,
+    /// Minimum duration interval that a client should wait before pinging server (accepted
+    /// and checked; the HTTP/2 server under oxcd has no ping-rate policy to enforce it with).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s")]
+    pub grpc_keepalive_min_time: String,
+    /// Frequency duration of server-to-client ping to check if a connection is alive (0 to disable).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_INTERVAL", default_value = "2h")]
+    pub grpc_keepalive_interval: String,
+    /// Additional duration of wait before closing a non-responsive connection (0 to disable).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s")]
+    pub grpc_keepalive_timeout: String,
+    /// Enable runtime profiling (refused: oxcd has no Go runtime to profile).
+    #[arg(
+        long,
+        env = "ETCD_ENABLE_PPROF",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub enable_pprof: bool,
 
     /// Path to the client server TLS cert file.
     #[arg(long, env = "ETCD_CERT_FILE")]
@@ -312,7 +335,14 @@ pub struct Config {
     /// `--experimental-corrupt-check-time`, when not zero: see `corrupt::periodic_check`.
     pub corrupt_check_interval: Option<Duration>,
     pub log_level: String,
+    /// `--logger zap` (or `--log-format json`): etcd's zap JSON lines.
     pub log_json: bool,
+    pub log_output: crate::log::Output,
+    pub max_concurrent_streams: u32,
+    /// Checked, not enforced: see the flag.
+    pub keepalive_min_time: Duration,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Option<Duration>,
 }
 
 fn invalid(flag: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
@@ -512,6 +542,10 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     if rest.is_empty() {
         return None;
     }
+    // Go's ParseDuration takes a bare "0" (and only that number) without a unit.
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
     while !rest.is_empty() {
         let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let n: f64 = rest[..num_len].parse().ok()?;
@@ -675,12 +709,34 @@ impl Flags {
         if self.auth_token.as_deref().is_some_and(|t| t != "simple") {
             return Err(ConfigError::Unsupported("auth-token"));
         }
-        if !matches!(self.log_outputs.as_str(), "default" | "stderr") {
+        let log_output = match self.log_outputs.as_str() {
+            "default" | "stderr" => crate::log::Output::Stderr,
+            "stdout" => crate::log::Output::Stdout,
+            other => {
+                return Err(invalid(
+                    "log-outputs",
+                    other,
+                    "oxcd logs to one stream: default, stderr or stdout",
+                ))
+            }
+        };
+        if self.enable_pprof {
             return Err(invalid(
-                "log-outputs",
-                &self.log_outputs,
-                "oxcd logs to stderr: use default or stderr",
+                "enable-pprof",
+                "true",
+                "oxcd has no Go runtime to profile (use perf, or the metrics at /metrics)",
             ));
+        }
+        let duration = |flag: &'static str, v: &str| {
+            parse_go_duration(v).ok_or_else(|| invalid(flag, v, "not a duration"))
+        };
+        let keepalive_min_time =
+            duration("grpc-keepalive-min-time", &self.grpc_keepalive_min_time)?;
+        let keepalive_interval =
+            duration("grpc-keepalive-interval", &self.grpc_keepalive_interval)?;
+        let keepalive_timeout = duration("grpc-keepalive-timeout", &self.grpc_keepalive_timeout)?;
+        if self.max_concurrent_streams == 0 {
+            return Err(invalid("max-concurrent-streams", "0", "must be positive"));
         }
         let data_dir = self
             .data_dir
@@ -882,11 +938,17 @@ impl Flags {
                 ))
             }
         };
-        let log_json = match self.log_format.as_str() {
-            "text" => false,
-            "json" => true,
-            other => return Err(invalid("log-format", other, "must be text or json")),
+        let zap = match self.logger.as_str() {
+            "capnslog" => false,
+            "zap" => true,
+            other => return Err(invalid("logger", other, "must be \"zap\" or \"capnslog\"")),
         };
+        let log_json = zap
+            || match self.log_format.as_str() {
+                "text" => false,
+                "json" => true,
+                other => return Err(invalid("log-format", other, "must be text or json")),
+            };
         Ok(Config {
             name: self.name,
             data_dir,
@@ -923,6 +985,11 @@ impl Flags {
             corrupt_check_interval: Some(corrupt_check_interval).filter(|d| !d.is_zero()),
             log_level,
             log_json,
+            log_output,
+            max_concurrent_streams: self.max_concurrent_streams,
+            keepalive_min_time,
+            keepalive_interval: Some(keepalive_interval).filter(|d| !d.is_zero()),
+            keepalive_timeout: Some(keepalive_timeout).filter(|d| !d.is_zero()),
         })
     }
 }
@@ -1018,6 +1085,38 @@ mod tests {
         assert!(e.starts_with("config file "), "{e}");
         let e = from_file("snapshot-count: many\n").unwrap_err().to_string();
         assert!(e.contains("snapshot-count"), "{e}");
+    }
+
+    #[test]
+    fn operations_flags() {
+        let c = parse(&[]).unwrap();
+        assert!(!c.log_json, "etcd 3.4's default logger is capnslog (text)");
+        assert_eq!(c.max_concurrent_streams, u32::MAX);
+        assert_eq!(c.keepalive_interval, Some(Duration::from_secs(7200)));
+        assert_eq!(c.keepalive_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(c.keepalive_min_time, Duration::from_secs(5));
+        let c = parse(&[
+            "--logger=zap",
+            "--log-outputs=stdout",
+            "--grpc-keepalive-interval=0",
+            "--max-concurrent-streams=8",
+        ])
+        .unwrap();
+        assert!(c.log_json);
+        assert_eq!(c.log_output, crate::log::Output::Stdout);
+        assert_eq!(c.keepalive_interval, None);
+        assert_eq!(c.max_concurrent_streams, 8);
+        let e = parse(&["--enable-pprof"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--enable-pprof") && e.contains("no Go runtime"),
+            "{e}"
+        );
+        let e = parse(&["--logger=log4j"]).unwrap_err().to_string();
+        assert!(e.contains("--logger"), "{e}");
+        let e = parse(&["--grpc-keepalive-timeout=soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--grpc-keepalive-timeout"), "{e}");
     }
 
     #[test]

@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    oxcd::log::init(&cfg.log_level, cfg.log_json);
+    oxcd::log::init(&cfg.log_level, cfg.log_json, cfg.log_output);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

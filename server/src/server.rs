@@ -647,6 +647,8 @@ impl EtcdServer {
     fn spawn_publish(self: Arc<Self>) {
         tokio::spawn(async move {
             self.publish().await;
+            // oxcd speaks the 3.4 API from the first entry on (no cluster version negotiation).
+            tracing::info!(cluster_version = "3.4", "enabled capabilities for version");
             self.ready_tx.send_replace(true);
         });
     }
@@ -671,6 +673,11 @@ impl EtcdServer {
                     .get(self.id)
                     .map(|m| (m.name.clone(), m.client_ur_ls.clone()));
                 if current.as_ref() == Some(&want) {
+                    tracing::info!(
+                        local_member_id = %format!("{:x}", self.id),
+                        cluster_id = %format!("{:x}", self.cluster_id),
+                        "local member attributes already published to cluster"
+                    );
                     return;
                 }
                 if self.raft_status.leader.load(Ordering::Relaxed) != 0 && current.is_some() {
@@ -681,7 +688,11 @@ impl EtcdServer {
                     };
                     match self.propose(Request::MemberAttributes(attrs)).await {
                         Ok(_) => {
-                            tracing::info!("published local member attributes to the cluster");
+                            tracing::info!(
+                                local_member_id = %format!("{:x}", self.id),
+                                cluster_id = %format!("{:x}", self.cluster_id),
+                                "published local member to cluster through raft"
+                            );
                             return;
                         }
                         Err(e) => {

@@ -40,13 +40,30 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
         &cfg.client_tls,
     )?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // etcd's lines: tools and tests wait for "ready to serve client requests".
+    tracing::info!("ready to serve client requests");
     match mode {
-        crate::tls::Mode::Plain => tracing::info!(address = %addr, "serving client traffic"),
-        _ => tracing::info!(address = %addr, "serving client traffic securely"),
+        crate::tls::Mode::Plain => tracing::info!(
+            address = %addr,
+            "serving client traffic insecurely; this is strongly discouraged!"
+        ),
+        crate::tls::Mode::Both(_) => {
+            tracing::info!(address = %addr, "serving client traffic securely");
+            tracing::info!(
+                address = %addr,
+                "serving client traffic insecurely; this is strongly discouraged!"
+            );
+        }
+        crate::tls::Mode::Tls(_) => {
+            tracing::info!(address = %addr, "serving client traffic securely")
+        }
     }
     let incoming = async_stream_incoming(server.clone(), listener, mode);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .http2_keepalive_interval(cfg.keepalive_interval)
+        .http2_keepalive_timeout(cfg.keepalive_timeout)
         .layer(grpc_metrics::GrpcMetricsLayer)
         .add_service(
             KvServer::from_arc(Arc::new(kv::KvService(server.clone())))
