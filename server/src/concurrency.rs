@@ -170,23 +170,26 @@ fn get(key: &[u8]) -> RangeRequest {
 
 /// The key under `prefix` created first: the owner (clientv3's WithFirstCreate).
 fn first_created(prefix: &[u8]) -> RangeRequest {
-    RangeRequest {
-        key: prefix.to_vec(),
-        range_end: prefix_end(prefix),
-        limit: 1,
-        sort_order: range_request::SortOrder::Ascend as i32,
-        sort_target: range_request::SortTarget::Create as i32,
-        ..Default::default()
-    }
+    one_by_creation(prefix, range_request::SortOrder::Ascend, 0)
 }
 
 /// The newest key under `prefix` created at or before `max_create_rev`.
 fn last_created_up_to(prefix: &[u8], max_create_rev: i64) -> RangeRequest {
+    one_by_creation(prefix, range_request::SortOrder::Descend, max_create_rev)
+}
+
+/// One key under `prefix`, the first in creation `order` (created at or before
+/// `max_create_rev`, when not 0).
+fn one_by_creation(
+    prefix: &[u8],
+    order: range_request::SortOrder,
+    max_create_rev: i64,
+) -> RangeRequest {
     RangeRequest {
         key: prefix.to_vec(),
         range_end: prefix_end(prefix),
         limit: 1,
-        sort_order: range_request::SortOrder::Descend as i32,
+        sort_order: order as i32,
         sort_target: range_request::SortTarget::Create as i32,
         max_create_revision: max_create_rev,
         ..Default::default()
@@ -315,7 +318,7 @@ pub async fn lock(
             failure: vec![range_op(get(&my_key)), range_op(first_created(&prefix))],
         })
         .await?;
-    let header = resp.header.clone().unwrap_or_default();
+    let header = resp.header.unwrap_or_default();
     let my_rev = if resp.succeeded {
         header.revision
     } else {
@@ -364,7 +367,7 @@ pub async fn campaign(
             failure: vec![range_op(get(&key))],
         })
         .await?;
-    let header = resp.header.clone().unwrap_or_default();
+    let header = resp.header.unwrap_or_default();
     let mut leader = LeaderKey {
         name: name.to_vec(),
         key: key.clone(),
@@ -464,7 +467,7 @@ pub async fn observe(
     loop {
         let step = async {
             let resp = client.range(first_created(&prefix)).await?;
-            let header = resp.header.clone().unwrap_or_default();
+            let header = resp.header.unwrap_or_default();
             let (mut header, kv) = match resp.kvs.into_iter().next() {
                 Some(kv) => (header, kv),
                 None => {
@@ -486,7 +489,7 @@ pub async fn observe(
                     }
                 }
             };
-            if out.send(Ok((header.clone(), kv.clone()))).await.is_err() {
+            if out.send(Ok((header, kv.clone()))).await.is_err() {
                 return Ok::<bool, Status>(false);
             }
             // Follow that leader's key until it is deleted.
@@ -499,7 +502,7 @@ pub async fn observe(
                         return Ok(true);
                     }
                     if let Some(kv) = ev.kv {
-                        if out.send(Ok((header.clone(), kv))).await.is_err() {
+                        if out.send(Ok((header, kv))).await.is_err() {
                             return Ok(false);
                         }
                     }

@@ -23,6 +23,9 @@ pub enum TlsError {
 
 type Result<T> = std::result::Result<T, TlsError>;
 
+/// (modification time, length) of each TLS file.
+type Stamp = Vec<(Option<SystemTime>, u64)>;
+
 /// One side's TLS settings (client URLs or peer URLs), as etcd's flags give them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsInfo {
@@ -61,7 +64,7 @@ impl TlsInfo {
     }
 
     /// When each file last changed (and its length): a new value means re-read them.
-    fn stamp(&self) -> Vec<(Option<SystemTime>, u64)> {
+    fn stamp(&self) -> Stamp {
         self.files()
             .into_iter()
             .map(|p| {
@@ -234,7 +237,7 @@ fn server_config(info: &TlsInfo) -> Result<rustls::ServerConfig> {
 /// A listener's TLS acceptor, rebuilt when one of its files changes.
 pub struct Acceptor {
     info: TlsInfo,
-    current: parking_lot::Mutex<(Vec<(Option<SystemTime>, u64)>, Arc<rustls::ServerConfig>)>,
+    current: parking_lot::Mutex<(Stamp, Arc<rustls::ServerConfig>)>,
 }
 
 impl Acceptor {
