@@ -110,29 +110,33 @@ async fn client_certificate_auth_admits_signed_clients_only() {
     }
 }
 
+/// One port named by an http:// and an https:// URL serves both. (etcd 3.4 accepts the same
+/// flags, but its plain gRPC side of a shared port fails in some of its processes, with
+/// every retry, so it cannot be the reference here: only the subject is checked.)
 #[tokio::test(flavor = "multi_thread")]
 async fn one_port_serves_http_and_https() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ca");
     let server_cert = ca.issue("server", "server");
     let flags = client_tls_flags(&server_cert, None);
-    for kind in [Kind::Etcd, Kind::subject()] {
-        let l = kind.label();
-        let tls = TlsClient {
-            client_https: true,
-            client_plain_too: true,
-            ca: Some(ca.pem.clone()),
-            ..Default::default()
-        };
-        let server = Server::start_tls(kind, &strs(&flags), tls).await;
-        let out = server.etcdctl(&["put", "k", "secure"]).await;
-        assert_eq!(out.ok(), "OK\n", "{l}");
-        let plain = server.endpoint().replace("https://", "http://");
-        let out = support::etcdctl_at(&plain, &["get", "k", "--print-value-only"], None).await;
-        assert_eq!(out.ok(), "secure\n", "{l}: the same port over http://");
-        let (ok, body) = curl(&format!("{}/version", server.endpoint()), &ca.pem, None).await;
-        assert!(ok && body.contains("etcdserver"), "{l}: {body}");
-    }
+    let tls = TlsClient {
+        client_https: true,
+        client_plain_too: true,
+        ca: Some(ca.pem.clone()),
+        ..Default::default()
+    };
+    let server = Server::start_tls(Kind::subject(), &strs(&flags), tls).await;
+    let out = server.etcdctl(&["put", "k", "secure"]).await;
+    assert_eq!(out.ok(), "OK\n");
+    let plain = server.endpoint().replace("https://", "http://");
+    let out = support::etcdctl_at(&plain, &["get", "k", "--print-value-only"], None).await;
+    assert_eq!(out.ok(), "secure\n", "the same port over http://");
+    let (ok, body) = curl(&format!("{}/version", server.endpoint()), &ca.pem, None).await;
+    assert!(ok && body.contains("etcdserver"), "{body}");
+    let r = support::http_request("GET", &plain, "/health")
+        .await
+        .expect("GET /health over http://");
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 /// The server's certificate and key files are replaced while it runs: new connections get
