@@ -77,6 +77,9 @@ impl Lessor {
             l.refresh(Duration::ZERO);
         }
         inner.leases.insert(id, l);
+        let m = &crate::metrics::METRICS;
+        m.lease_granted.inc();
+        m.lease_ttl.observe(ttl as f64);
         Ok(ttl)
     }
 
@@ -120,6 +123,7 @@ impl Lessor {
     pub fn revoke(&self, id: i64) -> Result<Vec<Vec<u8>>> {
         let mut inner = self.inner.lock();
         let l = inner.leases.remove(&id).ok_or(EtcdError::LeaseNotFound)?;
+        crate::metrics::METRICS.lease_revoked.inc();
         Ok(l.keys.into_iter().collect())
     }
 
@@ -160,6 +164,7 @@ impl Lessor {
             return Err(EtcdError::LeaseNotFound);
         }
         l.refresh(Duration::ZERO);
+        crate::metrics::METRICS.lease_renewed.inc();
         Ok(l.ttl)
     }
 

@@ -42,6 +42,18 @@ pub struct Metrics {
     pub current_revision: IntGauge,
     pub compact_revision: IntGauge,
     pub peer_rtt: HistogramVec,
+    pub peer_sent_bytes: IntCounterVec,
+    pub peer_received_bytes: IntCounterVec,
+    pub peer_sent_failures: IntCounterVec,
+    pub active_peers: IntGaugeVec,
+    pub disconnected_peers: IntCounterVec,
+    pub lease_granted: IntCounter,
+    pub lease_revoked: IntCounter,
+    pub lease_renewed: IntCounter,
+    pub lease_ttl: Histogram,
+    pub watch_streams: IntGauge,
+    pub watchers: IntGauge,
+    pub watch_events: IntCounter,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
     pub grpc_msg_received: IntCounterVec,
@@ -132,7 +144,17 @@ impl Metrics {
             .buckets(exponential_buckets(0.0001, 2.0, 14).unwrap_or_default()),
             &["To"],
         );
+        let lease_ttl = Histogram::with_opts(
+            HistogramOpts::new("ttl_total", "Bucketed histogram of lease TTLs.")
+                .namespace("etcd_debugging")
+                .subsystem("lease")
+                .buckets(exponential_buckets(1.0, 2.0, 24).unwrap_or_default()),
+        );
         let rpc = ["grpc_type", "grpc_service", "grpc_method"];
+        let net = |name: &str, help: &str, label: &str| {
+            counter_vec(&r, &format!("etcd_network_{name}"), help, &[label])
+        };
+        let local_remote = ["Local", "Remote"];
         let m = Metrics {
             has_leader: gauge(&r, "etcd", "server", "has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge(&r, "etcd", "server", "is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
@@ -161,6 +183,18 @@ impl Metrics {
             current_revision: gauge(&r, "etcd_debugging", "mvcc", "current_revision", "The current revision of store."),
             compact_revision: gauge(&r, "etcd_debugging", "mvcc", "compact_revision", "The revision of the last compaction in store."),
             peer_rtt: reg(&r, peer_rtt.expect("valid metric name")),
+            peer_sent_bytes: net("peer_sent_bytes_total", "The total number of bytes sent to peers.", "To"),
+            peer_received_bytes: net("peer_received_bytes_total", "The total number of bytes received from peers.", "From"),
+            peer_sent_failures: net("peer_sent_failures_total", "The total number of send failures from peers.", "To"),
+            active_peers: gauge_vec(&r, "etcd", "network", "active_peers", "The current number of active peer connections.", &local_remote),
+            disconnected_peers: reg(&r, IntCounterVec::new(Opts::new("disconnected_peers_total", "The total number of disconnected peers.").namespace("etcd").subsystem("network"), &local_remote).expect("valid metric name")),
+            lease_granted: counter(&r, "etcd_debugging", "lease", "granted_total", "The total number of granted leases."),
+            lease_revoked: counter(&r, "etcd_debugging", "lease", "revoked_total", "The total number of revoked leases."),
+            lease_renewed: counter(&r, "etcd_debugging", "lease", "renewed_total", "The number of renewed leases seen by the leader."),
+            lease_ttl: reg(&r, lease_ttl.expect("valid metric name")),
+            watch_streams: gauge(&r, "etcd_debugging", "mvcc", "watch_stream_total", "Total number of watch streams."),
+            watchers: gauge(&r, "etcd_debugging", "mvcc", "watcher_total", "Total number of watchers."),
+            watch_events: counter(&r, "etcd_debugging", "mvcc", "events_total", "Total number of events sent by this member."),
             grpc_started: counter_vec(&r, "grpc_server_started_total", "Total number of RPCs started on the server.", &rpc),
             grpc_handled: counter_vec(&r, "grpc_server_handled_total", "Total number of RPCs completed on the server, regardless of success or failure.", &["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
             grpc_msg_received: counter_vec(&r, "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", &rpc),
@@ -243,6 +277,47 @@ impl PendingProposal {
 impl Drop for PendingProposal {
     fn drop(&mut self) {
         METRICS.proposals_pending.dec();
+    }
+}
+
+/// Counts one live thing in a gauge until dropped (a watch stream, a watcher).
+pub struct Live(&'static IntGauge);
+
+impl Live {
+    pub fn new(gauge: &'static IntGauge) -> Live {
+        gauge.inc();
+        Live(gauge)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A connection to a peer, counted in `etcd_network_active_peers` while it lasts and in
+/// `etcd_network_disconnected_peers_total` when it ends.
+pub struct PeerConnection {
+    labels: [String; 2],
+}
+
+impl PeerConnection {
+    pub fn up(local: u64, remote: u64) -> PeerConnection {
+        let labels = [format!("{local:x}"), format!("{remote:x}")];
+        METRICS
+            .active_peers
+            .with_label_values(&[&labels[0], &labels[1]])
+            .inc();
+        PeerConnection { labels }
+    }
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let l = [self.labels[0].as_str(), self.labels[1].as_str()];
+        METRICS.active_peers.with_label_values(&l).dec();
+        METRICS.disconnected_peers.with_label_values(&l).inc();
     }
 }
 

@@ -508,6 +508,7 @@ impl EtcdServer {
         });
         let transport = Arc::new(Transport::new(
             cluster_id,
+            id,
             raft_tx.clone(),
             tokio::runtime::Handle::current(),
             source,

@@ -21,6 +21,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 const PEER_QUEUE: usize = 4096;
 const RETRY: Duration = Duration::from_millis(100);
+/// etcd probes its peers every 4 s (its connection read timeout less a second).
+const PROBE_INTERVAL: Duration = Duration::from_secs(4);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Backend records per snapshot chunk, bounded by size too.
 const CHUNK_BYTES: usize = 1024 * 1024;
 /// After a failed snapshot, wait this long before copying the state for that peer again.
@@ -46,6 +49,8 @@ struct PeerHandle {
 
 pub struct Transport {
     cluster_id: u64,
+    /// This member's ID (the `Local` label of the peer metrics).
+    local_id: u64,
     snapshots: Arc<dyn SnapshotSource>,
     /// Peers a snapshot is being sent to (one at a time each).
     sending: Arc<Mutex<HashSet<u64>>>,
@@ -61,6 +66,7 @@ pub struct Transport {
 impl Transport {
     pub fn new(
         cluster_id: u64,
+        local_id: u64,
         raft_tx: StdSender<RaftInput>,
         rt: tokio::runtime::Handle,
         snapshots: Arc<dyn SnapshotSource>,
@@ -68,6 +74,7 @@ impl Transport {
     ) -> Self {
         Transport {
             tls,
+            local_id,
             cluster_id,
             snapshots,
             sending: Arc::default(),
@@ -89,15 +96,16 @@ impl Transport {
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         let active = ActiveSince::default();
-        let task = self.rt.spawn(run_peer(
+        let link = PeerLink {
             id,
-            urls.clone(),
-            self.cluster_id,
-            rx,
-            self.raft_tx.clone(),
-            active.clone(),
-            self.tls.clone(),
-        ));
+            local_id: self.local_id,
+            urls: urls.clone(),
+            cluster_id: self.cluster_id,
+            tls: self.tls.clone(),
+        };
+        let task = self
+            .rt
+            .spawn(run_peer(link, rx, self.raft_tx.clone(), active.clone()));
         peers.insert(
             id,
             PeerHandle {
@@ -177,6 +185,10 @@ impl Transport {
             match peers.get(&to) {
                 Some(p) => {
                     if p.tx.try_send(m).is_err() {
+                        crate::metrics::METRICS
+                            .peer_sent_failures
+                            .with_label_values(&[&format!("{to:x}")])
+                            .inc();
                         let _ = self.raft_tx.send(RaftInput::Unreachable(to));
                     }
                 }
@@ -186,16 +198,37 @@ impl Transport {
     }
 }
 
-/// Sends one peer's messages over a client stream, reconnecting when it breaks.
-async fn run_peer(
+/// Who a peer task talks to, and how.
+struct PeerLink {
     id: u64,
+    local_id: u64,
     urls: Vec<String>,
     cluster_id: u64,
+    tls: Arc<crate::tls::TlsInfo>,
+}
+
+/// Sends one peer's messages over a client stream, reconnecting when it breaks.
+async fn run_peer(
+    link: PeerLink,
     mut rx: mpsc::Receiver<Message>,
     raft_tx: StdSender<RaftInput>,
     active: ActiveSince,
-    tls: Arc<crate::tls::TlsInfo>,
 ) {
+    let PeerLink {
+        id,
+        local_id,
+        urls,
+        cluster_id,
+        tls,
+    } = link;
+    let to = format!("{id:x}");
+    let sent = crate::metrics::METRICS
+        .peer_sent_bytes
+        .with_label_values(&[&to]);
+    let failed = crate::metrics::METRICS
+        .peer_sent_failures
+        .with_label_values(&[&to]);
+    let rtt = crate::metrics::METRICS.peer_rtt.with_label_values(&[&to]);
     let mut attempt = 0usize;
     loop {
         *active.lock() = None;
@@ -208,27 +241,45 @@ async fn run_peer(
             Err(e) => {
                 tracing::debug!(peer = %format!("{id:x}"), error = %e, "peer unreachable");
                 let _ = raft_tx.send(RaftInput::Unreachable(id));
-                drain_for(&mut rx, RETRY).await;
+                drain_for(&mut rx, RETRY, &failed).await;
                 continue;
             }
         };
         active.lock().get_or_insert_with(std::time::Instant::now);
+        let connection = crate::metrics::PeerConnection::up(local_id, id);
         let mut client = PeerClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
+        // etcd's prober: time an empty round trip on the same connection now and then.
+        let prober = {
+            let (mut client, rtt) = (client.clone(), rtt.clone());
+            tokio::spawn(async move {
+                loop {
+                    let start = std::time::Instant::now();
+                    let probe = client.probe(crate::pb::oxcdpb::PeerAck {});
+                    if let Ok(Ok(_)) = tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+                        rtt.observe(start.elapsed().as_secs_f64());
+                    }
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+            })
+        };
         let (tx2, rx2) = mpsc::channel::<PeerMessage>(256);
         let mut call = tokio::spawn(async move { client.raft(ReceiverStream::new(rx2)).await });
         loop {
             tokio::select! {
                 m = rx.recv() => {
-                    let Some(m) = m else { call.abort(); return };
+                    let Some(m) = m else { call.abort(); prober.abort(); return };
                     let bytes = match m.write_to_bytes() {
                         Ok(b) => b,
                         Err(e) => { tracing::error!(error = %e, "cannot encode raft message"); continue }
                     };
+                    let n = bytes.len() as u64;
                     if tx2.send(PeerMessage { cluster_id, message: bytes }).await.is_err() {
+                        failed.inc();
                         break;
                     }
+                    sent.inc_by(n);
                 }
                 r = &mut call => {
                     if let Ok(Err(status)) = r {
@@ -246,15 +297,20 @@ async fn run_peer(
                 }
             }
         }
+        prober.abort();
+        drop(connection);
         let _ = raft_tx.send(RaftInput::Unreachable(id));
-        drain_for(&mut rx, RETRY).await;
+        drain_for(&mut rx, RETRY, &failed).await;
     }
 }
 
-/// While a peer is down, its queued messages are stale: drop them for a while.
-async fn drain_for(rx: &mut mpsc::Receiver<Message>, d: Duration) {
+/// While a peer is down, its queued messages are stale: drop them (counted as failed sends)
+/// for a while.
+async fn drain_for(rx: &mut mpsc::Receiver<Message>, d: Duration, failed: &prometheus::IntCounter) {
     let deadline = tokio::time::Instant::now() + d;
-    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, rx.recv()).await {}
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        failed.inc();
+    }
 }
 
 fn chunk_crc(keys: &[Vec<u8>], values: &[Vec<u8>]) -> u32 {

@@ -84,6 +84,7 @@ struct Watcher {
     fragment: bool,
     /// Sent something since the last progress notification.
     active: bool,
+    _live: crate::metrics::Live,
 }
 
 impl Watcher {
@@ -118,6 +119,7 @@ pub struct WatchStream<C: WatchContext> {
     out: Out,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
+    _live: crate::metrics::Live,
 }
 
 impl<C: WatchContext> WatchStream<C> {
@@ -127,6 +129,7 @@ impl<C: WatchContext> WatchStream<C> {
             out,
             watchers: BTreeMap::new(),
             next_id: 0,
+            _live: crate::metrics::Live::new(&crate::metrics::METRICS.watch_streams),
         }
     }
 
@@ -251,6 +254,7 @@ impl<C: WatchContext> WatchStream<C> {
             progress_notify: c.progress_notify,
             fragment: c.fragment,
             active: false,
+            _live: crate::metrics::Live::new(&crate::metrics::METRICS.watchers),
         };
         self.watchers.insert(id, w);
         self.send(WatchResponse {
@@ -366,6 +370,9 @@ impl<C: WatchContext> WatchStream<C> {
             }
             None => return Ok(()),
         };
+        crate::metrics::METRICS
+            .watch_events
+            .inc_by(evs.len() as u64);
         let resp = WatchResponse {
             header: Some(self.ctx.header(rev)),
             watch_id: id,

@@ -4,9 +4,9 @@
 
 mod support;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 use std::collections::{BTreeMap, BTreeSet};
-use support::{Kind, Server};
+use support::{Cluster, Kind, Server};
 
 /// Families graphed by etcd's Grafana dashboard or used by its alerting rules, that a
 /// one-member cluster exports.
@@ -38,6 +38,13 @@ const DASHBOARD_FAMILIES: &[&str] = &[
     "etcd_debugging_mvcc_compact_revision",
     "etcd_network_client_grpc_received_bytes_total",
     "etcd_network_client_grpc_sent_bytes_total",
+    "etcd_debugging_lease_granted_total",
+    "etcd_debugging_lease_revoked_total",
+    "etcd_debugging_lease_renewed_total",
+    "etcd_debugging_lease_ttl_total",
+    "etcd_debugging_mvcc_watch_stream_total",
+    "etcd_debugging_mvcc_watcher_total",
+    "etcd_debugging_mvcc_events_total",
     "grpc_server_started_total",
     "grpc_server_handled_total",
     "process_resident_memory_bytes",
@@ -65,6 +72,21 @@ const SAME_VALUE: &[&str] = &[
     "etcd_debugging_mvcc_keys_total",
     "etcd_debugging_mvcc_current_revision",
     "etcd_debugging_mvcc_compact_revision",
+    "etcd_debugging_lease_granted_total",
+    "etcd_debugging_lease_revoked_total",
+    "etcd_debugging_lease_renewed_total",
+    "etcd_debugging_lease_ttl_total",
+    "etcd_debugging_mvcc_watch_stream_total",
+    "etcd_debugging_mvcc_watcher_total",
+    "etcd_debugging_mvcc_events_total",
+];
+
+/// Families of the peer transport, which only a cluster of several members exports.
+const PEER_FAMILIES: &[&str] = &[
+    "etcd_network_peer_sent_bytes_total",
+    "etcd_network_peer_received_bytes_total",
+    "etcd_network_peer_round_trip_time_seconds",
+    "etcd_network_active_peers",
 ];
 
 #[derive(Default, Debug)]
@@ -109,7 +131,7 @@ fn parse(text: &str) -> Scrape {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (series, ""),
         };
-        let mut pairs: Vec<&str> = if labels.is_empty() {
+        let pairs: Vec<&str> = if labels.is_empty() {
             vec![]
         } else {
             labels
@@ -117,6 +139,19 @@ fn parse(text: &str) -> Scrape {
                 .map(|p| p.trim_end_matches('"'))
                 .collect()
         };
+        // `le` compares as a number: Go prints 1048576 as 1.048576e+06, Rust as 1048576,
+        // and Prometheus reads both (and since 3.0 stores both) as the same bound.
+        let pairs: Vec<String> = pairs
+            .into_iter()
+            .map(|p| match p.strip_prefix("le=\"") {
+                Some(v) => match v.parse::<f64>() {
+                    Ok(f) => format!("le=\"{f}"),
+                    Err(_) => p.to_string(),
+                },
+                None => p.to_string(),
+            })
+            .collect();
+        let mut pairs = pairs;
         pairs.sort();
         let fam = family_of(name, &s.types);
         let names = s.labels.entry(fam).or_default();
@@ -149,7 +184,7 @@ async fn scrape(endpoint: &str) -> Scrape {
 
 /// The same calls on either server: every kind of mvcc transaction, a lease revoke, and
 /// calls that fail with etcd's codes.
-async fn workload(server: &Server) {
+async fn workload(server: &Server) -> etcd_client::WatchStream {
     let mut c = server.client().await;
     c.put("a", "1", None).await.unwrap();
     c.put("b", "2", Some(PutOptions::new().with_prev_key()))
@@ -201,19 +236,47 @@ async fn workload(server: &Server) {
         .put("k", "v", Some(PutOptions::new().with_lease(0x1234)))
         .await
         .is_err());
+    // A keep-alive, and a watch stream with two watchers that see one put each; the stream
+    // stays open (returned) so that the watch gauges count it at scrape time.
+    let lease = c.lease_grant(100, None).await.unwrap().id();
+    // (The client waits for the first renewal's answer before it returns.)
+    let _renewals = c.lease_keep_alive(lease).await.unwrap();
+    let mut watch = c
+        .watch("w", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    watch.watch("w1", None).await.unwrap();
+    let mut created = 0;
+    while created < 2 {
+        created += next_watch_response(&mut watch).await.created() as usize;
+    }
+    c.put("w1", "x", None).await.unwrap();
+    let mut events = 0;
+    while events < 2 {
+        events += next_watch_response(&mut watch).await.events().len();
+    }
     for _ in 0..2 {
         let h = support::http_request("GET", &server.endpoint(), "/health")
             .await
             .expect("GET /health");
         assert_eq!(h.status, 200);
     }
+    watch
+}
+
+async fn next_watch_response(w: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    tokio::time::timeout(std::time::Duration::from_secs(10), w.message())
+        .await
+        .expect("a watch response within 10 s")
+        .unwrap()
+        .expect("the watch stream is open")
 }
 
 #[tokio::test]
 async fn metrics_match_etcd_after_the_same_workload() {
     support::require_etcd();
     let (etcd, subject) = tokio::join!(Server::start(Kind::Etcd), Server::start(Kind::subject()));
-    tokio::join!(workload(&etcd), workload(&subject));
+    let _watches = tokio::join!(workload(&etcd), workload(&subject));
     let (etcd_ep, subject_ep) = (etcd.endpoint(), subject.endpoint());
     let (want, got) = tokio::join!(scrape(&etcd_ep), scrape(&subject_ep));
 
@@ -252,6 +315,7 @@ async fn metrics_match_etcd_after_the_same_workload() {
     for fam in [
         "etcd_disk_wal_fsync_duration_seconds",
         "etcd_disk_backend_commit_duration_seconds",
+        "etcd_debugging_lease_ttl_total",
     ] {
         let les = |s: &Scrape| -> BTreeSet<String> {
             s.samples
@@ -272,7 +336,7 @@ async fn metrics_match_etcd_after_the_same_workload() {
             .get(&format!("{fam}_count{{}}"))
             .copied()
             .unwrap_or(0.0);
-        if count < 10.0 {
+        if fam.starts_with("etcd_disk") && count < 10.0 {
             problems.push(format!("{fam}: only {count} observations for 13 writes"));
         }
     }
@@ -323,4 +387,81 @@ async fn listen_metrics_urls_serve_metrics_and_health_only() {
         .expect("GET /metrics")
         .body;
     assert!(body.contains("\netcd_server_has_leader 1\n"), "{body}");
+}
+
+/// A three-member cluster of each kind: the peer transport's families exist with etcd's
+/// types and label names, one series per peer, and count the traffic Raft made.
+#[tokio::test]
+async fn peer_network_metrics_match_etcds() {
+    support::require_etcd();
+    let _serial = support::serial_cluster_test();
+    let etcd = Cluster::start(Kind::Etcd, 3).await;
+    let subject = Cluster::start(Kind::subject(), 3).await;
+    let mut problems = vec![];
+    let mut scrapes = vec![];
+    for cluster in [&etcd, &subject] {
+        let mut c = cluster.client().await;
+        for i in 0..10 {
+            c.put(format!("k{i}"), "v", None).await.unwrap();
+        }
+        cluster
+            .wait_converged(std::time::Duration::from_secs(20))
+            .await;
+    }
+    // etcd probes its peers every few seconds; give both a probe or two.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        scrapes.clear();
+        for cluster in [&etcd, &subject] {
+            scrapes.push(scrape(&cluster.members[0].endpoint()).await);
+        }
+        let probed = scrapes.iter().all(|s| {
+            s.samples
+                .iter()
+                .filter(|(k, _)| k.starts_with("etcd_network_peer_round_trip_time_seconds_count"))
+                .count()
+                == 2
+        });
+        if probed || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let (want, got) = (&scrapes[0], &scrapes[1]);
+    for fam in PEER_FAMILIES {
+        match (want.types.get(*fam), got.types.get(*fam)) {
+            (None, _) => problems.push(format!("{fam}: etcd itself does not export it")),
+            (Some(_), None) => problems.push(format!("{fam}: missing")),
+            (Some(w), Some(g)) if w != g => problems.push(format!("{fam}: type {g}, etcd's {w}")),
+            _ if want.labels.get(*fam) != got.labels.get(*fam) => problems.push(format!(
+                "{fam}: labels {:?}, etcd's {:?}",
+                got.labels.get(*fam),
+                want.labels.get(*fam)
+            )),
+            _ => {}
+        }
+        let series = |s: &Scrape| -> Vec<f64> {
+            let sample = if s.types.get(*fam).map(String::as_str) == Some("histogram") {
+                format!("{fam}_count{{")
+            } else {
+                format!("{fam}{{")
+            };
+            s.samples
+                .iter()
+                .filter(|(k, _)| k.starts_with(&sample))
+                .map(|(_, v)| *v)
+                .collect()
+        };
+        let (w, g) = (series(want), series(got));
+        // One series per peer with traffic counted. (etcd's own series vary with which of its
+        // transports carried what: a pipeline's messages count under `From="0"`.)
+        if w.is_empty() || g.len() != 2 || g.iter().any(|v| *v <= 0.0) {
+            problems.push(format!("{fam}: series {g:?}, etcd's {w:?}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "peer metrics differ from etcd's:\n{}",
+        problems.join("\n")
+    );
 }

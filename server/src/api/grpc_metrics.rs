@@ -127,6 +127,17 @@ impl Call {
         }
     }
 
+    /// The code etcd counts when the client goes away first: Canceled, except for
+    /// LeaseKeepAlive, whose handler turns the client's cancellation into ErrGRPCNoLeader
+    /// (Unavailable).
+    fn code_when_client_left(&self) -> &'static str {
+        if self.labels[1] == "etcdserverpb.Lease" && self.labels[2] == "LeaseKeepAlive" {
+            "Unavailable"
+        } else {
+            "Canceled"
+        }
+    }
+
     fn handled(&self, code: &str) {
         let [t, s, m] = &self.labels;
         METRICS
@@ -323,7 +334,7 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            call.handled("Canceled");
+            call.handled(call.code_when_client_left());
         }
     }
 }

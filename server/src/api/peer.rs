@@ -27,6 +27,7 @@ impl Peer for PeerService {
         req: Request<Streaming<PeerMessage>>,
     ) -> Result<Response<PeerAck>, Status> {
         let mut inbound = req.into_inner();
+        let mut received: Option<(u64, prometheus::IntCounter)> = None;
         while let Some(m) = inbound.next().await {
             let m = m?;
             if m.cluster_id != self.0.cluster_id {
@@ -44,6 +45,17 @@ impl Peer for PeerService {
                 .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
             if self.0.membership.read().is_removed(msg.from) {
                 return Err(Status::failed_precondition(REMOVED_MEMBER));
+            }
+            // One sender per stream: look its counter up once.
+            match &received {
+                Some((from, c)) if *from == msg.from => c.inc_by(m.message.len() as u64),
+                _ => {
+                    let c = crate::metrics::METRICS
+                        .peer_received_bytes
+                        .with_label_values(&[&format!("{:x}", msg.from)]);
+                    c.inc_by(m.message.len() as u64);
+                    received = Some((msg.from, c));
+                }
             }
             self.0.step(msg).map_err(Status::from)?;
         }
@@ -114,6 +126,10 @@ impl Peer for PeerService {
         Ok(Response::new(
             self.0.local_time_to_live(req.into_inner()).await?,
         ))
+    }
+
+    async fn probe(&self, _: Request<PeerAck>) -> Result<Response<PeerAck>, Status> {
+        Ok(Response::new(PeerAck {}))
     }
 
     async fn hash_kv(
