@@ -35,6 +35,9 @@ use std::collections::BTreeMap;
 
 pub const CLIENT_PORT: i32 = 2379;
 pub const PEER_PORT: i32 = 2380;
+/// A plain-HTTP listener for `/metrics` and the health endpoints (`--listen-metrics-urls`):
+/// kubelet probes and Prometheus reach it even when the client port requires a certificate.
+pub const METRICS_PORT: i32 = 2381;
 pub const DATA_MOUNT: &str = "/var/lib/oxcd";
 pub const DATA_DIR: &str = "/var/lib/oxcd/data";
 pub const DEFAULT_STORAGE: &str = "8Gi";
@@ -403,7 +406,7 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::Int(CLIENT_PORT),
+            port: IntOrString::Int(METRICS_PORT),
             scheme: Some("HTTP".into()),
             ..Default::default()
         }),
@@ -442,6 +445,10 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
         env(
             "ETCD_INITIAL_ADVERTISE_PEER_URLS",
             &format!("{}://{host}:{PEER_PORT}", names.peer_scheme),
+        ),
+        env(
+            "ETCD_LISTEN_METRICS_URLS",
+            &format!("http://0.0.0.0:{METRICS_PORT}"),
         ),
     ];
     let mut mounts = vec![VolumeMount {
@@ -523,9 +530,14 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
                 container_port: PEER_PORT,
                 ..Default::default()
             },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: METRICS_PORT,
+                ..Default::default()
+            },
         ]),
-        // The client port opens once the member has joined; a new member may need a while
-        // to receive its snapshot, so liveness starts only after that.
+        // The client and metrics ports open once the member has joined; a new member may
+        // need a while to receive its snapshot, so liveness starts only after that.
         startup_probe: Some(probe("/livez", 5, 120)),
         liveness_probe: Some(probe("/livez", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 3)),
@@ -834,10 +846,12 @@ mod tests {
             .http_get
             .as_ref()
             .unwrap();
+        // Probes go to the plain metrics listener, which client TLS does not cover.
         assert_eq!(
             (ready.path.as_deref(), &ready.port),
-            (Some("/readyz"), &IntOrString::Int(2379))
+            (Some("/readyz"), &IntOrString::Int(2381))
         );
+        assert_eq!(env["ETCD_LISTEN_METRICS_URLS"], "http://0.0.0.0:2381");
         let live = c
             .liveness_probe
             .as_ref()

@@ -78,7 +78,9 @@ async fn handle<B>(server: &EtcdServer, req: Request<B>, endpoints: Endpoints) -
                 "/health" | "/version" | "/livez" | "/readyz" | "/metrics"
             )
         }
-        Endpoints::Metrics => matches!(path, "/health" | "/metrics"),
+        // etcd 3.4's metrics listener has /metrics and /health; the probe endpoints are
+        // added so that kubelets can probe a member whose client port requires TLS.
+        Endpoints::Metrics => matches!(path, "/health" | "/metrics" | "/livez" | "/readyz"),
     };
     if !known {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");

@@ -377,11 +377,10 @@ impl Kubelet {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            let path = p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"]
-                .as_str()
-                .unwrap_or("/readyz")
-                .to_string();
-            let ready = running && http_ok(&format!("{ip}:2379"), &path).await;
+            let probe = &p["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+            let path = probe["path"].as_str().unwrap_or("/readyz").to_string();
+            let port = probe["port"].as_i64().unwrap_or(2379);
+            let ready = running && http_ok(&format!("{ip}:{port}"), &path).await;
             let was = p["status"]["conditions"][0]["status"] == "True";
             if ready != was {
                 let status = json!({"status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});
