@@ -371,6 +371,21 @@ enum Check {
 
 /// Checks the ops of the chosen branches against the state before the txn (etcd's
 /// `checkRequests`): all puts first (write txns only), then all ranges, as etcd orders them.
+/// What a txn's earlier ops on its path put (true) or deleted (false), in order, so that a
+/// later op knows whether a key still exists.
+#[derive(Default)]
+struct Written(Vec<(Vec<u8>, Vec<u8>, bool)>);
+
+impl Written {
+    fn exists(&self, key: &[u8]) -> Option<bool> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, end, _)| RangeEnd::from_request(end).contains(k, key))
+            .map(|(_, _, put)| *put)
+    }
+}
+
 fn check_path(
     view: &impl ReadView,
     lessor: &Lessor,
@@ -378,22 +393,35 @@ fn check_path(
     path: &[bool],
     pos: &mut usize,
     check: Check,
+    written: &mut Written,
 ) -> Result<()> {
     let ok = path[*pos];
     *pos += 1;
     for op in if ok { &t.success } else { &t.failure } {
         match &op.request {
             Some(request_op::Request::RequestPut(p)) if check == Check::Puts => {
-                // etcd's checkRequestPut: the key first, then the lease.
+                // etcd's checkRequestPut: the key first, then the lease. The key is looked up
+                // as the txn's earlier ops leave it: etcd 3.4 checks the state before the txn
+                // only, and panics at apply when an earlier op deleted the key.
                 if p.ignore_value || p.ignore_lease {
-                    let rr = view.range(&p.key, RangeEnd::Key, RangeOptions::default())?;
-                    if rr.kvs.is_empty() {
+                    let exists = match written.exists(&p.key) {
+                        Some(e) => e,
+                        None => !view
+                            .range(&p.key, RangeEnd::Key, RangeOptions::default())?
+                            .kvs
+                            .is_empty(),
+                    };
+                    if !exists {
                         return Err(EtcdError::KeyNotFound);
                     }
                 }
                 if p.lease != 0 && !lessor.exists(p.lease) {
                     return Err(EtcdError::LeaseNotFound);
                 }
+                written.0.push((p.key.clone(), Vec::new(), true));
+            }
+            Some(request_op::Request::RequestDeleteRange(d)) if check == Check::Puts => {
+                written.0.push((d.key.clone(), d.range_end.clone(), false));
             }
             Some(request_op::Request::RequestRange(r))
                 if check == Check::Ranges && r.revision != 0 =>
@@ -406,7 +434,7 @@ fn check_path(
                 }
             }
             Some(request_op::Request::RequestTxn(inner)) => {
-                check_path(view, lessor, inner, path, pos, check)?
+                check_path(view, lessor, inner, path, pos, check, written)?
             }
             _ => {}
         }
@@ -454,9 +482,25 @@ pub fn txn(txn: &mut WriteTxn, lessor: &Lessor, t: &TxnRequest) -> Result<TxnRes
     let mut path = Vec::new();
     compare_to_path(txn, t, &mut path);
     if !is_txn_read_only(t) {
-        check_path(txn, lessor, t, &path, &mut 0, Check::Puts)?;
+        check_path(
+            txn,
+            lessor,
+            t,
+            &path,
+            &mut 0,
+            Check::Puts,
+            &mut Written::default(),
+        )?;
     }
-    check_path(txn, lessor, t, &path, &mut 0, Check::Ranges)?;
+    check_path(
+        txn,
+        lessor,
+        t,
+        &path,
+        &mut 0,
+        Check::Ranges,
+        &mut Written::default(),
+    )?;
     if !is_txn_read_only(t) {
         // etcd compares and checks in a read transaction of its own, then writes in another:
         // its metrics count them as two.
@@ -519,7 +563,15 @@ fn read_only_txn_in(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse>
     let mut path = Vec::new();
     compare_to_path(view, t, &mut path);
     let lessor = Lessor::new(1);
-    check_path(view, &lessor, t, &path, &mut 0, Check::Ranges)?;
+    check_path(
+        view,
+        &lessor,
+        t,
+        &path,
+        &mut 0,
+        Check::Ranges,
+        &mut Written::default(),
+    )?;
     fn run(
         view: &impl ReadView,
         t: &TxnRequest,

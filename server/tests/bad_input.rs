@@ -437,3 +437,31 @@ async fn ignore_value_and_ignore_lease_misuse() {
         assert_eq!(r.header().unwrap().revision(), 4, "{l}");
     }
 }
+
+/// A txn whose put keeps the value (`ignore_value`) of a key an earlier op of the same txn
+/// deleted: etcd 3.4 passes its checks and then panics at apply ("unexpected error during
+/// txn", and again at every restart, since the entry is in its log). oxcd refuses it before
+/// anything changes, with the error etcd gives a put without a key to keep.
+#[tokio::test(flavor = "multi_thread")]
+async fn ignore_value_after_a_delete_in_the_same_txn_is_refused() {
+    let mut server = Server::start(Kind::subject()).await;
+    let mut c = server.client().await;
+    c.put("k", "v", None).await.unwrap();
+    // (A nested from-key delete: etcd's duplicate-key check lets this through.)
+    let txn = Txn::new().and_then([
+        TxnOp::txn(Txn::new().and_then([TxnOp::delete(
+            "a",
+            Some(DeleteOptions::new().with_from_key()),
+        )])),
+        TxnOp::put("k", "", Some(PutOptions::new().with_ignore_value())),
+    ]);
+    assert_grpc_err(
+        "delete, then put with ignore_value",
+        c.txn(txn).await,
+        Code::InvalidArgument,
+        KEY_NOT_FOUND,
+    );
+    let r = c.get("k", None).await.expect("the server is still up");
+    assert_eq!(r.kvs()[0].value(), b"v", "nothing of the txn was applied");
+    assert!(server.is_running());
+}
