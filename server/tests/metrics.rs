@@ -184,7 +184,12 @@ async fn scrape(endpoint: &str) -> Scrape {
 
 /// The same calls on either server: every kind of mvcc transaction, a lease revoke, and
 /// calls that fail with etcd's codes.
-async fn workload(server: &Server) -> etcd_client::WatchStream {
+async fn workload(
+    server: &Server,
+) -> (
+    etcd_client::WatchStream,
+    (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream),
+) {
     let mut c = server.client().await;
     c.put("a", "1", None).await.unwrap();
     c.put("b", "2", Some(PutOptions::new().with_prev_key()))
@@ -239,8 +244,10 @@ async fn workload(server: &Server) -> etcd_client::WatchStream {
     // A keep-alive, and a watch stream with two watchers that see one put each; the stream
     // stays open (returned) so that the watch gauges count it at scrape time.
     let lease = c.lease_grant(100, None).await.unwrap().id();
-    // (The client waits for the first renewal's answer before it returns.)
-    let _renewals = c.lease_keep_alive(lease).await.unwrap();
+    // (The client waits for the first renewal's answer before it returns.) The stream stays
+    // open until after the scrape: when a client leaves is seen at different moments by
+    // the two servers, so its handled count would race the scrape.
+    let renewals = c.lease_keep_alive(lease).await.unwrap();
     let mut watch = c
         .watch("w", Some(WatchOptions::new().with_prefix()))
         .await
@@ -261,7 +268,7 @@ async fn workload(server: &Server) -> etcd_client::WatchStream {
             .expect("GET /health");
         assert_eq!(h.status, 200);
     }
-    watch
+    (watch, renewals)
 }
 
 async fn next_watch_response(w: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
