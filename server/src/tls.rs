@@ -527,6 +527,15 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// Whether a TLS connection chose HTTP/2 (gRPC) by ALPN; None for a plain one, which the
+    /// caller tells apart by its first bytes.
+    pub fn negotiated_h2(&self) -> Option<bool> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(t) => Some(t.get_ref().1.alpn_protocol() == Some(b"h2")),
+        }
+    }
+
     fn tcp(&self) -> &tokio::net::TcpStream {
         match self {
             Conn::Plain(t) => t,
@@ -642,14 +651,6 @@ impl Mode {
                 std::io::ErrorKind::TimedOut,
                 "TLS handshake timed out",
             )),
-        }
-    }
-
-    /// Whether a TLS connection chose HTTP/2 (gRPC); plain ones are told apart by the caller.
-    pub fn negotiated_h2(conn: &Conn) -> Option<bool> {
-        match conn {
-            Conn::Plain(_) => None,
-            Conn::Tls(t) => Some(t.get_ref().1.alpn_protocol() == Some(b"h2")),
         }
     }
 }

@@ -22,24 +22,10 @@ const VALUE_PROVIDED: &str = "etcdserver: value is provided";
 const LEASE_PROVIDED: &str = "etcdserver: lease is provided";
 const KEY_NOT_FOUND: &str = "etcdserver: key not found";
 
-/// Starts etcd and the subject with the same extra flags.
-async fn both(extra: &[&str]) -> [Server; 2] {
-    support::require_etcd();
-    let (a, b) = tokio::join!(
-        Server::start_with(Kind::Etcd, extra),
-        Server::start_with(Kind::subject(), extra)
-    );
-    [a, b]
-}
-
-fn label(s: &Server) -> &'static str {
-    s.kind.label()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_key_is_rejected() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         assert_grpc_err(
             &format!("{l}: put \"\""),
@@ -84,8 +70,8 @@ async fn empty_key_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_larger_than_max_request_bytes_is_rejected() {
-    for server in &both(&["--max-request-bytes=4096"]).await {
-        let l = label(server);
+    for server in &support::both(&["--max-request-bytes=4096"]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         let big = vec![b'x'; 8192];
         assert_grpc_err(
@@ -122,8 +108,8 @@ async fn seed(c: &mut Client) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn compacted_and_future_revisions() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         seed(&mut c).await;
         c.compact(4, Some(CompactionOptions::new().with_physical()))
@@ -206,8 +192,8 @@ async fn compacted_and_future_revisions() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_not_found() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         let missing = 0x1234_5678;
         let opts = Some(PutOptions::new().with_lease(missing));
@@ -266,8 +252,8 @@ fn puts(n: usize) -> Vec<TxnOp> {
 #[tokio::test(flavor = "multi_thread")]
 async fn too_many_operations_in_txn() {
     // Explicit limit.
-    for server in &both(&["--max-txn-ops=4"]).await {
-        let l = label(server);
+    for server in &support::both(&["--max-txn-ops=4"]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         c.txn(Txn::new().and_then(puts(4)))
             .await
@@ -295,8 +281,8 @@ async fn too_many_operations_in_txn() {
         );
     }
     // Default limit is 128.
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         c.txn(Txn::new().and_then(puts(128)))
             .await
@@ -312,8 +298,8 @@ async fn too_many_operations_in_txn() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_key_in_txn() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         let dup = |ops: Vec<TxnOp>| Txn::new().and_then(ops);
         assert_grpc_err(
@@ -373,8 +359,8 @@ async fn duplicate_key_in_txn() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ignore_value_and_ignore_lease_misuse() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         let lease = c.lease_grant(600, None).await.unwrap().id();
         c.put("k", "v", None).await.unwrap();

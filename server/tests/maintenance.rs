@@ -10,25 +10,11 @@ use std::time::{Duration, Instant};
 use etcd_client::{
     AlarmAction, AlarmOptions, AlarmType, CompactionOptions, DeleteOptions, GetOptions, Txn, TxnOp,
 };
-use support::{assert_grpc_err, Cluster, Kind, Server};
+use support::{assert_grpc_err, Cluster, Kind};
 use tonic::Code;
 
 const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 const CORRUPT: &str = "etcdserver: corrupt cluster";
-
-/// Starts etcd and the subject with the same extra flags.
-async fn both(extra: &[&str]) -> [Server; 2] {
-    support::require_etcd();
-    let (a, b) = tokio::join!(
-        Server::start_with(Kind::Etcd, extra),
-        Server::start_with(Kind::subject(), extra)
-    );
-    [a, b]
-}
-
-fn label(s: &Server) -> &'static str {
-    s.kind.label()
-}
 
 /// Bytes of every file under `dir`.
 fn dir_size(dir: &Path) -> u64 {
@@ -46,8 +32,8 @@ fn dir_size(dir: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn database_space_exceeded_then_recovered_by_compaction_defragment_and_disarm() {
-    for server in &both(&["--quota-backend-bytes=1048576"]).await {
-        let l = label(server);
+    for server in &support::both(&["--quota-backend-bytes=1048576"]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         c.put("keep", "me", None).await.unwrap();
         let value = vec![b'q'; 64 * 1024];
@@ -187,8 +173,8 @@ async fn database_space_exceeded_then_recovered_by_compaction_defragment_and_dis
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hash_follows_the_backend() {
-    for server in &both(&[]).await {
-        let l = label(server);
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
         let mut c = server.client().await;
         c.put("a", "1", None).await.unwrap();
         let h1 = c.hash().await.unwrap();

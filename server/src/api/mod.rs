@@ -126,7 +126,7 @@ fn async_stream_incoming(
                 };
                 let h2 = match &conn {
                     crate::tls::Conn::Plain(tcp) => starts_with_http2_preface(tcp).await,
-                    tls => Ok(crate::tls::Mode::negotiated_h2(tls).unwrap_or(false)),
+                    tls => Ok(tls.negotiated_h2().unwrap_or(false)),
                 };
                 match h2 {
                     Ok(true) => {

@@ -118,6 +118,17 @@ impl Kind {
     }
 }
 
+/// Starts real etcd and the subject with the same extra flags, side by side (for tests that
+/// run each scenario on both).
+pub async fn both(extra: &[&str]) -> [Server; 2] {
+    require_etcd();
+    let (a, b) = tokio::join!(
+        Server::start_with(Kind::Etcd, extra),
+        Server::start_with(Kind::subject(), extra)
+    );
+    [a, b]
+}
+
 /// Panics (rather than skipping) when the reference etcd binaries are absent,
 /// so CI cannot silently pass without actually comparing against etcd.
 pub fn require_etcd() {
@@ -569,23 +580,22 @@ impl Server {
     // -- etcdctl ----------------------------------------------------------
 
     pub async fn etcdctl(&self, args: &[&str]) -> CmdOut {
-        let tls = self.tls.etcdctl_args(&self.data_dir());
-        let all: Vec<&str> = tls
-            .iter()
-            .map(String::as_str)
-            .chain(args.iter().copied())
-            .collect();
-        etcdctl_at(&self.endpoint(), &all, None).await
+        self.etcdctl_with_tls(args, None).await
     }
 
     pub async fn etcdctl_stdin(&self, args: &[&str], stdin: &str) -> CmdOut {
+        self.etcdctl_with_tls(args, Some(stdin)).await
+    }
+
+    /// etcdctl against this server, with the TLS flags its `tls` calls for first.
+    async fn etcdctl_with_tls(&self, args: &[&str], stdin: Option<&str>) -> CmdOut {
         let tls = self.tls.etcdctl_args(&self.data_dir());
         let all: Vec<&str> = tls
             .iter()
             .map(String::as_str)
             .chain(args.iter().copied())
             .collect();
-        etcdctl_at(&self.endpoint(), &all, Some(stdin)).await
+        etcdctl_at(&self.endpoint(), &all, stdin).await
     }
 
     /// Spawns a long-running etcdctl (e.g. `watch`) with piped stdout.
