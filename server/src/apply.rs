@@ -2,6 +2,7 @@
 //! Txn with compares and nested transactions, and the request checks etcd makes before
 //! proposing (empty keys, txn size, overlapping puts and deletes).
 
+use crate::auth::{AuthInfo, AuthStore};
 use crate::error::{EtcdError, Result};
 use crate::lease::Lessor;
 use crate::mvcc::{RangeEnd, RangeOptions, ReadView, WriteTxn};
@@ -168,6 +169,32 @@ pub fn txn_has_puts(r: &TxnRequest) -> bool {
             Some(request_op::Request::RequestTxn(t)) => txn_has_puts(t),
             _ => false,
         })
+}
+
+/// etcd's `checkTxnAuth`: every compare is a read, every op of both branches is checked as
+/// its own request would be. Nested txns are checked too, which etcd 3.4 forgets (its check
+/// skips them, letting a nested op past the permissions).
+pub fn check_txn_auth(auth: &AuthStore, ai: &AuthInfo, t: &TxnRequest) -> Result<()> {
+    for c in &t.compare {
+        auth.is_range_permitted(ai, &c.key, &c.range_end)?;
+    }
+    for op in t.success.iter().chain(t.failure.iter()) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                auth.is_range_permitted(ai, &r.key, &r.range_end)?
+            }
+            Some(request_op::Request::RequestPut(p)) => auth.is_put_permitted(ai, &p.key)?,
+            Some(request_op::Request::RequestDeleteRange(d)) => {
+                if d.prev_kv {
+                    auth.is_range_permitted(ai, &d.key, &d.range_end)?;
+                }
+                auth.is_delete_range_permitted(ai, &d.key, &d.range_end)?
+            }
+            Some(request_op::Request::RequestTxn(inner)) => check_txn_auth(auth, ai, inner)?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 // ---- execution ----

@@ -9,6 +9,7 @@
 
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
+use crate::auth::Caller;
 use crate::mvcc::prefix_end;
 use crate::pb::etcdserverpb::{
     compare, kv_server::Kv, lease_server::Lease, range_request, request_op, watch_request, Compare,
@@ -47,20 +48,30 @@ pub fn as_service_error(s: Status) -> Status {
 /// An in-process client of this member (etcd's v3client): calls go through the same service
 /// code as a remote client's.
 #[derive(Clone)]
-pub struct LocalClient(Arc<EtcdServer>);
+pub struct LocalClient {
+    server: Arc<EtcdServer>,
+    /// The client these calls are made for: its credentials are checked on every call.
+    caller: Caller,
+}
 
 impl LocalClient {
-    pub fn new(server: Arc<EtcdServer>) -> Self {
-        LocalClient(server)
+    pub fn new(server: Arc<EtcdServer>, caller: Caller) -> Self {
+        LocalClient { server, caller }
+    }
+
+    fn req<T>(&self, r: T) -> Request<T> {
+        let mut req = Request::new(r);
+        req.extensions_mut().insert(self.caller.clone());
+        req
     }
 
     pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
-        let resp = KvService(self.0.clone()).range(Request::new(r)).await?;
+        let resp = KvService(self.server.clone()).range(self.req(r)).await?;
         Ok(resp.into_inner())
     }
 
     pub async fn txn(&self, r: TxnRequest) -> Result<TxnResponse, Status> {
-        let resp = KvService(self.0.clone()).txn(Request::new(r)).await?;
+        let resp = KvService(self.server.clone()).txn(self.req(r)).await?;
         Ok(resp.into_inner())
     }
 
@@ -69,16 +80,16 @@ impl LocalClient {
             key,
             ..Default::default()
         };
-        let resp = KvService(self.0.clone())
-            .delete_range(Request::new(r))
+        let resp = KvService(self.server.clone())
+            .delete_range(self.req(r))
             .await?;
         Ok(resp.into_inner().header.unwrap_or_default())
     }
 
     async fn grant(&self, ttl: i64) -> Result<i64, Status> {
         let r = LeaseGrantRequest { ttl, id: 0 };
-        let resp = LeaseService(self.0.clone())
-            .lease_grant(Request::new(r))
+        let resp = LeaseService(self.server.clone())
+            .lease_grant(self.req(r))
             .await?;
         Ok(resp.into_inner().id)
     }
@@ -110,7 +121,7 @@ impl LocalClient {
         };
         // The channel is new and has room for one request.
         let _ = req_tx.try_send(Ok(create));
-        tokio::spawn(WatchStream::new(self.0.clone(), tx).run(ReceiverStream::new(req_rx)));
+        tokio::spawn(WatchStream::new(self.server.clone(), tx, self.caller.clone()).run(ReceiverStream::new(req_rx)));
         LocalWatch { _req: req_tx, rx }
     }
 }

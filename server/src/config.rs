@@ -279,8 +279,15 @@ pub struct Flags {
     /// Comma-separated list of supported TLS cipher suites between client/server and peers (empty: the defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES")]
     pub cipher_suites: Option<String>,
-    #[arg(long, env = "ETCD_AUTH_TOKEN", hide = true)]
-    pub auth_token: Option<String>,
+    /// Specify auth token specific options: simple, or jwt,pub-key=F,priv-key=F,sign-method=M[,ttl=D].
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+    /// Specify bcrypt algorithm cost factor for auth password hashing.
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10)]
+    pub bcrypt_cost: u32,
+    /// The lifetime in seconds of the auth token.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300)]
+    pub auth_token_ttl: u64,
     /// Extra URLs serving /metrics and /health (http:// only).
     #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
     pub listen_metrics_urls: Option<String>,
@@ -343,6 +350,10 @@ pub struct Config {
     pub keepalive_min_time: Duration,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
+    /// `--auth-token`, `--bcrypt-cost`, `--auth-token-ttl`.
+    pub auth_token: String,
+    pub bcrypt_cost: u32,
+    pub auth_token_ttl: Duration,
 }
 
 fn invalid(flag: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
@@ -706,9 +717,9 @@ impl Flags {
     }
 
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        if self.auth_token.as_deref().is_some_and(|t| t != "simple") {
-            return Err(ConfigError::Unsupported("auth-token"));
-        }
+        // Key files are read and checked here, so a bad option fails at startup as in etcd.
+        crate::auth::Tokens::from_flag(&self.auth_token, Duration::ZERO)
+            .map_err(|e| invalid("auth-token", &self.auth_token, e.to_string()))?;
         let log_output = match self.log_outputs.as_str() {
             "default" | "stderr" => crate::log::Output::Stderr,
             "stdout" => crate::log::Output::Stdout,
@@ -990,6 +1001,9 @@ impl Flags {
             keepalive_min_time,
             keepalive_interval: Some(keepalive_interval).filter(|d| !d.is_zero()),
             keepalive_timeout: Some(keepalive_timeout).filter(|d| !d.is_zero()),
+            auth_token: self.auth_token,
+            bcrypt_cost: self.bcrypt_cost,
+            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
         })
     }
 }

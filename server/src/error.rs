@@ -63,8 +63,60 @@ pub enum EtcdError {
     Timeout,
     #[error("etcdserver: server stopped")]
     Stopped,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    /// etcd 3.4 has no gRPC mapping for it: clients see codes.Unknown and the auth message.
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
+    /// etcd 3.4 crashes on a grant without a permission; 3.5's error refuses it.
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     #[error("etcdserver: {0}")]
     Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, EtcdError>;
+
+impl EtcdError {
+    /// The auth store's own text for an auth error (etcd's `auth.Err*`), which etcd 3.4's
+    /// maintenance service returns unconverted.
+    pub fn auth_store_text(&self) -> Option<&'static str> {
+        Some(match self {
+            EtcdError::UserEmpty => "auth: user name is empty",
+            EtcdError::UserNotFound => "auth: user not found",
+            EtcdError::PermissionDenied => "auth: permission denied",
+            EtcdError::InvalidAuthToken => "auth: invalid auth token",
+            _ => return None,
+        })
+    }
+}

@@ -2,6 +2,7 @@
 //! it; `docs/ARCHITECTURE.md` follows a write and a read through them.
 
 pub mod api;
+pub mod auth;
 pub mod apply;
 pub mod benchmark;
 pub mod concurrency;

@@ -3,6 +3,7 @@
 //! pass a linearizable read barrier (ReadIndex), and fill response headers.
 
 use crate::apply;
+use crate::auth::{self, AuthInfo, AuthStore, Caller};
 use crate::config::{AutoCompaction, Config};
 use crate::error::{EtcdError, Result};
 use crate::lease::Lessor;
@@ -52,6 +53,8 @@ pub enum Applied {
     Members(Vec<Member>),
     /// Published attributes or updated peer URLs.
     MemberUpdated,
+    /// An auth store change; Authenticate also gives the token.
+    Auth(Option<String>),
 }
 
 type Waiter = oneshot::Sender<Result<Applied>>;
@@ -92,6 +95,7 @@ pub struct EtcdServer {
     leader_client: tokio::sync::Mutex<Option<(u64, PeerClient<tonic::transport::Channel>)>>,
     pub store: Arc<Store>,
     pub lessor: Arc<Lessor>,
+    pub auth: Arc<AuthStore>,
     pub hub: Arc<WatchHub>,
     pub raft_status: Arc<RaftStatus>,
     pub alarms: Alarms,
@@ -492,6 +496,10 @@ impl EtcdServer {
             }
         }
 
+        let tokens = auth::Tokens::from_flag(&cfg.auth_token, cfg.auth_token_ttl)?;
+        let auth = Arc::new(AuthStore::new(tokens, cfg.bcrypt_cost));
+        auth.recover(&store.records(auth::AUTH_PREFIX)?);
+
         let hub = Arc::new(WatchHub::default());
         let raft_status = Arc::new(RaftStatus::default());
         raft_status
@@ -563,6 +571,7 @@ impl EtcdServer {
             id,
             store: store.clone(),
             lessor: lessor.clone(),
+            auth: auth.clone(),
             hub: hub.clone(),
             waiters: waiters.clone(),
             alarms: alarms.clone(),
@@ -590,6 +599,7 @@ impl EtcdServer {
             self_record,
             store,
             lessor,
+            auth,
             hub,
             raft_status,
             alarms,
@@ -857,14 +867,97 @@ impl EtcdServer {
         Duration::from_secs(5) + 2 * self.cfg.election_timeout()
     }
 
-    /// Replicates a request and waits for the result of applying it.
+    /// Replicates a request of the server's own and waits for the result of applying it.
+    /// Such requests are never checked against the auth store (etcd makes them as root).
     pub async fn propose(&self, req: Request) -> Result<Applied> {
-        let id = self.next_id() as u64;
-        let data = RaftRequest {
-            id,
+        self.propose_raft(RaftRequest {
+            id: self.next_id() as u64,
             request: Some(req),
+            internal: true,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Replicates a client's request, with who sent it, and waits for the result of applying
+    /// it; the applier checks it against the auth store as it is then.
+    pub async fn propose_as(&self, req: Request, caller: &Caller) -> Result<Applied> {
+        let ai = self.auth_info(caller).await?.unwrap_or_default();
+        self.propose_raft(RaftRequest {
+            id: self.next_id() as u64,
+            request: Some(req),
+            username: ai.username,
+            auth_revision: ai.revision,
+            internal: false,
+        })
+        .await
+    }
+
+    /// Who a client request comes from (etcd's `AuthInfoFromCtx`): its token, else, under
+    /// `--client-cert-auth`, its certificate's common name; None without either.
+    pub async fn auth_info(&self, caller: &Caller) -> Result<Option<AuthInfo>> {
+        if let Some(token) = &caller.token {
+            if let Some(index) = self.auth.tokens.index_of(token) {
+                // A simple token is known once this member applied the entry that made it.
+                let mut applied = self.applied_rx.clone();
+                let _ = tokio::time::timeout(
+                    self.request_timeout(),
+                    applied.wait_for(|a| *a >= index),
+                )
+                .await;
+            }
         }
-        .encode_to_vec();
+        self.auth_info_now(caller)
+    }
+
+    /// `auth_info` without waiting for a simple token's entry to apply.
+    pub fn auth_info_now(&self, caller: &Caller) -> Result<Option<AuthInfo>> {
+        if let Some(token) = &caller.token {
+            return self
+                .auth
+                .tokens
+                .info(token, self.auth.revision())
+                .map(Some)
+                .ok_or(EtcdError::InvalidAuthToken);
+        }
+        if self.cfg.client_tls.client_cert_auth {
+            if let Some(cn) = &caller.common_name {
+                return Ok(Some(AuthInfo {
+                    username: cn.clone(),
+                    revision: self.auth.revision(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A local read under auth (etcd's `doSerialize`): `check` the caller's permission, `read`,
+    /// then refuse the result if the auth store changed meanwhile.
+    pub async fn read_as<T>(
+        &self,
+        caller: &Caller,
+        check: impl FnOnce(&AuthStore, &AuthInfo) -> Result<()>,
+        read: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let ai = self.auth_info(caller).await?.unwrap_or_default();
+        check(&self.auth, &ai)?;
+        let out = read()?;
+        if ai.revision != 0 && ai.revision != self.auth.revision() {
+            return Err(EtcdError::AuthOldRevision);
+        }
+        Ok(out)
+    }
+
+    /// Refuses a caller that is not root when auth is enabled (maintenance and membership
+    /// calls, etcd's `IsAdminPermitted` at the API layer).
+    pub async fn check_admin(&self, caller: &Caller) -> Result<()> {
+        let ai = self.auth_info(caller).await?;
+        self.auth.is_admin_permitted(ai.as_ref())
+    }
+
+    async fn propose_raft(&self, req: RaftRequest) -> Result<Applied> {
+        let id = req.id;
+        let data = req.encode_to_vec();
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
@@ -1041,6 +1134,7 @@ struct Applier {
     transport: Arc<Transport>,
     store: Arc<Store>,
     lessor: Arc<Lessor>,
+    auth: Arc<AuthStore>,
     hub: Arc<WatchHub>,
     waiters: Arc<Waiters>,
     alarms: Alarms,
@@ -1098,6 +1192,8 @@ impl Applier {
             }
         };
         self.lessor.reset(&rec.leases, &rec.attached);
+        self.auth
+            .recover(&self.store.records(auth::AUTH_PREFIX).unwrap_or_default());
         {
             let mut alarms = self.alarms.lock();
             alarms.clear();
@@ -1160,7 +1256,12 @@ impl Applier {
             }
         };
         let Some(request) = req.request else { return };
-        let result = self.apply_request(index, request);
+        let who = (!req.internal).then_some(AuthInfo {
+            username: req.username,
+            revision: req.auth_revision,
+        });
+        let result = self.check_auth(&request, who.as_ref());
+        let result = result.and_then(|()| self.apply_request(index, request));
         self.waiters.complete(req.id, result);
     }
 
@@ -1242,6 +1343,100 @@ impl Applier {
             std::thread::sleep(Duration::from_millis(500));
             std::process::exit(0);
         }
+    }
+
+    /// etcd's auth applier: a client's request is checked against the auth store as it is
+    /// when the entry applies, so every member decides alike. `who` is None for the server's
+    /// own requests.
+    fn check_auth(&self, request: &Request, who: Option<&AuthInfo>) -> Result<()> {
+        let Some(ai) = who else { return Ok(()) };
+        let auth = &self.auth;
+        // The keys attached to a lease must all be writable to attach more or revoke it.
+        let lease_puts = |lease: i64| -> Result<()> {
+            for k in self.lessor.keys(lease).unwrap_or_default() {
+                auth.is_put_permitted(ai, &k)?;
+            }
+            Ok(())
+        };
+        match request {
+            Request::AuthEnable(_)
+            | Request::AuthDisable(_)
+            | Request::UserAdd(_)
+            | Request::UserDelete(_)
+            | Request::UserChangePassword(_)
+            | Request::UserGrantRole(_)
+            | Request::UserRevokeRole(_)
+            | Request::RoleAdd(_)
+            | Request::RoleDelete(_)
+            | Request::RoleGrantPermission(_)
+            | Request::RoleRevokePermission(_) => auth.is_admin_permitted(Some(ai)),
+            Request::Put(p) => {
+                auth.is_put_permitted(ai, &p.key)?;
+                lease_puts(p.lease)?;
+                if p.prev_kv {
+                    auth.is_range_permitted(ai, &p.key, &[])?;
+                }
+                Ok(())
+            }
+            Request::DeleteRange(d) => {
+                auth.is_delete_range_permitted(ai, &d.key, &d.range_end)?;
+                if d.prev_kv {
+                    auth.is_range_permitted(ai, &d.key, &d.range_end)?;
+                }
+                Ok(())
+            }
+            Request::Txn(t) => apply::check_txn_auth(auth, ai, t),
+            Request::LeaseRevoke(r) => lease_puts(r.id),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes an auth store change with its entry.
+    fn write_auth(&self, index: u64, changes: auth::Changes) -> Result<Applied> {
+        if !changes.is_empty() {
+            self.write(index, |t| {
+                for c in changes {
+                    match c {
+                        RecordChange::Put(k, v) => t.put_record(k, v),
+                        RecordChange::Remove(k) => t.remove_record(k),
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(Applied::Auth(None))
+    }
+
+    fn apply_auth(&mut self, index: u64, request: Request) -> Result<Applied> {
+        let a = self.auth.clone();
+        let changes = match request {
+            Request::AuthEnable(_) => a.enable()?,
+            Request::AuthDisable(_) => a.disable()?,
+            Request::Authenticate(r) => {
+                let token = a.authenticate(&r.name, &r.simple_token, index)?;
+                return Ok(Applied::Auth(Some(token)));
+            }
+            Request::UserAdd(u) => a.user_add(&u.name, u.hashed_password, u.options)?,
+            Request::UserDelete(u) => a.user_delete(&u.name)?,
+            Request::UserChangePassword(u) => a.user_change_password(&u.name, u.hashed_password)?,
+            Request::UserGrantRole(u) => a.user_grant_role(&u.user, &u.role)?,
+            Request::UserRevokeRole(u) => a.user_revoke_role(&u.name, &u.role)?,
+            Request::RoleAdd(r) => a.role_add(&r.name)?,
+            Request::RoleDelete(r) => a.role_delete(&r.role)?,
+            Request::RoleGrantPermission(r) => {
+                let perm = r.perm.ok_or(EtcdError::PermissionNotGiven)?;
+                a.role_grant_permission(&r.name, perm)?
+            }
+            Request::RoleRevokePermission(r) => {
+                a.role_revoke_permission(&r.role, &r.key, &r.range_end)?
+            }
+            other => {
+                return Err(EtcdError::Internal(format!(
+                    "not an auth request: {other:?}"
+                )))
+            }
+        };
+        self.write_auth(index, changes)
     }
 
     fn alarmed(&self, alarm: AlarmType) -> bool {
@@ -1409,6 +1604,7 @@ impl Applier {
                 }
                 Ok(Applied::Members(self.membership.read().members()))
             }
+            auth_request => self.apply_auth(index, auth_request),
         }
     }
 

@@ -604,10 +604,30 @@ impl tokio::io::AsyncWrite for Conn {
     }
 }
 
+/// What a server knows of a connection's client; tonic puts it in each request's extensions.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    /// The CommonName of the client's verified certificate (the user under
+    /// `--client-cert-auth`, as in etcd).
+    pub common_name: Option<String>,
+}
+
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ClientInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp().connect_info()
+        let common_name = match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(s) => s.get_ref().1.peer_certificates().and_then(|certs| {
+                let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+                let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+                Some(cn.to_string())
+            }),
+        };
+        ClientInfo {
+            tcp: self.tcp().connect_info(),
+            common_name,
+        }
     }
 }
 

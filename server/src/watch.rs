@@ -8,6 +8,8 @@
 //! what guarantees no gaps and no duplicates: events below it are skipped, events from it
 //! on are delivered in revision order.
 
+use crate::auth::Caller;
+use crate::error::EtcdError;
 use crate::mvcc::{RangeEnd, Store};
 use crate::pb::etcdserverpb::{
     watch_create_request::FilterType, watch_request, ResponseHeader, WatchCreateRequest,
@@ -110,6 +112,10 @@ pub trait WatchContext: Send + Sync + 'static {
     fn header(&self, rev: i64) -> ResponseHeader;
     fn max_request_bytes(&self) -> usize;
     fn progress_interval(&self) -> Duration;
+    /// Whether `caller` may watch [key, range_end) ("\0": to the end of the key space).
+    fn watch_permitted(&self, _caller: &Caller, _key: &[u8], _range_end: &[u8]) -> Result<(), EtcdError> {
+        Ok(())
+    }
 }
 
 type Out = mpsc::Sender<Result<WatchResponse, tonic::Status>>;
@@ -117,16 +123,18 @@ type Out = mpsc::Sender<Result<WatchResponse, tonic::Status>>;
 pub struct WatchStream<C: WatchContext> {
     ctx: Arc<C>,
     out: Out,
+    caller: Caller,
     watchers: BTreeMap<i64, Watcher>,
     next_id: i64,
     _live: crate::metrics::Live,
 }
 
 impl<C: WatchContext> WatchStream<C> {
-    pub fn new(ctx: Arc<C>, out: Out) -> Self {
+    pub fn new(ctx: Arc<C>, out: Out, caller: Caller) -> Self {
         WatchStream {
             ctx,
             out,
+            caller,
             watchers: BTreeMap::new(),
             next_id: 0,
             _live: crate::metrics::Live::new(&crate::metrics::METRICS.watch_streams),
@@ -208,6 +216,20 @@ impl<C: WatchContext> WatchStream<C> {
             c.key = vec![0];
         }
         let cur = self.ctx.store().current_rev();
+        if let Err(e) = self.ctx.watch_permitted(&self.caller, &c.key, &c.range_end) {
+            // etcd puts the gRPC error's text in the cancel reason.
+            let s = tonic::Status::from(e);
+            return self
+                .send(WatchResponse {
+                    header: Some(self.ctx.header(cur)),
+                    watch_id: -1,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: format!("rpc error: code = {:?} desc = {}", s.code(), s.message()),
+                    ..Default::default()
+                })
+                .await;
+        }
         let start = if c.start_revision == 0 {
             cur + 1
         } else {

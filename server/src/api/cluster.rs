@@ -1,3 +1,4 @@
+use crate::auth::Caller;
 use crate::error::EtcdError;
 use crate::membership::{self, Member};
 use crate::pb::etcdserverpb::{
@@ -118,6 +119,7 @@ impl ClusterService {
     async fn forward_promote(
         &self,
         r: MemberPromoteRequest,
+        caller: &Caller,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let leader = self
             .0
@@ -136,7 +138,12 @@ impl ClusterService {
                 continue;
             };
             if let Ok(ch) = ep.connect_timeout(Duration::from_secs(1)).connect().await {
-                return ClusterClient::new(ch).member_promote(r).await;
+                // The leader checks the same credentials.
+                let mut req = Request::new(r);
+                if let Some(t) = caller.token.as_deref().and_then(|t| t.parse().ok()) {
+                    req.metadata_mut().insert("token", t);
+                }
+                return ClusterClient::new(ch).member_promote(req).await;
             }
         }
         Err(EtcdError::NoLeader.into())
@@ -150,6 +157,8 @@ impl Cluster for ClusterService {
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
+        self.0.check_admin(&caller).await?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         if self
@@ -194,6 +203,8 @@ impl Cluster for ClusterService {
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
+        self.0.check_admin(&caller).await?;
         let r = req.into_inner();
         let target = self
             .0
@@ -220,6 +231,8 @@ impl Cluster for ClusterService {
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
+        self.0.check_admin(&caller).await?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         if self.0.membership.read().get(r.id).is_none() {
@@ -234,7 +247,7 @@ impl Cluster for ClusterService {
         {
             return Err(EtcdError::PeerUrlExist.into());
         }
-        match self.0.propose(Raft::MemberUpdate(r)).await? {
+        match self.0.propose_as(Raft::MemberUpdate(r), &caller).await? {
             Applied::Members(members) => Ok(Response::new(MemberUpdateResponse {
                 header: self.header(),
                 members,
@@ -250,6 +263,8 @@ impl Cluster for ClusterService {
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
+        self.0.check_admin(&caller).await?;
         let r = req.into_inner();
         let target = self
             .0
@@ -264,7 +279,7 @@ impl Cluster for ClusterService {
         let st = self.0.node_status().await?;
         if !st.is_leader {
             // Only the leader knows how far the learner got (etcd forwards to it too).
-            return self.forward_promote(r).await;
+            return self.forward_promote(r, &caller).await;
         }
         let learner_match = st.progress.get(&r.id).map(|(m, _)| *m).unwrap_or(0);
         let leader_match = st

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use crate::auth::Caller;
 use tonic::{Request, Response, Status};
 
 pub struct ElectionService(pub Arc<EtcdServer>);
 
 impl ElectionService {
-    fn client(&self) -> LocalClient {
-        LocalClient::new(self.0.clone())
+    fn client<T>(&self, req: &Request<T>) -> LocalClient {
+        LocalClient::new(self.0.clone(), Caller::of(req))
     }
 }
 
@@ -33,8 +34,9 @@ impl Election for ElectionService {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
+        let client = self.client(&req);
         let r = req.into_inner();
-        let (header, leader) = concurrency::campaign(&self.client(), &r.name, r.lease, &r.value)
+        let (header, leader) = concurrency::campaign(&client, &r.name, r.lease, &r.value)
             .await
             .map_err(as_service_error)?;
         Ok(Response::new(CampaignResponse {
@@ -47,9 +49,10 @@ impl Election for ElectionService {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
+        let client = self.client(&req);
         let r = req.into_inner();
         let leader = leader_key(r.leader)?;
-        let header = concurrency::proclaim(&self.client(), &leader, &r.value)
+        let header = concurrency::proclaim(&client, &leader, &r.value)
             .await
             .map_err(as_service_error)?;
         Ok(Response::new(ProclaimResponse {
@@ -61,7 +64,8 @@ impl Election for ElectionService {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let (header, kv) = concurrency::leader(&self.client(), &req.into_inner().name)
+        let client = self.client(&req);
+        let (header, kv) = concurrency::leader(&client, &req.into_inner().name)
             .await
             .map_err(as_service_error)?;
         Ok(Response::new(LeaderResponse {
@@ -77,8 +81,9 @@ impl Election for ElectionService {
         req: Request<LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
+        let client = self.client(&req);
         tokio::spawn(concurrency::observe(
-            self.client(),
+            client,
             req.into_inner().name,
             tx,
         ));
@@ -96,8 +101,9 @@ impl Election for ElectionService {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
+        let client = self.client(&req);
         let leader = leader_key(req.into_inner().leader)?;
-        let header = concurrency::resign(&self.client(), &leader)
+        let header = concurrency::resign(&client, &leader)
             .await
             .map_err(as_service_error)?;
         Ok(Response::new(ResignResponse {

@@ -1,3 +1,4 @@
+use crate::auth::Caller;
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
     lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
@@ -22,12 +23,13 @@ impl Lease for LeaseService {
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
         let mut r = req.into_inner();
         self.0.check_quota(r.encoded_len()).await?;
         if r.id == 0 {
             r.id = self.0.next_id();
         }
-        match self.0.propose(Raft::LeaseGrant(r)).await? {
+        match self.0.propose_as(Raft::LeaseGrant(r), &caller).await? {
             Applied::LeaseGrant(mut resp) => {
                 self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))
@@ -43,7 +45,12 @@ impl Lease for LeaseService {
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         self.0.check_not_learner()?;
-        match self.0.propose(Raft::LeaseRevoke(req.into_inner())).await? {
+        let caller = Caller::of(&req);
+        match self
+            .0
+            .propose_as(Raft::LeaseRevoke(req.into_inner()), &caller)
+            .await?
+        {
             Applied::LeaseRevoke(mut resp) => {
                 self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))

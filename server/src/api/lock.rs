@@ -6,6 +6,7 @@ use crate::pb::v3lockpb::{
 };
 use crate::server::EtcdServer;
 use std::sync::Arc;
+use crate::auth::Caller;
 use tonic::{Request, Response, Status};
 
 pub struct LockService(pub Arc<EtcdServer>);
@@ -13,8 +14,8 @@ pub struct LockService(pub Arc<EtcdServer>);
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let client = LocalClient::new(self.0.clone(), Caller::of(&req));
         let r = req.into_inner();
-        let client = LocalClient::new(self.0.clone());
         let (header, key) = concurrency::lock(&client, &r.name, r.lease)
             .await
             .map_err(concurrency::as_service_error)?;
@@ -28,7 +29,7 @@ impl Lock for LockService {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let client = LocalClient::new(self.0.clone());
+        let client = LocalClient::new(self.0.clone(), Caller::of(&req));
         let header = client
             .delete(req.into_inner().key)
             .await

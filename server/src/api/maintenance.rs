@@ -1,4 +1,5 @@
 use super::ETCD_API_VERSION;
+use crate::auth::Caller;
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
@@ -17,10 +18,23 @@ use tonic::{Request, Response, Status};
 
 pub struct MaintenanceService(pub Arc<EtcdServer>);
 
+/// Only root may defragment, hash or back up when auth is on. etcd 3.4 returns these refusals
+/// as the auth store's raw errors: codes.Unknown with texts like "auth: permission denied".
+async fn check_admin<T>(server: &EtcdServer, req: &Request<T>) -> Result<(), Status> {
+    server
+        .check_admin(&Caller::of(req))
+        .await
+        .map_err(|e| match e.auth_store_text() {
+            Some(text) => Status::unknown(text),
+            None => e.into(),
+        })
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
         let mut r = req.into_inner();
         if r.action == AlarmAction::Get as i32 {
             let alarms = self
@@ -43,7 +57,7 @@ impl Maintenance for MaintenanceService {
         if r.member_id == 0 {
             r.member_id = self.0.id;
         }
-        match self.0.propose(Raft::Alarm(r)).await? {
+        match self.0.propose_as(Raft::Alarm(r), &caller).await? {
             Applied::Alarm(mut resp) => {
                 resp.header = None;
                 self.0.fill(&mut resp.header);
@@ -89,9 +103,10 @@ impl Maintenance for MaintenanceService {
     /// each member is defragmented on its own, as on etcd).
     async fn defragment(
         &self,
-        _: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
         self.0.check_not_learner()?;
+        check_admin(&self.0, &req).await?;
         let store = self.0.store.clone();
         let before = store.size_on_disk();
         tracing::info!(size = before, "defragmenting");
@@ -111,8 +126,9 @@ impl Maintenance for MaintenanceService {
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         self.0.check_not_learner()?;
+        check_admin(&self.0, &req).await?;
         let store = self.0.store.clone();
         let (hash, rev) = tokio::task::spawn_blocking(move || store.hash())
             .await
@@ -133,6 +149,7 @@ impl Maintenance for MaintenanceService {
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
         self.0.check_not_learner()?;
+        check_admin(&self.0, &req).await?;
         let resp = crate::corrupt::hash_kv(&self.0, req.into_inner().revision).await?;
         Ok(Response::new(resp))
     }
@@ -143,8 +160,9 @@ impl Maintenance for MaintenanceService {
     /// then one message with the sha256 of everything sent.
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        check_admin(&self.0, &req).await?;
         let server = self.0.clone();
         let path = server.backup_scratch_path();
         let written = {

@@ -1,6 +1,7 @@
 //! Thin gRPC services of the etcd v3 API: validate, call the server, fill the header.
 //! Errors become etcd's gRPC statuses in one place (`status.rs`).
 
+mod auth;
 mod authority;
 mod cluster;
 mod election;
@@ -14,7 +15,7 @@ mod status;
 mod watch;
 
 use crate::pb::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
@@ -82,6 +83,9 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
         .add_service(
             MaintenanceServer::new(maintenance::MaintenanceService(server.clone()))
                 .max_decoding_message_size(max),
+        )
+        .add_service(
+            AuthServer::new(auth::AuthService(server.clone())).max_decoding_message_size(max),
         )
         .add_service(
             LockServer::new(lock::LockService(server.clone())).max_decoding_message_size(max),

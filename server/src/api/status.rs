@@ -52,8 +52,27 @@ impl From<EtcdError> for Status {
             | EtcdError::Timeout
             | EtcdError::Stopped
             | EtcdError::LeaderChanged => (Code::Unavailable, e.to_string()),
-            // etcd 3.4 has no gRPC mapping for this one: clients see codes.Unknown.
-            EtcdError::MemberNotEnoughStarted | EtcdError::Internal(_) => {
+            EtcdError::RootUserNotExist
+            | EtcdError::RootRoleNotExist
+            | EtcdError::UserAlreadyExist
+            | EtcdError::UserNotFound
+            | EtcdError::RoleAlreadyExist
+            | EtcdError::RoleNotFound
+            | EtcdError::RoleNotGranted
+            | EtcdError::PermissionNotGranted
+            | EtcdError::AuthNotEnabled => (Code::FailedPrecondition, e.to_string()),
+            EtcdError::UserEmpty
+            | EtcdError::RoleEmpty
+            | EtcdError::PermissionNotGiven
+            | EtcdError::AuthFailed
+            | EtcdError::InvalidAuthMgmt
+            | EtcdError::AuthOldRevision => (Code::InvalidArgument, e.to_string()),
+            EtcdError::PermissionDenied => (Code::PermissionDenied, e.to_string()),
+            EtcdError::InvalidAuthToken => (Code::Unauthenticated, e.to_string()),
+            // etcd 3.4 has no gRPC mapping for these: clients see codes.Unknown.
+            EtcdError::MemberNotEnoughStarted
+            | EtcdError::NoPasswordUser
+            | EtcdError::Internal(_) => {
                 (Code::Unknown, e.to_string())
             }
         };

@@ -1,3 +1,5 @@
+use crate::auth::Caller;
+use crate::error::EtcdError;
 use crate::mvcc::Store;
 use crate::pb::etcdserverpb::{watch_server::Watch, ResponseHeader, WatchRequest, WatchResponse};
 use crate::server::EtcdServer;
@@ -26,6 +28,12 @@ impl WatchContext for EtcdServer {
     fn progress_interval(&self) -> Duration {
         self.cfg.watch_progress_interval
     }
+    fn watch_permitted(&self, caller: &Caller, key: &[u8], range_end: &[u8]) -> Result<(), EtcdError> {
+        // etcd 3.4 checks a from-key watch ("\0" end) as the single key, letting a user watch
+        // keys it may not read; oxcd checks the whole range.
+        let ai = self.auth_info_now(caller)?.unwrap_or_default();
+        self.auth.is_range_permitted(&ai, key, range_end)
+    }
 }
 
 #[tonic::async_trait]
@@ -37,9 +45,10 @@ impl Watch for WatchService {
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.0.check_not_learner()?;
+        let caller = Caller::of(&req);
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(128);
-        let stream = WatchStream::new(self.0.clone(), tx);
+        let stream = WatchStream::new(self.0.clone(), tx, caller);
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

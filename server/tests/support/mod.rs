@@ -466,6 +466,24 @@ impl Server {
         })
     }
 
+    /// A client that authenticates as `user` when it connects (the etcd-client crate's
+    /// `with_user`); the error is the server's answer to Authenticate.
+    pub async fn client_as(&self, user: &str, password: &str) -> Result<Client, etcd_client::Error> {
+        Client::connect(
+            [self.endpoint()],
+            Some(
+                self.tls.apply(
+                    ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_secs(5))
+                        .with_timeout(Duration::from_secs(15))
+                        .with_user(user, password),
+                    &self.data_dir(),
+                ),
+            ),
+        )
+        .await
+    }
+
     /// SIGKILL, like a power cut as far as the process is concerned.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
