@@ -657,3 +657,40 @@ async fn client_certificate_common_name_is_the_user() {
         );
     }
 }
+
+/// A backup carries the auth store both ways: etcd's backup restored into the subject, and
+/// the subject's restored into etcd, keep the users, their permissions and auth enabled.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_carry_the_auth_store_both_ways() {
+    let _serial = support::serial_cluster_test();
+    support::require_etcd();
+    let dir = tempfile::tempdir().unwrap();
+    for (from, to) in [(Kind::Etcd, Kind::subject()), (Kind::subject(), Kind::Etcd)] {
+        let what = format!("{} backup restored into {}", from.label(), to.label());
+        let server = Server::start(from).await;
+        enable_with_reader(&server).await;
+        let backup = dir.path().join(format!("{}.db", from.label()));
+        let user = format!("--user=root:{PW}");
+        server
+            .etcdctl(&[&user, "snapshot", "save", &backup.display().to_string()])
+            .await
+            .ok();
+        drop(server);
+        let cluster = Cluster::start_from_backup(to, 1, &backup).await;
+        let m = &cluster.members[0];
+        let mut reader = m
+            .client_as("reader", PW)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: reader logs in: {e}"));
+        let got = reader.get("k", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"v", "{what}");
+        let e = reader.put("k", "x", None).await.expect_err("read only");
+        assert_eq!(grpc_error(&e).0, tonic::Code::PermissionDenied, "{what}");
+        let e = m.client().await.get("k", None).await.expect_err("no user");
+        assert_eq!(
+            grpc_error(&e),
+            (tonic::Code::InvalidArgument, "etcdserver: user name is empty".into()),
+            "{what}"
+        );
+    }
+}

@@ -7,7 +7,9 @@
 //!   `finishedCompactRev` (revision bytes)
 //! - `lease`: lease ID (big-endian) -> leasepb.Lease
 //! - `members`: member ID in hex -> JSON; `members_removed`: member ID in hex -> "removed"
-//! - `alarm`: AlarmMember -> empty; `cluster`: `clusterVersion`; `auth`, `authUsers`, `authRoles`
+//! - `alarm`: AlarmMember -> empty; `cluster`: `clusterVersion`
+//! - `auth`: `authEnabled` ([1] or [0]), `authRevision` (u64 big-endian); `authUsers`: name ->
+//!   authpb.User; `authRoles`: name -> authpb.Role
 //!
 //! Files are written with the `bbolt-rs` crate. They are read by `reader.rs`, a small bbolt
 //! reader of our own: etcd writes its files without a freelist (bbolt's `NoFreelistSync`),
@@ -16,6 +18,7 @@
 
 use super::reader::BoltFile;
 use super::{Backup, Result, SnapshotError};
+use crate::auth;
 use crate::mvcc::Revision;
 use crate::pb::etcdserverpb::{AlarmMember, Member};
 use crate::pb::leasepb::Lease;
@@ -39,6 +42,7 @@ const SCHEDULED_COMPACT: &[u8] = b"scheduledCompactRev";
 const FINISHED_COMPACT: &[u8] = b"finishedCompactRev";
 const CLUSTER_VERSION: &[u8] = b"clusterVersion";
 const AUTH_REVISION: &[u8] = b"authRevision";
+const AUTH_ENABLED: &[u8] = b"authEnabled";
 
 fn bolt(e: bbolt_rs::Error) -> SnapshotError {
     SnapshotError::Bolt(e.to_string())
@@ -179,13 +183,31 @@ pub fn write(path: &Path, backup: &Backup) -> Result<()> {
                 .map_err(bolt)?;
         }
         {
-            // Authentication is not built yet: an empty, disabled auth store at revision 1,
-            // which is what etcd 3.4 writes for a cluster that never enabled auth.
+            // A store that never changed auth holds revision 1, as etcd 3.4 writes it.
             let mut b = tx.create_bucket_if_not_exists(AUTH).map_err(bolt)?;
-            b.put(AUTH_REVISION, 1u64.to_be_bytes()).map_err(bolt)?;
+            let revision = backup
+                .auth
+                .iter()
+                .find(|(k, _)| k.as_slice() == auth::REVISION_KEY)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| 1u64.to_be_bytes().to_vec());
+            b.put(AUTH_REVISION, revision).map_err(bolt)?;
+            if let Some((_, v)) = backup
+                .auth
+                .iter()
+                .find(|(k, _)| k.as_slice() == auth::ENABLED_KEY)
+            {
+                b.put(AUTH_ENABLED, v.clone()).map_err(bolt)?;
+            }
         }
-        tx.create_bucket_if_not_exists(AUTH_USERS).map_err(bolt)?;
-        tx.create_bucket_if_not_exists(AUTH_ROLES).map_err(bolt)?;
+        for (bucket, prefix) in [(AUTH_USERS, auth::USER_PREFIX), (AUTH_ROLES, auth::ROLE_PREFIX)] {
+            let mut b = tx.create_bucket_if_not_exists(bucket).map_err(bolt)?;
+            for (k, v) in &backup.auth {
+                if let Some(name) = k.strip_prefix(prefix) {
+                    b.put(name.to_vec(), v.clone()).map_err(bolt)?;
+                }
+            }
+        }
         tx.commit().map_err(bolt)?;
     }
     db.sync().map_err(bolt)?;
@@ -269,13 +291,23 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    if let Some(auth) = bucket(AUTH) {
-        file.for_each(&auth, |k, v| {
-            if k == b"authEnabled" {
-                out.auth_enabled = v == [1];
+    if let Some(b) = bucket(AUTH) {
+        file.for_each(&b, |k, v| {
+            if k == AUTH_ENABLED {
+                out.auth.push((auth::ENABLED_KEY.to_vec(), v.to_vec()));
+            } else if k == AUTH_REVISION {
+                out.auth.push((auth::REVISION_KEY.to_vec(), v.to_vec()));
             }
             Ok(())
         })?;
+    }
+    for (name, prefix) in [(AUTH_USERS, auth::USER_PREFIX), (AUTH_ROLES, auth::ROLE_PREFIX)] {
+        if let Some(b) = bucket(name) {
+            file.for_each(&b, |k, v| {
+                out.auth.push(([prefix, k].concat(), v.to_vec()));
+                Ok(())
+            })?;
+        }
     }
     Ok(out)
 }

@@ -57,7 +57,9 @@ pub struct Backup {
     /// (member ID, alarm type).
     pub alarms: Vec<(u64, i32)>,
     pub cluster_version: String,
-    pub auth_enabled: bool,
+    /// The auth store, as the backend records `auth` keeps (`au/...`): carried by backups and
+    /// restores like etcd's `auth*` buckets.
+    pub auth: Records,
 }
 
 fn be_u64(v: &[u8]) -> Option<u64> {
@@ -97,6 +99,8 @@ impl Backup {
             } else if let Some(id) = k.strip_prefix(REMOVED_PREFIX) {
                 b.removed
                     .push(be_u64(id).ok_or_else(|| corrupt("removed member"))?);
+            } else if k.starts_with(crate::auth::AUTH_PREFIX) {
+                b.auth.push((k.clone(), v.clone()));
             } else if k.as_slice() == mvcc::META_SCHEDULED_COMPACT {
                 b.scheduled_compact = Some(be_u64(v).ok_or_else(|| corrupt("compaction"))? as i64);
             } else if k.as_slice() == mvcc::META_FINISHED_COMPACT {
@@ -130,6 +134,7 @@ impl Backup {
                 (r as u64).to_be_bytes().to_vec(),
             ));
         }
+        out.extend(self.auth.iter().cloned());
         out
     }
 }
@@ -343,7 +348,12 @@ mod tests {
             removed: vec![9],
             alarms: vec![(1, 1)],
             cluster_version: CLUSTER_VERSION.into(),
-            auth_enabled: false,
+            auth: vec![
+                (crate::auth::ENABLED_KEY.to_vec(), vec![1]),
+                (crate::auth::REVISION_KEY.to_vec(), 7u64.to_be_bytes().to_vec()),
+                ([crate::auth::USER_PREFIX, b"root"].concat(), b"user".to_vec()),
+                ([crate::auth::ROLE_PREFIX, b"app"].concat(), b"role".to_vec()),
+            ],
         };
         bolt::write(&path, &b).unwrap();
         let r = bolt::read(&path).unwrap();
@@ -358,9 +368,15 @@ mod tests {
         assert_eq!(r.removed, b.removed);
         assert_eq!(r.alarms, b.alarms);
         assert_eq!(r.cluster_version, CLUSTER_VERSION);
+        let mut auth = r.auth.clone();
+        auth.sort();
+        let mut want = b.auth.clone();
+        want.sort();
+        assert_eq!(auth, want);
         let st = bolt::status(&path).unwrap();
         assert_eq!(st.revision, 3);
-        // 2 revisions + 3 meta + 1 lease + 1 member + 1 removed + 1 alarm + cluster + auth.
-        assert_eq!(st.total_keys, 11);
+        // 2 revisions + 3 meta + 1 lease + 1 member + 1 removed + 1 alarm + cluster
+        // + 2 auth + 1 user + 1 role.
+        assert_eq!(st.total_keys, 14);
     }
 }
