@@ -13,7 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/etcd/v3election.proto",
         "proto/oxcd/internal.proto",
     ];
+    // The descriptors also serve the JSON gateway (/v3/...), which maps JSON to messages by them.
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
     tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptors)
         .build_client(true)
         .build_server(true)
         .compile_protos(&protos, &["proto/etcd", "proto/oxcd"])?;

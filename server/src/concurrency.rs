@@ -121,7 +121,10 @@ impl LocalClient {
         };
         // The channel is new and has room for one request.
         let _ = req_tx.try_send(Ok(create));
-        tokio::spawn(WatchStream::new(self.server.clone(), tx, self.caller.clone()).run(ReceiverStream::new(req_rx)));
+        tokio::spawn(
+            WatchStream::new(self.server.clone(), tx, self.caller.clone())
+                .run(ReceiverStream::new(req_rx)),
+        );
         LocalWatch { _req: req_tx, rx }
     }
 }

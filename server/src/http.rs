@@ -66,11 +66,20 @@ where
     }
 }
 
-type Body = Full<Bytes>;
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
-async fn handle<B>(server: &EtcdServer, req: Request<B>, endpoints: Endpoints) -> Response<Body> {
+async fn handle(
+    server: &Arc<EtcdServer>,
+    req: Request<hyper::body::Incoming>,
+    endpoints: Endpoints,
+) -> Response<Body> {
     let query = Query::parse(req.uri().query().unwrap_or(""));
-    let path = req.uri().path();
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
+    if endpoints == Endpoints::Client && (path.starts_with("/v3/") || path.starts_with("/v3beta/"))
+    {
+        return gateway(server, req).await;
+    }
     let known = match endpoints {
         Endpoints::Client => {
             matches!(
@@ -127,6 +136,31 @@ async fn handle<B>(server: &EtcdServer, req: Request<B>, endpoints: Endpoints) -
         "/readyz" => probe(check_health(server, &query.exclude, query.serializable).await),
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
     }
+}
+
+/// The JSON gateway: POST only, the body read whole, the token from `Authorization`.
+async fn gateway(server: &Arc<EtcdServer>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
+    }
+    let path = req.uri().path().to_string();
+    let caller = crate::auth::Caller {
+        token: req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        // etcd ignores a client certificate's name on gateway requests.
+        common_name: None,
+    };
+    let limit = server.cfg.max_request_bytes + crate::api::GRPC_OVERHEAD_BYTES;
+    let body = match crate::api::gateway::read_body(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(s) => return crate::api::gateway::error_response(s),
+    };
+    crate::api::gateway::handle(server, &path, caller, &body)
+        .await
+        .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "Not Found\n"))
 }
 
 /// etcd's health rule: no alarm (except excluded ones), a known leader, and unless
@@ -195,8 +229,13 @@ impl Query {
 }
 
 /// etcd wraps its handlers in CORS headers for browser clients.
-fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+pub(crate) fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     let h = r.headers_mut();
     use hyper::header::HeaderValue;

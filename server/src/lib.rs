@@ -2,8 +2,8 @@
 //! it; `docs/ARCHITECTURE.md` follows a write and a read through them.
 
 pub mod api;
-pub mod auth;
 pub mod apply;
+pub mod auth;
 pub mod benchmark;
 pub mod concurrency;
 pub mod config;

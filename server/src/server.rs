@@ -900,11 +900,9 @@ impl EtcdServer {
             if let Some(index) = self.auth.tokens.index_of(token) {
                 // A simple token is known once this member applied the entry that made it.
                 let mut applied = self.applied_rx.clone();
-                let _ = tokio::time::timeout(
-                    self.request_timeout(),
-                    applied.wait_for(|a| *a >= index),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(self.request_timeout(), applied.wait_for(|a| *a >= index))
+                        .await;
             }
         }
         self.auth_info_now(caller)

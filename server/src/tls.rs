@@ -619,7 +619,8 @@ impl tonic::transport::server::Connected for Conn {
         let common_name = match self {
             Conn::Plain(_) => None,
             Conn::Tls(s) => s.get_ref().1.peer_certificates().and_then(|certs| {
-                let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
+                let (_, cert) =
+                    x509_parser::parse_x509_certificate(certs.first()?.as_ref()).ok()?;
                 let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
                 Some(cn.to_string())
             }),

@@ -113,7 +113,12 @@ pub trait WatchContext: Send + Sync + 'static {
     fn max_request_bytes(&self) -> usize;
     fn progress_interval(&self) -> Duration;
     /// Whether `caller` may watch [key, range_end) ("\0": to the end of the key space).
-    fn watch_permitted(&self, _caller: &Caller, _key: &[u8], _range_end: &[u8]) -> Result<(), EtcdError> {
+    fn watch_permitted(
+        &self,
+        _caller: &Caller,
+        _key: &[u8],
+        _range_end: &[u8],
+    ) -> Result<(), EtcdError> {
         Ok(())
     }
 }
@@ -225,7 +230,11 @@ impl<C: WatchContext> WatchStream<C> {
                     watch_id: -1,
                     created: true,
                     canceled: true,
-                    cancel_reason: format!("rpc error: code = {:?} desc = {}", s.code(), s.message()),
+                    cancel_reason: format!(
+                        "rpc error: code = {:?} desc = {}",
+                        s.code(),
+                        s.message()
+                    ),
                     ..Default::default()
                 })
                 .await;

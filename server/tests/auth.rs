@@ -65,7 +65,12 @@ async fn set_up(c: &mut Client) {
     a.role_grant_permission("rf", Permission::read("z").with_from_key())
         .await
         .unwrap();
-    for (u, r) in [("alice", "rk"), ("alice", "rwp"), ("bob", "wr"), ("bob", "rf")] {
+    for (u, r) in [
+        ("alice", "rk"),
+        ("alice", "rwp"),
+        ("bob", "wr"),
+        ("bob", "rf"),
+    ] {
         a.user_grant_role(u, r).await.unwrap();
     }
     for k in ["k1", "k2", "r1", "r3", "p/a", "p/b", "z1", "zz"] {
@@ -104,14 +109,18 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
     rec(
         "get prefix p/",
         outcome(
-            client.get("p/", Some(GetOptions::new().with_prefix())).await,
+            client
+                .get("p/", Some(GetOptions::new().with_prefix()))
+                .await,
             get,
         ),
     );
     rec(
         "get from z",
         outcome(
-            client.get("z", Some(GetOptions::new().with_from_key())).await,
+            client
+                .get("z", Some(GetOptions::new().with_from_key()))
+                .await,
             get,
         ),
     );
@@ -162,7 +171,10 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
         "delete p/<who> prev_kv",
         outcome(
             client
-                .delete(format!("p/{who}"), Some(DeleteOptions::new().with_prev_key()))
+                .delete(
+                    format!("p/{who}"),
+                    Some(DeleteOptions::new().with_prev_key()),
+                )
                 .await,
             del,
         ),
@@ -215,8 +227,7 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
                 Outcome::Err(c, m)
             }
             Ok(mut stream) => {
-                let first =
-                    tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+                let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
                 Outcome::Ok(match first {
                     Ok(Ok(Some(r))) => format!(
                         "created={} canceled={} reason={:?}",
@@ -231,7 +242,9 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
     );
     rec(
         "lease grant",
-        outcome(client.lease_grant(60, None).await, |l| format!("ttl={}", l.ttl())),
+        outcome(client.lease_grant(60, None).await, |l| {
+            format!("ttl={}", l.ttl())
+        }),
     );
     rec(
         "lease revoke of the lease of p/leased",
@@ -273,7 +286,9 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
     );
     rec(
         "role add",
-        outcome(auth.role_add(format!("new-{who}")).await, |_| "added".into()),
+        outcome(auth.role_add(format!("new-{who}")).await, |_| {
+            "added".into()
+        }),
     );
     rec(
         "member list",
@@ -321,11 +336,15 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     let rec = |name: &str, o: Outcome| (name.to_string(), o);
     out.push(rec(
         "wrong password",
-        outcome(server.client_as("alice", "nope").await, |_| "logged in".into()),
+        outcome(server.client_as("alice", "nope").await, |_| {
+            "logged in".into()
+        }),
     ));
     out.push(rec(
         "unknown user",
-        outcome(server.client_as("mallory", PW).await, |_| "logged in".into()),
+        outcome(server.client_as("mallory", PW).await, |_| {
+            "logged in".into()
+        }),
     ));
     let mut a = root.auth_client();
     out.push(rec(
@@ -334,7 +353,9 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     ));
     out.push(rec(
         "root: revoke root from root",
-        outcome(a.user_revoke_role("root", "root").await, |_| "revoked".into()),
+        outcome(a.user_revoke_role("root", "root").await, |_| {
+            "revoked".into()
+        }),
     ));
     out.push(rec(
         "root: delete role root",
@@ -348,7 +369,9 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     ));
     out.push(rec(
         "root: revoke a role not granted",
-        outcome(a.user_revoke_role("carol", "rk").await, |_| "revoked".into()),
+        outcome(a.user_revoke_role("carol", "rk").await, |_| {
+            "revoked".into()
+        }),
     ));
     out.push(rec(
         "root: add an existing user",
@@ -360,7 +383,9 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     ));
     out.push(rec(
         "root: grant a missing role",
-        outcome(a.user_grant_role("carol", "nope").await, |_| "granted".into()),
+        outcome(a.user_grant_role("carol", "nope").await, |_| {
+            "granted".into()
+        }),
     ));
     out.push(rec(
         "root: get a missing user",
@@ -394,7 +419,9 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     ));
     out.push(rec(
         "alice with the new password",
-        outcome(server.client_as("alice", "pw-2").await, |_| "logged in".into()),
+        outcome(server.client_as("alice", "pw-2").await, |_| {
+            "logged in".into()
+        }),
     ));
     out.push(rec(
         "root: auth disable",
@@ -406,7 +433,9 @@ async fn matrix(server: &Server) -> Vec<(String, Outcome)> {
     ));
     out.push(rec(
         "authenticate when disabled",
-        outcome(server.client_as("alice", "pw-2").await, |_| "logged in".into()),
+        outcome(server.client_as("alice", "pw-2").await, |_| {
+            "logged in".into()
+        }),
     ));
     out
 }
@@ -449,7 +478,14 @@ async fn etcdctl_auth_runbook_matches_etcd() {
         &["user", "add", "root:rootpw"],
         &["user", "grant-role", "root", "root"],
         &["role", "add", "app"],
-        &["role", "grant-permission", "app", "readwrite", "app/", "--prefix"],
+        &[
+            "role",
+            "grant-permission",
+            "app",
+            "readwrite",
+            "app/",
+            "--prefix",
+        ],
         &["role", "grant-permission", "app", "read", "conf"],
         &["user", "add", "svc:svcpw"],
         &["user", "grant-role", "svc", "app"],
@@ -464,7 +500,13 @@ async fn etcdctl_auth_runbook_matches_etcd() {
         &["--user=root:rootpw", "user", "get", "svc"],
         &["--user=root:rootpw", "role", "get", "app"],
         &["--user=root:rootpw", "role", "list"],
-        &["--user=root:rootpw", "role", "revoke-permission", "app", "conf"],
+        &[
+            "--user=root:rootpw",
+            "role",
+            "revoke-permission",
+            "app",
+            "conf",
+        ],
         &["--user=root:rootpw", "user", "revoke-role", "svc", "app"],
         &["--user=svc:svcpw", "get", "app/x"],
         &["--user=root:rootpw", "user", "delete", "svc"],
@@ -497,7 +539,9 @@ async fn enable_with_reader(server: &Server) {
     a.user_grant_role("root", "root").await.unwrap();
     a.user_add("reader", PW, None).await.unwrap();
     a.role_add("r").await.unwrap();
-    a.role_grant_permission("r", Permission::read("k")).await.unwrap();
+    a.role_grant_permission("r", Permission::read("k"))
+        .await
+        .unwrap();
     a.user_grant_role("reader", "r").await.unwrap();
     c.put("k", "v", None).await.unwrap();
     a.auth_enable().await.unwrap();
@@ -513,17 +557,27 @@ async fn simple_tokens_expire_after_the_ttl_unless_used() {
         let mut busy = server.client_as("reader", PW).await.unwrap();
         let mut idle = server.client_as("reader", PW).await.unwrap();
         for _ in 0..5 {
-            busy.get("k", None).await.unwrap_or_else(|e| panic!("{l}: {e}"));
+            busy.get("k", None)
+                .await
+                .unwrap_or_else(|e| panic!("{l}: {e}"));
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         // 5 s unused, with a 3 s TTL (etcd sweeps every second).
-        let e = idle.get("k", None).await.expect_err("the idle token expired");
+        let e = idle
+            .get("k", None)
+            .await
+            .expect_err("the idle token expired");
         assert_eq!(
             grpc_error(&e),
-            (tonic::Code::Unauthenticated, "etcdserver: invalid auth token".into()),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token".into()
+            ),
             "{l}"
         );
-        busy.get("k", None).await.unwrap_or_else(|e| panic!("{l}: {e}"));
+        busy.get("k", None)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: {e}"));
     }
 }
 
@@ -567,12 +621,18 @@ async fn jwt_tokens_are_signed_and_expire() {
         assert!(claims["exp"].as_u64().is_some(), "{l}: {claims}");
 
         let mut reader = server.client_as("reader", PW).await.unwrap();
-        reader.get("k", None).await.unwrap_or_else(|e| panic!("{l}: {e}"));
+        reader
+            .get("k", None)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: {e}"));
         tokio::time::sleep(Duration::from_secs(5)).await;
         let e = reader.get("k", None).await.expect_err("the JWT expired");
         assert_eq!(
             grpc_error(&e),
-            (tonic::Code::Unauthenticated, "etcdserver: invalid auth token".into()),
+            (
+                tonic::Code::Unauthenticated,
+                "etcdserver: invalid auth token".into()
+            ),
             "{l}"
         );
     }
@@ -598,14 +658,20 @@ async fn auth_replicates_and_survives_restart() {
                 let e = reader.put("k", "x", None).await.expect_err("read only");
                 assert_eq!(
                     grpc_error(&e),
-                    (tonic::Code::PermissionDenied, "etcdserver: permission denied".into()),
+                    (
+                        tonic::Code::PermissionDenied,
+                        "etcdserver: permission denied".into()
+                    ),
                     "{when}: member {i}"
                 );
                 let mut anonymous = m.client().await;
                 let e = anonymous.get("k", None).await.expect_err("no user");
                 assert_eq!(
                     grpc_error(&e),
-                    (tonic::Code::InvalidArgument, "etcdserver: user name is empty".into()),
+                    (
+                        tonic::Code::InvalidArgument,
+                        "etcdserver: user name is empty".into()
+                    ),
                     "{when}: member {i}"
                 );
             }
@@ -652,7 +718,10 @@ async fn client_certificate_common_name_is_the_user() {
         let e = c.put("k", "x", None).await.expect_err("read only");
         assert_eq!(
             grpc_error(&e),
-            (tonic::Code::PermissionDenied, "etcdserver: permission denied".into()),
+            (
+                tonic::Code::PermissionDenied,
+                "etcdserver: permission denied".into()
+            ),
             "{l}"
         );
     }
@@ -689,7 +758,10 @@ async fn backups_carry_the_auth_store_both_ways() {
         let e = m.client().await.get("k", None).await.expect_err("no user");
         assert_eq!(
             grpc_error(&e),
-            (tonic::Code::InvalidArgument, "etcdserver: user name is empty".into()),
+            (
+                tonic::Code::InvalidArgument,
+                "etcdserver: user name is empty".into()
+            ),
             "{what}"
         );
     }

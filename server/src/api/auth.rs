@@ -101,9 +101,10 @@ impl Auth for AuthService {
         loop {
             attempts += 1;
             let (auth, name, password) = (self.0.auth.clone(), r.name.clone(), r.password.clone());
-            let checked = tokio::task::spawn_blocking(move || auth.check_password(&name, &password))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let checked =
+                tokio::task::spawn_blocking(move || auth.check_password(&name, &password))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
             let checked = match checked {
                 Ok(rev) => rev,
                 Err(e) => {
@@ -299,9 +300,7 @@ impl Auth for AuthService {
         if r.perm.is_none() {
             return Err(EtcdError::PermissionNotGiven.into());
         }
-        let (header, _) = self
-            .change(&caller, Raft::RoleGrantPermission(r))
-            .await?;
+        let (header, _) = self.change(&caller, Raft::RoleGrantPermission(r)).await?;
         Ok(Response::new(AuthRoleGrantPermissionResponse { header }))
     }
 

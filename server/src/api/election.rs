@@ -1,5 +1,6 @@
 //! `v3electionpb.Election`: etcd's leader election service, over the concurrency recipes.
 
+use crate::auth::Caller;
 use crate::concurrency::{self, as_service_error, LocalClient, ERR_MISSING_LEADER_KEY};
 use crate::pb::v3electionpb::{
     election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest,
@@ -10,7 +11,6 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use crate::auth::Caller;
 use tonic::{Request, Response, Status};
 
 pub struct ElectionService(pub Arc<EtcdServer>);
@@ -82,11 +82,7 @@ impl Election for ElectionService {
     ) -> Result<Response<Self::ObserveStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
         let client = self.client(&req);
-        tokio::spawn(concurrency::observe(
-            client,
-            req.into_inner().name,
-            tx,
-        ));
+        tokio::spawn(concurrency::observe(client, req.into_inner().name, tx));
         let stream = ReceiverStream::new(rx).map(|item| {
             item.map(|(header, kv)| LeaderResponse {
                 header: Some(header),

@@ -68,36 +68,7 @@ impl Lease for LeaseService {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         self.0.check_not_learner()?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let server = self.0.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(r)) = inbound.next().await {
-                // The header is taken before renewing, so its revision is never newer than the
-                // renewal (etcd does the same).
-                let header = Some(server.header(server.store.current_rev()));
-                let ttl = match server.lease_renew(r.id).await {
-                    Ok(ttl) => ttl,
-                    Err(EtcdError::LeaseNotFound) => 0,
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                if tx
-                    .send(Ok(LeaseKeepAliveResponse {
-                        header,
-                        id: r.id,
-                        ttl,
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(keep_alive(self.0.clone(), req.into_inner())))
     }
 
     async fn lease_time_to_live(
@@ -129,4 +100,43 @@ impl Lease for LeaseService {
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
+}
+
+/// Renews each lease the client names, answering with its TTL (0: not found), until the
+/// client's stream ends (shared by gRPC and the JSON gateway).
+pub(crate) fn keep_alive(
+    server: Arc<EtcdServer>,
+    mut inbound: impl futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>>
+        + Unpin
+        + Send
+        + 'static,
+) -> ReceiverStream<Result<LeaseKeepAliveResponse, Status>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(Ok(r)) = inbound.next().await {
+            // The header is taken before renewing, so its revision is never newer than the
+            // renewal (etcd does the same).
+            let header = Some(server.header(server.store.current_rev()));
+            let ttl = match server.lease_renew(r.id).await {
+                Ok(ttl) => ttl,
+                Err(EtcdError::LeaseNotFound) => 0,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if tx
+                .send(Ok(LeaseKeepAliveResponse {
+                    header,
+                    id: r.id,
+                    ttl,
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }

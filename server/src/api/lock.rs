@@ -1,12 +1,12 @@
 //! `v3lockpb.Lock`: etcd's lock service, over the concurrency recipes.
 
+use crate::auth::Caller;
 use crate::concurrency::{self, LocalClient};
 use crate::pb::v3lockpb::{
     lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse,
 };
 use crate::server::EtcdServer;
 use std::sync::Arc;
-use crate::auth::Caller;
 use tonic::{Request, Response, Status};
 
 pub struct LockService(pub Arc<EtcdServer>);

@@ -1,22 +1,23 @@
 //! Thin gRPC services of the etcd v3 API: validate, call the server, fill the header.
 //! Errors become etcd's gRPC statuses in one place (`status.rs`).
 
-mod auth;
+pub(crate) mod auth;
 mod authority;
-mod cluster;
-mod election;
+pub(crate) mod cluster;
+pub(crate) mod election;
+pub(crate) mod gateway;
 pub(crate) mod grpc_metrics;
 pub(crate) mod kv;
 pub(crate) mod lease;
-mod lock;
-mod maintenance;
+pub(crate) mod lock;
+pub(crate) mod maintenance;
 pub mod peer;
 mod status;
 mod watch;
 
 use crate::pb::etcdserverpb::{
-    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
@@ -28,7 +29,7 @@ use std::sync::Arc;
 pub const ETCD_API_VERSION: &str = "3.4.23";
 
 /// gRPC allows this much framing beyond --max-request-bytes, as etcd does.
-const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// Serves the client API on one listener until the process ends.
 pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<()> {

@@ -72,9 +72,7 @@ impl From<EtcdError> for Status {
             // etcd 3.4 has no gRPC mapping for these: clients see codes.Unknown.
             EtcdError::MemberNotEnoughStarted
             | EtcdError::NoPasswordUser
-            | EtcdError::Internal(_) => {
-                (Code::Unknown, e.to_string())
-            }
+            | EtcdError::Internal(_) => (Code::Unknown, e.to_string()),
         };
         Status::new(code, msg)
     }

@@ -28,7 +28,12 @@ impl WatchContext for EtcdServer {
     fn progress_interval(&self) -> Duration {
         self.cfg.watch_progress_interval
     }
-    fn watch_permitted(&self, caller: &Caller, key: &[u8], range_end: &[u8]) -> Result<(), EtcdError> {
+    fn watch_permitted(
+        &self,
+        caller: &Caller,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<(), EtcdError> {
         // etcd 3.4 checks a from-key watch ("\0" end) as the single key, letting a user watch
         // keys it may not read; oxcd checks the whole range.
         let ai = self.auth_info_now(caller)?.unwrap_or_default();

@@ -235,7 +235,9 @@ impl AuthStore {
         if !st.enabled {
             return Ok(());
         }
-        let ai = ai.filter(|a| !a.username.is_empty()).ok_or(EtcdError::UserEmpty)?;
+        let ai = ai
+            .filter(|a| !a.username.is_empty())
+            .ok_or(EtcdError::UserEmpty)?;
         let u = st.users.get(&ai.username).ok_or(EtcdError::UserNotFound)?;
         if !has_root_role(u) {
             return Err(EtcdError::PermissionDenied);
@@ -255,7 +257,12 @@ impl AuthStore {
 
     pub fn user_get(&self, name: &str) -> Result<Vec<String>> {
         let st = self.state.read();
-        Ok(st.users.get(name).ok_or(EtcdError::UserNotFound)?.roles.clone())
+        Ok(st
+            .users
+            .get(name)
+            .ok_or(EtcdError::UserNotFound)?
+            .roles
+            .clone())
     }
 
     pub fn user_list(&self) -> Vec<String> {
@@ -280,10 +287,7 @@ impl AuthStore {
 
     /// Runs `f` on a copy of the state; on success the copy becomes the state and the returned
     /// changes carry the records to write (with the revision bumped when `f` asks for it).
-    fn change(
-        &self,
-        f: impl FnOnce(&mut State, &mut Changes) -> Result<bool>,
-    ) -> Result<Changes> {
+    fn change(&self, f: impl FnOnce(&mut State, &mut Changes) -> Result<bool>) -> Result<Changes> {
         let mut st = self.state.read().clone();
         let mut changes = Vec::new();
         if f(&mut st, &mut changes)? {
@@ -541,14 +545,24 @@ mod tests {
         let s = store();
         let mut rec = BTreeMap::new();
         assert_eq!(s.enable().err(), Some(EtcdError::RootUserNotExist));
-        apply(&mut rec, s.user_add("root", s.hash_password("pw").unwrap(), None).unwrap());
+        apply(
+            &mut rec,
+            s.user_add("root", s.hash_password("pw").unwrap(), None)
+                .unwrap(),
+        );
         assert_eq!(s.enable().err(), Some(EtcdError::RootRoleNotExist));
         apply(&mut rec, s.user_grant_role("root", "root").unwrap());
-        assert_eq!(s.user_grant_role("root", "nope").err(), Some(EtcdError::RoleNotFound));
+        assert_eq!(
+            s.user_grant_role("root", "nope").err(),
+            Some(EtcdError::RoleNotFound)
+        );
         apply(&mut rec, s.enable().unwrap());
         assert!(s.is_enabled());
         assert_eq!(s.revision(), 3);
-        assert_eq!(s.user_delete("root").err(), Some(EtcdError::InvalidAuthMgmt));
+        assert_eq!(
+            s.user_delete("root").err(),
+            Some(EtcdError::InvalidAuthMgmt)
+        );
         assert_eq!(
             s.user_revoke_role("root", "root").err(),
             Some(EtcdError::InvalidAuthMgmt)
@@ -615,7 +629,10 @@ mod tests {
             revision: s.revision(),
             ..u
         };
-        assert_eq!(s.is_put_permitted(&u, b"k1"), Err(EtcdError::PermissionDenied));
+        assert_eq!(
+            s.is_put_permitted(&u, b"k1"),
+            Err(EtcdError::PermissionDenied)
+        );
         assert_eq!(
             s.role_revoke_permission("r", b"k", b"l").err(),
             Some(EtcdError::PermissionNotGranted)

@@ -113,7 +113,8 @@ impl Tokens {
         match self {
             Tokens::Simple(s) => {
                 self.index_of(token)?;
-                s.info(token).map(|username| AuthInfo { username, revision })
+                s.info(token)
+                    .map(|username| AuthInfo { username, revision })
             }
             Tokens::Jwt(j) => j.verify(token),
         }
@@ -240,10 +241,7 @@ impl JwtTokens {
                 let encode = private
                     .map(|p| EncodingKey::from_rsa_pem(&p).map_err(key_err))
                     .transpose()?;
-                (
-                    encode,
-                    DecodingKey::from_rsa_pem(&public).map_err(key_err)?,
-                )
+                (encode, DecodingKey::from_rsa_pem(&public).map_err(key_err)?)
             }
             Algorithm::ES256 | Algorithm::ES384 => {
                 let public = public.ok_or(TokenError::MissingKey)?;
@@ -346,10 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, b"0123456789abcdef").unwrap();
-        let flag = format!(
-            "jwt,priv-key={},sign-method=HS256,ttl=1s",
-            secret.display()
-        );
+        let flag = format!("jwt,priv-key={},sign-method=HS256,ttl=1s", secret.display());
         let t = Tokens::from_flag(&flag, Duration::ZERO).unwrap();
         let tok = t.assign("alice", 5, "", 1).unwrap();
         let info = t.info(&tok, 9).unwrap();

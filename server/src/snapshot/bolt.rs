@@ -200,11 +200,14 @@ pub fn write(path: &Path, backup: &Backup) -> Result<()> {
                 b.put(AUTH_ENABLED, v.clone()).map_err(bolt)?;
             }
         }
-        for (bucket, prefix) in [(AUTH_USERS, auth::USER_PREFIX), (AUTH_ROLES, auth::ROLE_PREFIX)] {
+        for (bucket, prefix) in [
+            (AUTH_USERS, auth::USER_PREFIX),
+            (AUTH_ROLES, auth::ROLE_PREFIX),
+        ] {
             let mut b = tx.create_bucket_if_not_exists(bucket).map_err(bolt)?;
             for (k, v) in &backup.auth {
                 if let Some(name) = k.strip_prefix(prefix) {
-                    b.put(name.to_vec(), v.clone()).map_err(bolt)?;
+                    b.put(name, v.clone()).map_err(bolt)?;
                 }
             }
         }
@@ -301,7 +304,10 @@ pub fn read(path: &Path) -> Result<Backup> {
             Ok(())
         })?;
     }
-    for (name, prefix) in [(AUTH_USERS, auth::USER_PREFIX), (AUTH_ROLES, auth::ROLE_PREFIX)] {
+    for (name, prefix) in [
+        (AUTH_USERS, auth::USER_PREFIX),
+        (AUTH_ROLES, auth::ROLE_PREFIX),
+    ] {
         if let Some(b) = bucket(name) {
             file.for_each(&b, |k, v| {
                 out.auth.push(([prefix, k].concat(), v.to_vec()));

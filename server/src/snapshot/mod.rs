@@ -350,9 +350,18 @@ mod tests {
             cluster_version: CLUSTER_VERSION.into(),
             auth: vec![
                 (crate::auth::ENABLED_KEY.to_vec(), vec![1]),
-                (crate::auth::REVISION_KEY.to_vec(), 7u64.to_be_bytes().to_vec()),
-                ([crate::auth::USER_PREFIX, b"root"].concat(), b"user".to_vec()),
-                ([crate::auth::ROLE_PREFIX, b"app"].concat(), b"role".to_vec()),
+                (
+                    crate::auth::REVISION_KEY.to_vec(),
+                    7u64.to_be_bytes().to_vec(),
+                ),
+                (
+                    [crate::auth::USER_PREFIX, b"root"].concat(),
+                    b"user".to_vec(),
+                ),
+                (
+                    [crate::auth::ROLE_PREFIX, b"app"].concat(),
+                    b"role".to_vec(),
+                ),
             ],
         };
         bolt::write(&path, &b).unwrap();

@@ -468,7 +468,11 @@ impl Server {
 
     /// A client that authenticates as `user` when it connects (the etcd-client crate's
     /// `with_user`); the error is the server's answer to Authenticate.
-    pub async fn client_as(&self, user: &str, password: &str) -> Result<Client, etcd_client::Error> {
+    pub async fn client_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Client, etcd_client::Error> {
         Client::connect(
             [self.endpoint()],
             Some(
