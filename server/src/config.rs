@@ -39,6 +39,8 @@ pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 #[command(
     name = "oxcd",
     disable_version_flag = true,
+    // Go's flag package lets a flag repeat, the last one winning; etcd's users rely on it.
+    args_override_self = true,
     about = "etcd-compatible distributed key-value store"
 )]
 pub struct Flags {
@@ -350,6 +352,9 @@ pub struct Config {
     pub keepalive_min_time: Duration,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,
+    /// `--enable-pprof`: accepted so that etcd's configurations start, and ignored with a
+    /// warning (there is no Go runtime to profile).
+    pub enable_pprof: bool,
     /// `--auth-token`, `--bcrypt-cost`, `--auth-token-ttl`.
     pub auth_token: String,
     pub bcrypt_cost: u32,
@@ -592,6 +597,9 @@ const IGNORED_FILE_KEYS: &[&str] = &[
     "proxy-read-timeout",
 ];
 
+/// Keys oxcd lacks, at the value etcd gives them by default (etcd's sample file sets them).
+const ETCD_FILE_DEFAULTS: &[(&str, &str)] = &[("discovery-fallback", "proxy")];
+
 /// A value that means "not set" for a flag oxcd lacks (etcd's sample file lists every key).
 fn is_unset(v: &str) -> bool {
     matches!(v, "" | "false" | "off" | "0")
@@ -699,7 +707,10 @@ impl Flags {
                 if !value.is_empty() {
                     args.push(format!("--{flag}={value}"));
                 }
-            } else if IGNORED_FILE_KEYS.contains(&flag.as_str()) || is_unset(&value) {
+            } else if IGNORED_FILE_KEYS.contains(&flag.as_str())
+                || is_unset(&value)
+                || ETCD_FILE_DEFAULTS.contains(&(flag.as_str(), value.as_str()))
+            {
                 tracing::debug!(key = %flag, "configuration key not used by oxcd");
             } else {
                 return Err(file_err(format!(
@@ -731,13 +742,6 @@ impl Flags {
                 ))
             }
         };
-        if self.enable_pprof {
-            return Err(invalid(
-                "enable-pprof",
-                "true",
-                "oxcd has no Go runtime to profile (use perf, or the metrics at /metrics)",
-            ));
-        }
         let duration = |flag: &'static str, v: &str| {
             parse_go_duration(v).ok_or_else(|| invalid(flag, v, "not a duration"))
         };
@@ -1001,6 +1005,7 @@ impl Flags {
             keepalive_min_time,
             keepalive_interval: Some(keepalive_interval).filter(|d| !d.is_zero()),
             keepalive_timeout: Some(keepalive_timeout).filter(|d| !d.is_zero()),
+            enable_pprof: self.enable_pprof,
             auth_token: self.auth_token,
             bcrypt_cost: self.bcrypt_cost,
             auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
@@ -1120,11 +1125,7 @@ mod tests {
         assert_eq!(c.log_output, crate::log::Output::Stdout);
         assert_eq!(c.keepalive_interval, None);
         assert_eq!(c.max_concurrent_streams, 8);
-        let e = parse(&["--enable-pprof"]).unwrap_err().to_string();
-        assert!(
-            e.contains("--enable-pprof") && e.contains("no Go runtime"),
-            "{e}"
-        );
+        assert!(parse(&["--enable-pprof"]).unwrap().enable_pprof);
         let e = parse(&["--logger=log4j"]).unwrap_err().to_string();
         assert!(e.contains("--logger"), "{e}");
         let e = parse(&["--grpc-keepalive-timeout=soon"])

@@ -496,6 +496,9 @@ impl EtcdServer {
             }
         }
 
+        if cfg.enable_pprof {
+            tracing::warn!("--enable-pprof is ignored: oxcd has no Go runtime to profile (use perf, or the metrics at /metrics)");
+        }
         let tokens = auth::Tokens::from_flag(&cfg.auth_token, cfg.auth_token_ttl)?;
         let auth = Arc::new(AuthStore::new(tokens, cfg.bcrypt_cost));
         auth.recover(&store.records(auth::AUTH_PREFIX)?);

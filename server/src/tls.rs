@@ -277,6 +277,30 @@ impl Acceptor {
     }
 }
 
+/// A peer certificate refused by the allowed CN or hostname: etcd's message, and a certificate
+/// error, so that the peer receives a bad_certificate alert as from etcd.
+fn refused(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(std::io::Error::other(format!(
+            "client certificate authentication failed: {why}"
+        ))),
+    )))
+}
+
+/// What Go says about a TLS alert the peer sent (etcd logs it when a peer refuses this
+/// member's certificate), if `error` (as debug text) carries one.
+pub fn remote_alert(error: &str) -> Option<&'static str> {
+    if error.contains("AlertReceived(BadCertificate)") {
+        Some("remote error: tls: bad certificate")
+    } else if error.contains("AlertReceived(CertificateUnknown)") {
+        Some("remote error: tls: certificate unknown")
+    } else if error.contains("AlertReceived(UnknownCA)") {
+        Some("remote error: tls: unknown certificate authority")
+    } else {
+        None
+    }
+}
+
 /// Client verifier for `--peer-cert-allowed-cn` and `--peer-cert-allowed-hostname`: the chain
 /// must verify, and then the leaf must name the allowed CN or be valid for the hostname.
 #[derive(Debug)]
@@ -309,8 +333,8 @@ impl ClientCertVerifier for AllowedPeer {
                 .filter_map(|a| a.as_str().ok())
                 .collect();
             if !names.iter().any(|n| n == cn) {
-                return Err(rustls::Error::General(format!(
-                    "CommonName authentication failed: certificate CN {names:?}, allowed CN {cn:?}"
+                return Err(refused(format!(
+                    "certificate CN {names:?}, allowed CN {cn:?}"
                 )));
             }
         }
@@ -320,8 +344,8 @@ impl ClientCertVerifier for AllowedPeer {
             let ee = webpki::EndEntityCert::try_from(end_entity)
                 .map_err(|e| rustls::Error::General(format!("bad peer certificate: {e}")))?;
             ee.verify_is_valid_for_subject_name(&name).map_err(|_| {
-                rustls::Error::General(format!(
-                    "hostname authentication failed: the certificate is not valid for {host:?}"
+                refused(format!(
+                    "the certificate is not valid for hostname {host:?}"
                 ))
             })?;
         }
@@ -469,7 +493,7 @@ pub async fn peer_channel(
     });
     ep.connect_with_connector(connector)
         .await
-        .map_err(|e| format!("{url}: {e}"))
+        .map_err(|e| format!("{url}: {e:?}"))
 }
 
 /// `--auto-tls`/`--peer-auto-tls`: a self-signed pair in `dir` (etcd's `fixtures/client` or
@@ -747,13 +771,19 @@ mod tests {
         let p = pki("member", "m1.example.com");
         assert_eq!(check(&verifier(&p, Some("member"), None), &p), Ok(()));
         let e = check(&verifier(&p, Some("other"), None), &p).unwrap_err();
-        assert!(e.contains("CommonName authentication failed"), "{e}");
+        assert!(
+            e.contains("client certificate authentication failed"),
+            "{e}"
+        );
         assert_eq!(
             check(&verifier(&p, None, Some("m1.example.com")), &p),
             Ok(())
         );
         let e = check(&verifier(&p, None, Some("m2.example.com")), &p).unwrap_err();
-        assert!(e.contains("hostname authentication failed"), "{e}");
+        assert!(
+            e.contains("client certificate authentication failed"),
+            "{e}"
+        );
         // A leaf of another CA fails before the name checks.
         let stranger = pki("member", "m1.example.com");
         assert!(check(&verifier(&p, Some("member"), None), &stranger).is_err());

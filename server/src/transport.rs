@@ -239,6 +239,9 @@ async fn run_peer(
         let channel = match crate::tls::peer_channel(url, &tls, Duration::from_secs(1)).await {
             Ok(c) => c,
             Err(e) => {
+                if let Some(alert) = crate::tls::remote_alert(&e) {
+                    tracing::warn!(peer = %format!("{id:x}"), error = alert, "peer refused the connection");
+                }
                 tracing::debug!(peer = %format!("{id:x}"), error = %e, "peer unreachable");
                 let _ = raft_tx.send(RaftInput::Unreachable(id));
                 drain_for(&mut rx, RETRY, &failed).await;
@@ -282,6 +285,11 @@ async fn run_peer(
                     sent.inc_by(n);
                 }
                 r = &mut call => {
+                    if let Ok(Err(status)) = &r {
+                        if let Some(alert) = crate::tls::remote_alert(&format!("{status:?}")) {
+                            tracing::warn!(peer = %format!("{id:x}"), error = alert, "peer refused the connection");
+                        }
+                    }
                     if let Ok(Err(status)) = r {
                         if status.code() == tonic::Code::FailedPrecondition {
                             tracing::error!(peer = %format!("{id:x}"), error = %status.message(), "peer refused our messages");

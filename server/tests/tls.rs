@@ -324,7 +324,9 @@ async fn a_peer_with_a_disallowed_cn_is_refused() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let log = cluster.members[0].log();
-        if log.contains("rejected connection") && log.contains("CommonName authentication failed") {
+        if log.contains("rejected connection")
+            && log.contains("client certificate authentication failed")
+        {
             break;
         }
         assert!(

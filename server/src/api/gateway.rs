@@ -110,9 +110,13 @@ fn http_status(code: Code) -> StatusCode {
     }
 }
 
+/// grpc-gateway's error object, fields in its order (clients match the text).
 fn error_json(s: &Status) -> String {
-    serde_json::json!({"error": s.message(), "message": s.message(), "code": s.code() as i32})
-        .to_string()
+    let msg = serde_json::Value::String(s.message().to_string());
+    format!(
+        r#"{{"error":{msg},"message":{msg},"code":{}}}"#,
+        s.code() as i32
+    )
 }
 
 pub fn error_response(s: Status) -> Response<Body> {
@@ -561,11 +565,11 @@ async fn call(
             )
         }
         "lease/keepalive" => {
+            // etcd's keep-alive stream ends when the client's side does.
             s.check_not_learner()?;
             let reqs: Vec<LeaseKeepAliveRequest> =
                 json_messages("etcdserverpb.LeaseKeepAliveRequest", body)?;
-            let inbound =
-                futures::stream::iter(reqs.into_iter().map(Ok)).chain(futures::stream::pending());
+            let inbound = futures::stream::iter(reqs.into_iter().map(Ok));
             let stream = super::lease::keep_alive(s.clone(), Box::pin(inbound));
             stream_response("etcdserverpb.LeaseKeepAliveResponse", stream, ())
         }
