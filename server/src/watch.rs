@@ -216,6 +216,19 @@ impl<C: WatchContext> WatchStream<C> {
         }
     }
 
+    /// A create request refused: created and canceled at once, with the reason.
+    async fn refuse(&self, rev: i64, reason: String) -> Result<(), ()> {
+        self.send(WatchResponse {
+            header: Some(self.ctx.header(rev)),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: reason,
+            ..Default::default()
+        })
+        .await
+    }
+
     async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), ()> {
         if c.key.is_empty() {
             c.key = vec![0];
@@ -224,20 +237,8 @@ impl<C: WatchContext> WatchStream<C> {
         if let Err(e) = self.ctx.watch_permitted(&self.caller, &c.key, &c.range_end) {
             // etcd puts the gRPC error's text in the cancel reason.
             let s = tonic::Status::from(e);
-            return self
-                .send(WatchResponse {
-                    header: Some(self.ctx.header(cur)),
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: format!(
-                        "rpc error: code = {:?} desc = {}",
-                        s.code(),
-                        s.message()
-                    ),
-                    ..Default::default()
-                })
-                .await;
+            let reason = format!("rpc error: code = {:?} desc = {}", s.code(), s.message());
+            return self.refuse(cur, reason).await;
         }
         let start = if c.start_revision == 0 {
             cur + 1
@@ -254,16 +255,7 @@ impl<C: WatchContext> WatchStream<C> {
                 .then_some("mvcc: duplicate watch ID provided on the WatchStream")
         });
         if let Some(reason) = err {
-            return self
-                .send(WatchResponse {
-                    header: Some(self.ctx.header(cur)),
-                    watch_id: -1,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: reason.to_string(),
-                    ..Default::default()
-                })
-                .await;
+            return self.refuse(cur, reason.to_string()).await;
         }
         let id = if c.watch_id != 0 {
             c.watch_id

@@ -445,25 +445,27 @@ impl Server {
     /// A client with conservative timeouts, so a hung server fails the test
     /// instead of hanging it.
     pub async fn client(&self) -> Client {
+        self.connect(ConnectOptions::new())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connect to {} at {}: {e}",
+                    self.kind.label(),
+                    self.endpoint()
+                )
+            })
+    }
+
+    /// Connects with `opts` plus the bounded timeouts and this server's TLS.
+    async fn connect(&self, opts: ConnectOptions) -> Result<Client, etcd_client::Error> {
+        let opts = opts
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(15));
         Client::connect(
             [self.endpoint()],
-            Some(
-                self.tls.apply(
-                    ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_secs(5))
-                        .with_timeout(Duration::from_secs(15)),
-                    &self.data_dir(),
-                ),
-            ),
+            Some(self.tls.apply(opts, &self.data_dir())),
         )
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "connect to {} at {}: {e}",
-                self.kind.label(),
-                self.endpoint()
-            )
-        })
     }
 
     /// A client that authenticates as `user` when it connects (the etcd-client crate's
@@ -473,19 +475,8 @@ impl Server {
         user: &str,
         password: &str,
     ) -> Result<Client, etcd_client::Error> {
-        Client::connect(
-            [self.endpoint()],
-            Some(
-                self.tls.apply(
-                    ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_secs(5))
-                        .with_timeout(Duration::from_secs(15))
-                        .with_user(user, password),
-                    &self.data_dir(),
-                ),
-            ),
-        )
-        .await
+        self.connect(ConnectOptions::new().with_user(user, password))
+            .await
     }
 
     /// SIGKILL, like a power cut as far as the process is concerned.
