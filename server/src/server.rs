@@ -1351,6 +1351,10 @@ impl Applier {
     /// own requests.
     fn check_auth(&self, request: &Request, who: Option<&AuthInfo>) -> Result<()> {
         let Some(ai) = who else { return Ok(()) };
+        // Nothing to check with auth off; skips copying a lease's keys on every leased put.
+        if !self.auth.is_enabled() {
+            return Ok(());
+        }
         let auth = &self.auth;
         // The keys attached to a lease must all be writable to attach more or revoke it.
         let lease_puts = |lease: i64| -> Result<()> {
