@@ -353,6 +353,15 @@ async fn join_existing(cfg: &Config) -> anyhow::Result<(u64, u64, Vec<Member>)> 
                                 .any(|u| cfg.initial_advertise_peer_urls.contains(u))
                         });
                         return match me {
+                            // Started before (it published its client URLs) yet its data dir
+                            // is empty: its data is lost. Joining would crash on the leader's
+                            // first heartbeat (its commit index is beyond this empty log), so
+                            // say what happened instead. The operator matches this text.
+                            Some(m) if !m.client_ur_ls.is_empty() => anyhow::bail!(
+                                "member {:x} has already been bootstrapped: the cluster knows it as started but its data dir is empty (its data is lost); remove it (etcdctl member remove {:x}) and add it again (etcdctl member add) to rejoin with no data",
+                                m.id,
+                                m.id
+                            ),
                             Some(m) => Ok((m.id, info.cluster_id, info.members.clone())),
                             None => anyhow::bail!(
                                 "this member's peer URLs {:?} are not in the cluster's member list; add it first (etcdctl member add)",

@@ -1295,6 +1295,21 @@ impl Cluster {
         i
     }
 
+    /// Member `i` loses its data: killed, its data dir deleted, and its later starts told to
+    /// join the existing cluster (what a pod restarted on an empty volume gets).
+    pub fn lose_data(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        m.kill9();
+        let _ = std::fs::remove_dir_all(m.data_dir());
+        if let Some(state) = m
+            .cluster_flags
+            .iter()
+            .position(|f| f == "--initial-cluster-state")
+        {
+            m.cluster_flags[state + 1] = "existing".to_string();
+        }
+    }
+
     /// Records that member `i` has been removed (e.g. by a MemberRemove the
     /// test sent itself); it no longer counts for `endpoints()` or `leader()`.
     pub fn mark_removed(&mut self, i: usize) {
