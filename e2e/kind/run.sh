@@ -47,11 +47,11 @@ kubectl -n "$ns" run writer --image=quay.io/coreos/etcd:v3.4.23 --restart=Never 
     sh -c 'i=0; while [ $i -lt 100000 ]; do etcdctl --endpoints=http://demo:2379 put w/$i v$i >/dev/null 2>&1 && echo $i; i=$((i+1)); sleep 0.05; done'
 wait_for 120 "writer running" kubectl -n "$ns" wait --for=condition=Ready pod/writer --timeout=1s
 
-step "scale 3 -> 5 -> 3"
-kubectl -n "$ns" scale etcdcluster demo --replicas=5
-wait_for 600 "5 ready members" ready_members 5
-kubectl -n "$ns" scale etcdcluster demo --replicas=3
-wait_for 600 "3 ready members" ready_members 3
+step "scale 3 -> 1 -> 3 -> 5 -> 3"
+for n in 1 3 5 3; do
+    kubectl -n "$ns" scale etcdcluster demo --replicas=$n
+    wait_for 600 "$n ready members" ready_members $n
+done
 
 step "rolling upgrade, leader last"
 leader="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.leader}')"
@@ -65,6 +65,13 @@ leader="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.leader}')"
 kubectl -n "$ns" delete pod "$leader"
 sleep 5
 wait_for 300 "healthy after losing the leader" ready_members 3
+
+step "a member whose volume is lost is replaced"
+follower="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.members[?(@.leader==false)].name}' | cut -d' ' -f1)"
+kubectl -n "$ns" delete pvc "data-$follower" --wait=false
+kubectl -n "$ns" delete pod "$follower"
+wait_for 300 "ReplaceMember event" sh -c "kubectl -n $ns get events --field-selector reason=ReplaceMember -o name | grep -q ."
+wait_for 600 "healthy after the replacement" ready_members 3
 
 step "nothing acknowledged was lost"
 kubectl -n "$ns" delete pod writer --wait=false

@@ -137,6 +137,7 @@ pub async fn run(
     ec: &EtcdCluster,
     spec: &BackupSpec,
     members: &[MemberStatus],
+    access: &crate::etcd::Access,
     credentials: &BTreeMap<String, String>,
     scratch: &std::path::Path,
 ) -> BackupRecord {
@@ -150,6 +151,7 @@ pub async fn run(
         ec,
         spec,
         members,
+        access,
         credentials,
         scratch,
         started,
@@ -180,10 +182,12 @@ fn rfc3339(t: jiff::Timestamp) -> String {
     t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn take(
     ec: &EtcdCluster,
     spec: &BackupSpec,
     members: &[MemberStatus],
+    access: &crate::etcd::Access,
     credentials: &BTreeMap<String, String>,
     scratch: &std::path::Path,
     started: jiff::Timestamp,
@@ -201,7 +205,7 @@ async fn take(
     let result = async {
         // 1. Stream the snapshot to a scratch file, hashing as it comes.
         let (size, sha) =
-            tokio::time::timeout(SNAPSHOT_TIMEOUT, download(&member.client_url, &file))
+            tokio::time::timeout(SNAPSHOT_TIMEOUT, download(access, &member.client_url, &file))
                 .await
                 .map_err(|_| BackupError::Timeout)??;
         // 2. It must be a whole snapshot: sha256 trailer and a readable bbolt file.
@@ -245,8 +249,12 @@ async fn take(
     result
 }
 
-async fn download(url: &str, file: &std::path::Path) -> Result<(u64, String), BackupError> {
-    let mut client = crate::etcd::connect(&[url.to_string()]).await?;
+async fn download(
+    access: &crate::etcd::Access,
+    url: &str,
+    file: &std::path::Path,
+) -> Result<(u64, String), BackupError> {
+    let mut client = access.connect(&[url.to_string()]).await?;
     let mut stream = client.snapshot().await?;
     let mut out = tokio::fs::File::create(file).await?;
     let mut h = Sha256::new();

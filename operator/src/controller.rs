@@ -137,19 +137,32 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Requeu
         patch_status(&ctx.client, &ec, &status).await?;
         return Ok(Requeue::requeue(IDLE));
     }
-    let (observed, members) = observe(&ctx, &ec, &names, &ns).await?;
+    let access = match etcd_access(&ctx, &ec, &ns).await {
+        Ok(a) => a,
+        Err(why) => {
+            let status = EtcdClusterStatus {
+                observed_generation: ec.metadata.generation,
+                phase: Some("Degraded".into()),
+                conditions: conditions(&ec, &[("Degraded", true, "TlsSecret", why)]),
+                ..ec.status.clone().unwrap_or_default()
+            };
+            patch_status(&ctx.client, &ec, &status).await?;
+            return Ok(Requeue::requeue(BUSY));
+        }
+    };
+    let (observed, members) = observe(&ctx, &ec, &names, &ns, &access).await?;
     let action = decide::decide(&observed);
     tracing::info!(cluster = %names.cluster, namespace = %ns, ?action, "reconcile");
     if let Some(replicas) = observed.statefulset_replicas {
         let voters = members.iter().filter(|m| !m.learner).count().max(1) as u32;
         sync_owned(&ctx, &ec, &names, &ns, voters, replicas).await?;
     }
-    let note = act(&ctx, &ec, &names, &ns, &action, &members).await?;
+    let note = act(&ctx, &ec, &names, &ns, &action, &members, &access).await?;
     if ctx.failpoint.as_deref() == Some(&format!("exit-after:{}", action_kind(&action))) {
         tracing::error!(?action, "failpoint: exiting after this action");
         std::process::exit(86);
     }
-    let backup = maybe_backup(&ctx, &ec, &ns, &observed, &members).await;
+    let backup = maybe_backup(&ctx, &ec, &ns, &observed, &members, &access).await;
     report(&ctx, &ec, &observed, &action, members, note, backup).await?;
     Ok(match action {
         Action::Idle => Requeue::requeue(IDLE),
@@ -163,11 +176,50 @@ pub fn error_policy(ec: Arc<EtcdCluster>, err: &Error, ctx: Arc<Context>) -> Req
     Requeue::requeue(Duration::from_secs(10))
 }
 
+/// How to reach the members: TLS from `spec.tls` (the CA of the client certificates, and the
+/// operator's own certificate from `operatorSecret`), else plain. Err says what is missing.
+async fn etcd_access(ctx: &Context, ec: &EtcdCluster, ns: &str) -> Result<etcd::Access, String> {
+    let Some(tls) = ec.spec.tls.as_ref() else {
+        return Ok(etcd::Access::plain());
+    };
+    let Some(client_secret) = &tls.client_secret else {
+        return Ok(etcd::Access::plain());
+    };
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let read = |name: String| {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets
+                .get(&name)
+                .await
+                .map_err(|e| format!("reading Secret {name}: {e}"))?;
+            let data = s.data.unwrap_or_default();
+            let key = |k: &str| {
+                data.get(k)
+                    .map(|v| v.0.clone())
+                    .ok_or_else(|| format!("Secret {name} has no {k}"))
+            };
+            Ok::<_, String>((key("ca.crt"), key("tls.crt"), key("tls.key")))
+        }
+    };
+    match &tls.operator_secret {
+        Some(name) => {
+            let (ca, cert, key) = read(name.clone()).await?;
+            Ok(etcd::Access::tls(ca?, Some((cert?, key?))))
+        }
+        None => {
+            let (ca, _, _) = read(client_secret.clone()).await?;
+            Ok(etcd::Access::tls(ca?, None))
+        }
+    }
+}
+
 async fn observe(
     ctx: &Context,
     ec: &EtcdCluster,
     names: &Names,
     ns: &str,
+    access: &etcd::Access,
 ) -> Result<(Observed, Vec<MemberStatus>), Error> {
     let client = &ctx.client;
     let sts = Api::<StatefulSet>::namespaced(client.clone(), ns)
@@ -211,6 +263,7 @@ async fn observe(
                 ready,
                 terminating: p.metadata.deletion_timestamp.is_some(),
                 age_secs: age,
+                lost_member: lost_member(p),
             },
         );
     }
@@ -238,7 +291,7 @@ async fn observe(
         .map(|(k, _)| names.client_url(*k))
         .collect();
     let (etcd_obs, members) = if sts.is_some() {
-        match etcd::observe(names, &endpoints).await {
+        match etcd::observe(access, names, &endpoints).await {
             Ok(view) => (Some(view.obs), view.members),
             Err(e) => {
                 tracing::info!(cluster = %names.cluster, error = %e, "etcd not reachable");
@@ -268,6 +321,19 @@ async fn observe(
         etcd: etcd_obs,
     };
     Ok((observed, members))
+}
+
+/// The member the pod's server last refused to start as because its data is lost, from the
+/// container's termination message (the server's last log lines, by the pod's
+/// `FallbackToLogsOnError` policy).
+fn lost_member(pod: &Pod) -> Option<u64> {
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?;
+    let c = status.iter().find(|c| c.name == resources::CONTAINER)?;
+    [c.state.as_ref(), c.last_state.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.terminated.as_ref()?.message.as_deref())
+        .find_map(resources::lost_member_in)
 }
 
 async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<(), Error>
@@ -314,6 +380,7 @@ async fn act(
     ns: &str,
     action: &Action,
     members: &[MemberStatus],
+    access: &etcd::Access,
 ) -> Result<Option<String>, Error> {
     let c = &ctx.client;
     let endpoints = || -> Vec<String> {
@@ -339,7 +406,7 @@ async fn act(
             None
         }
         Action::AddLearner { ordinal } => {
-            let mut client = etcd::connect(&endpoints()).await?;
+            let mut client = access.connect(&endpoints()).await?;
             let id = etcd::add_learner(&mut client, &names.peer_url(*ordinal)).await?;
             Some(format!("added {} as learner {id:x}", names.pod(*ordinal)))
         }
@@ -348,7 +415,7 @@ async fn act(
             Some(format!("StatefulSet scaled to {replicas}"))
         }
         Action::PromoteLearner { id } => {
-            let mut client = etcd::connect(&endpoints()).await?;
+            let mut client = access.connect(&endpoints()).await?;
             match etcd::promote(&mut client, *id).await? {
                 Outcome::Done => Some(format!("promoted learner {id:x} to voting member")),
                 Outcome::NotYet(why) => {
@@ -364,13 +431,26 @@ async fn act(
                 .map(|m| m.client_url.clone())
                 .filter(|u| !u.is_empty())
                 .ok_or(etcd::EtcdError::NoClientUrl(*from))?;
-            etcd::move_leader(&leader, *to).await?;
+            etcd::move_leader(access, &leader, *to).await?;
             Some(format!("moved leadership from {from:x} to {to:x}"))
         }
         Action::RemoveMember { id } => {
-            let mut client = etcd::connect(&endpoints()).await?;
+            let mut client = access.connect(&endpoints()).await?;
             match etcd::remove(&mut client, *id).await? {
                 Outcome::Done => Some(format!("removed member {id:x}")),
+                Outcome::NotYet(why) => {
+                    tracing::info!(member = %format!("{id:x}"), %why, "removal refused for now");
+                    None
+                }
+            }
+        }
+        Action::ReplaceMember { ordinal, id } => {
+            let mut client = access.connect(&endpoints()).await?;
+            match etcd::remove(&mut client, *id).await? {
+                Outcome::Done => Some(format!(
+                    "removed member {id:x}: {} restarted with its data lost; it is added again as a learner and rejoins with no data",
+                    names.pod(*ordinal)
+                )),
                 Outcome::NotYet(why) => {
                     tracing::info!(member = %format!("{id:x}"), %why, "removal refused for now");
                     None
@@ -429,6 +509,7 @@ fn action_kind(a: &Action) -> &'static str {
         Action::PromoteLearner { .. } => "PromoteLearner",
         Action::MoveLeader { .. } => "MoveLeader",
         Action::RemoveMember { .. } => "RemoveMember",
+        Action::ReplaceMember { .. } => "ReplaceMember",
         Action::DeletePod { .. } => "DeletePod",
         Action::RecycleVolume { .. } => "RecycleVolume",
         Action::LabelVolume { .. } => "LabelVolume",
@@ -442,6 +523,7 @@ fn action_kind(a: &Action) -> &'static str {
 pub fn phase(o: &Observed, action: &Action) -> &'static str {
     match action {
         Action::Idle => return "Running",
+        Action::ReplaceMember { .. } => return "Repairing",
         Action::QuorumLost { .. } => return "QuorumLost",
         Action::Wait { degraded: true, .. } => return "Degraded",
         Action::CreateCluster { .. } => return "Creating",
@@ -645,6 +727,7 @@ async fn maybe_backup(
     ns: &str,
     o: &Observed,
     members: &[MemberStatus],
+    access: &etcd::Access,
 ) -> Option<BackupRecord> {
     let spec = ec.spec.backup.as_ref()?;
     o.etcd.as_ref()?.leader?;
@@ -690,7 +773,7 @@ async fn maybe_backup(
     }
     let started = std::time::Instant::now();
     let scratch = std::env::temp_dir().join("oxcd-operator-backups");
-    let record = backup::run(ec, spec, members, &credentials, &scratch).await;
+    let record = backup::run(ec, spec, members, access, &credentials, &scratch).await;
     ctx.metrics
         .backup(record.succeeded, started.elapsed(), record.size);
     let (type_, reason, note) = if record.succeeded {

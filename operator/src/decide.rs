@@ -59,6 +59,10 @@ pub struct PodObs {
     pub terminating: bool,
     /// Seconds since the pod was created.
     pub age_secs: u64,
+    /// The member its server last refused to start as because its data dir is empty while
+    /// the cluster knows that member as started (its data is lost): the ID named in the
+    /// container's last termination message.
+    pub lost_member: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -103,6 +107,9 @@ pub enum Action {
     MoveLeader { from: u64, to: u64 },
     /// MemberRemove.
     RemoveMember { id: u64 },
+    /// MemberRemove of a wanted member whose data is lost, so that it is added again as a
+    /// learner and rejoins with no data (the next reconciles do that).
+    ReplaceMember { ordinal: u32, id: u64 },
     /// Delete pod `ordinal` so that it is recreated from the current template.
     DeletePod { ordinal: u32, reason: DeleteReason },
     /// Delete the volume of `ordinal` (and its pod, which holds it) because its data belongs
@@ -121,6 +128,8 @@ pub enum Action {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeleteReason {
     Upgrade,
+    /// The pod of a re-added learner waits out a crash back-off from its lost-data run.
+    Rejoin,
 }
 
 pub fn quorum(voters: usize) -> usize {
@@ -228,6 +237,18 @@ pub fn decide(o: &Observed) -> Action {
             if sts_replicas <= k {
                 return Action::ScaleStatefulSet { replicas: k + 1 };
             }
+            // Its pod waits out the crash back-off of a lost-data run, or is stuck (e.g.
+            // Pending on a claim deleted under it): a new pod joins now.
+            if o.pods.get(&k).is_some_and(|p| {
+                !p.ready
+                    && !p.terminating
+                    && (p.lost_member.is_some() || p.age_secs >= MEMBER_RETURN_TIMEOUT_SECS)
+            }) {
+                return Action::DeletePod {
+                    ordinal: k,
+                    reason: DeleteReason::Rejoin,
+                };
+            }
             return wait(format!("waiting for learner {} to start", k));
         }
         if !learner.healthy {
@@ -236,7 +257,28 @@ pub fn decide(o: &Observed) -> Action {
         return Action::PromoteLearner { id: learner.id };
     }
 
-    // 2. Scale down: remove the highest member outside the desired set, leader moved first.
+    // 2. Replace a wanted member whose data is lost: its server refuses to start under the
+    //    old identity, so remove it; step 4 adds it again as a learner.
+    if let Some((k, m)) = by_ordinal.iter().find(|(k, m)| {
+        **k < desired
+            && !m.learner
+            && m.id != leader
+            && o.pods.get(k).is_some_and(|p| p.lost_member == Some(m.id))
+    }) {
+        let healthy_after = healthy_voters - usize::from(m.healthy);
+        if healthy_after < quorum(voters.len() - 1) {
+            return degraded(format!(
+                "member {k} lost its data but removing it would leave {healthy_after} healthy of {} voters",
+                voters.len() - 1
+            ));
+        }
+        return Action::ReplaceMember {
+            ordinal: *k,
+            id: m.id,
+        };
+    }
+
+    // 3. Scale down: remove the highest member outside the desired set, leader moved first.
     if let Some((k, m)) = by_ordinal.iter().rev().find(|(k, _)| **k >= desired) {
         let (_k, m) = (*k, *m);
         if m.id == leader {
@@ -259,7 +301,7 @@ pub fn decide(o: &Observed) -> Action {
         return Action::ScaleStatefulSet { replicas: desired };
     }
 
-    // 3. Scale up (or re-add a member removed behind our back): one learner at a time, only
+    // 4. Scale up (or re-add a member removed behind our back): one learner at a time, only
     //    when every voter is healthy.
     if let Some(k) = (0..desired).find(|k| !by_ordinal.contains_key(k)) {
         if healthy_voters < voters.len() {
@@ -273,12 +315,12 @@ pub fn decide(o: &Observed) -> Action {
         return Action::ScaleStatefulSet { replicas: top };
     }
 
-    // 4. Rolling upgrade: followers first, leader last after moving leadership.
+    // 5. Rolling upgrade: followers first, leader last after moving leadership.
     if let Some(a) = roll(o, &by_ordinal, leader, healthy_voters, voters.len()) {
         return a;
     }
 
-    // 5. Leader placement on request.
+    // 6. Leader placement on request.
     if let Some(p) = o.preferred_leader {
         if let Some(m) = by_ordinal.get(&p) {
             if m.id != leader && m.healthy && !m.learner {
@@ -440,6 +482,7 @@ mod tests {
                         ready: true,
                         terminating: false,
                         age_secs: 1000,
+                        lost_member: None,
                     };
                     (k, pod)
                 })
@@ -573,6 +616,7 @@ mod tests {
                 ready: false,
                 terminating: false,
                 age_secs: 2,
+                lost_member: None,
             },
         );
         member_mut(&mut o, 3).started = true;
@@ -666,6 +710,7 @@ mod tests {
                 ready: false,
                 terminating: false,
                 age_secs: 3,
+                lost_member: None,
             },
         );
         member_mut(&mut o, 2).healthy = false;
@@ -686,6 +731,7 @@ mod tests {
                 ready: true,
                 terminating: false,
                 age_secs: 3,
+                lost_member: None,
             },
         );
         // Only the leader is left: leadership goes to an upgraded member first.
@@ -711,6 +757,7 @@ mod tests {
                 ready: true,
                 terminating: false,
                 age_secs: 3,
+                lost_member: None,
             },
         );
         assert_eq!(decide(&o), Action::Idle);
@@ -729,6 +776,7 @@ mod tests {
                 ready: false,
                 terminating: false,
                 age_secs: MEMBER_RETURN_TIMEOUT_SECS + 1,
+                lost_member: None,
             },
         );
         member_mut(&mut o, 2).healthy = false;
@@ -802,6 +850,90 @@ mod tests {
     }
 
     #[test]
+    fn a_member_whose_data_is_lost_is_removed_re_added_and_its_pod_restarted() {
+        // Pod 2 restarted on an empty volume: its server refuses to start as member 2.
+        let mut o = healthy(3);
+        member_mut(&mut o, 2).healthy = false;
+        let pod = o.pods.get_mut(&2).unwrap();
+        pod.ready = false;
+        pod.lost_member = Some(id(2));
+        o.volumes.get_mut(&2).unwrap().member_id = None;
+        assert_eq!(
+            decide(&o),
+            Action::ReplaceMember {
+                ordinal: 2,
+                id: id(2)
+            }
+        );
+        // Not while another membership change is in flight.
+        let mut busy = o.clone();
+        busy.desired_replicas = 4;
+        busy.statefulset_replicas = Some(4);
+        let mut learner = member(3);
+        learner.learner = true;
+        learner.healthy = false;
+        busy.bootstrap.as_mut().unwrap().members = vec![0, 1, 2, 3];
+        etcd(&mut busy).members.push(learner);
+        assert!(is_wait(&decide(&busy), false), "{:?}", decide(&busy));
+        // Not when removing it would leave less than a quorum of healthy voters.
+        let mut weak = o.clone();
+        member_mut(&mut weak, 1).healthy = false;
+        assert!(is_wait(&decide(&weak), true), "{:?}", decide(&weak));
+
+        // Removed: added again as a learner under a new ID.
+        etcd(&mut o).members.retain(|m| m.ordinal != Some(2));
+        o.bootstrap.as_mut().unwrap().members = vec![0, 1];
+        assert_eq!(decide(&o), Action::AddLearner { ordinal: 2 });
+        let mut learner = member(2);
+        learner.id = 0x2002;
+        learner.learner = true;
+        learner.started = false;
+        learner.healthy = false;
+        etcd(&mut o).members.push(learner);
+        o.bootstrap.as_mut().unwrap().members = vec![0, 1, 2];
+        // Its pod is in a crash back-off from the refused start: restart it now.
+        assert_eq!(
+            decide(&o),
+            Action::DeletePod {
+                ordinal: 2,
+                reason: DeleteReason::Rejoin
+            }
+        );
+        // The new pod joins; the stale message of an old pod never names the new member.
+        let pod = o.pods.get_mut(&2).unwrap();
+        pod.lost_member = None;
+        pod.age_secs = 5;
+        assert!(is_wait(&decide(&o), false));
+        // A pod that never starts its member is replaced too.
+        let mut stuck = o.clone();
+        stuck.pods.get_mut(&2).unwrap().age_secs = MEMBER_RETURN_TIMEOUT_SECS;
+        assert_eq!(
+            decide(&stuck),
+            Action::DeletePod {
+                ordinal: 2,
+                reason: DeleteReason::Rejoin
+            }
+        );
+        let m = member_mut(&mut o, 2);
+        m.started = true;
+        m.healthy = true;
+        assert_eq!(decide(&o), Action::PromoteLearner { id: 0x2002 });
+        let m = member_mut(&mut o, 2);
+        m.learner = false;
+        o.pods.get_mut(&2).unwrap().lost_member = Some(id(2));
+        o.pods.get_mut(&2).unwrap().ready = true;
+        assert_eq!(
+            decide(&o),
+            Action::LabelVolume {
+                ordinal: 2,
+                member_id: 0x2002
+            }
+        );
+        o.volumes.get_mut(&2).unwrap().member_id = Some(0x2002);
+        assert_eq!(decide(&o), Action::Idle);
+    }
+
+    #[test]
     fn a_member_of_another_cluster_is_reported() {
         let mut o = healthy(3);
         let mut stranger = member(7);
@@ -816,7 +948,7 @@ mod tests {
 
     fn arb_observed() -> impl Strategy<Value = Observed> {
         let member = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>());
-        let pod = (any::<bool>(), any::<bool>(), any::<bool>(), 0u64..600);
+        let pod = (any::<bool>(), any::<bool>(), any::<bool>(), 0u64..600, any::<bool>());
         (
             1u32..=9,
             proptest::collection::btree_map(0u32..9, (member, proptest::option::of(pod)), 1..8),
@@ -841,7 +973,7 @@ mod tests {
                             learner: *learner,
                             healthy: *healthy,
                         });
-                        if let Some((ready, current, terminating, age)) = pod {
+                        if let Some((ready, current, terminating, age, lost)) = pod {
                             o.pods.insert(
                                 *k,
                                 PodObs {
@@ -849,6 +981,7 @@ mod tests {
                                     ready: *ready,
                                     terminating: *terminating,
                                     age_secs: *age,
+                                    lost_member: lost.then_some(id(*k)),
                                 },
                             );
                         }
@@ -923,6 +1056,21 @@ mod tests {
                     let t = member(*to);
                     prop_assert!(t.healthy && !t.learner && t.started);
                     prop_assert!(t.ordinal.unwrap() < o.desired_replicas);
+                }
+                Action::DeletePod { ordinal, reason: DeleteReason::Rejoin } => {
+                    // Only the pod of a learner that has not started.
+                    let m = e.members.iter().find(|m| m.ordinal == Some(*ordinal)).unwrap();
+                    prop_assert!(m.learner && !m.started);
+                }
+                Action::ReplaceMember { ordinal, id } => {
+                    // A wanted voter whose own server reported its data lost; never the
+                    // leader, never with a learner pending, never below quorum.
+                    let m = member(*id);
+                    prop_assert_eq!(m.ordinal, Some(*ordinal));
+                    prop_assert!(!m.learner && Some(*id) != e.leader);
+                    prop_assert_eq!(o.pods[ordinal].lost_member, Some(*id));
+                    prop_assert_eq!(learners, 0);
+                    prop_assert!(healthy - usize::from(m.healthy) >= quorum(voters.len() - 1));
                 }
                 Action::DeletePod { ordinal, .. } => {
                     let m = e.members.iter().find(|m| m.ordinal == Some(*ordinal)).unwrap();

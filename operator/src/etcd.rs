@@ -4,7 +4,7 @@
 use crate::crd::MemberStatus;
 use crate::decide::{EtcdObs, MemberObs};
 use crate::resources::Names;
-use etcd_client::{Client, ConnectOptions, MemberAddOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, MemberAddOptions, TlsOptions};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -39,18 +39,48 @@ pub struct View {
     pub members: Vec<MemberStatus>,
 }
 
-pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(CONNECT_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT);
-    tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(opts)))
-        .await
-        .map_err(|_| EtcdError::Unreachable(endpoints.to_vec()))?
-        .map_err(EtcdError::from)
+/// How the operator reaches the members: in plain text, or over TLS trusting the cluster's CA
+/// and presenting the operator's own certificate when the members ask for one.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    tls: Option<TlsOptions>,
+}
+
+impl Access {
+    pub fn plain() -> Access {
+        Access::default()
+    }
+
+    /// `ca`: PEM of the CA that signed the members' client certificates; `identity`: the
+    /// operator's certificate and key (PEM).
+    pub fn tls(ca: Vec<u8>, identity: Option<(Vec<u8>, Vec<u8>)>) -> Access {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        Access { tls: Some(tls) }
+    }
+
+    pub async fn connect(&self, endpoints: &[String]) -> Result<Client, EtcdError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT);
+        if let Some(tls) = &self.tls {
+            opts = opts.with_tls(tls.clone());
+        }
+        tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(opts)))
+            .await
+            .map_err(|_| EtcdError::Unreachable(endpoints.to_vec()))?
+            .map_err(EtcdError::from)
+    }
 }
 
 /// Member list plus each member's own Status. None-free: an error means nobody answered.
-pub async fn observe(names: &Names, endpoints: &[String]) -> Result<View, EtcdError> {
+pub async fn observe(
+    access: &Access,
+    names: &Names,
+    endpoints: &[String],
+) -> Result<View, EtcdError> {
     if endpoints.is_empty() {
         return Err(EtcdError::Unreachable(vec![]));
     }
@@ -59,7 +89,7 @@ pub async fn observe(names: &Names, endpoints: &[String]) -> Result<View, EtcdEr
     let mut last_err = EtcdError::Unreachable(endpoints.to_vec());
     for ep in endpoints {
         let attempt = async {
-            let mut client = connect(std::slice::from_ref(ep)).await?;
+            let mut client = access.connect(std::slice::from_ref(ep)).await?;
             Ok::<_, EtcdError>(client.member_list().await?)
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
@@ -84,7 +114,7 @@ pub async fn observe(names: &Names, endpoints: &[String]) -> Result<View, EtcdEr
         let url = m.client_urls().first().cloned();
         async move {
             match url {
-                Some(url) => member_status(&url).await.ok(),
+                Some(url) => member_status(access, &url).await.ok(),
                 None => None,
             }
         }
@@ -143,9 +173,12 @@ pub async fn observe(names: &Names, endpoints: &[String]) -> Result<View, EtcdEr
     })
 }
 
-async fn member_status(url: &str) -> Result<etcd_client::StatusResponse, EtcdError> {
+async fn member_status(
+    access: &Access,
+    url: &str,
+) -> Result<etcd_client::StatusResponse, EtcdError> {
     let probe = async {
-        let mut c = connect(&[url.to_string()]).await?;
+        let mut c = access.connect(&[url.to_string()]).await?;
         Ok::<_, EtcdError>(c.status().await?)
     };
     tokio::time::timeout(STATUS_TIMEOUT, probe)
@@ -189,8 +222,8 @@ pub async fn remove(client: &mut Client, id: u64) -> Result<Outcome, EtcdError> 
 }
 
 /// MoveLeader must be served by the leader itself.
-pub async fn move_leader(leader_url: &str, to: u64) -> Result<(), EtcdError> {
-    let mut c = connect(&[leader_url.to_string()]).await?;
+pub async fn move_leader(access: &Access, leader_url: &str, to: u64) -> Result<(), EtcdError> {
+    let mut c = access.connect(&[leader_url.to_string()]).await?;
     tokio::time::timeout(REQUEST_TIMEOUT * 2, c.move_leader(to))
         .await
         .map_err(|_| EtcdError::Timeout("MoveLeader"))??;

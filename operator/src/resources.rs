@@ -46,6 +46,10 @@ pub const TEMPLATE_HASH: &str = "oxcd.io/template-hash";
 /// PVC annotation: the member ID (hex) whose data the volume holds.
 pub const VOLUME_MEMBER: &str = "oxcd.io/member-id";
 pub const MANAGER: &str = "oxcd-operator";
+/// The server's container in every member pod.
+pub const CONTAINER: &str = "oxcd";
+/// What the server says when it refuses to start because its data is lost (etcd's text).
+const LOST_DATA: &str = " has already been bootstrapped";
 
 /// etcd flags the operator sets itself; `spec.options` may not override them.
 const OWNED_FLAGS: &[&str] = &[
@@ -85,6 +89,8 @@ pub enum SpecError {
     BadStorageSize(String),
     #[error("spec.preferredLeader {0:?} is not a member of this cluster (expected {1}-<ordinal>)")]
     BadPreferredLeader(String, String),
+    #[error("spec.tls.clientCertAuth needs spec.tls.clientSecret, and spec.tls.operatorSecret for the certificate the operator presents to the members")]
+    OperatorCertificateRequired,
 }
 
 /// Naming shared by every object of one cluster.
@@ -370,6 +376,11 @@ pub fn validate(ec: &EtcdCluster) -> Result<(), SpecError> {
             return Err(SpecError::BadStorageSize(size.clone()));
         }
     }
+    if let Some(tls) = &ec.spec.tls {
+        if tls.client_cert_auth && (tls.client_secret.is_none() || tls.operator_secret.is_none()) {
+            return Err(SpecError::OperatorCertificateRequired);
+        }
+    }
     if let Some(p) = &ec.spec.preferred_leader {
         let names = Names::new(ec, "");
         match names.ordinal_of_pod(p) {
@@ -514,7 +525,7 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
         }]
     });
     let container = Container {
-        name: "oxcd".into(),
+        name: CONTAINER.into(),
         image: Some(spec.image()),
         image_pull_policy: Some("IfNotPresent".into()),
         env: Some(envs),
@@ -543,6 +554,9 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
         readiness_probe: Some(probe("/readyz", 5, 3)),
         resources: spec.resources.clone(),
         volume_mounts: Some(mounts),
+        // The server's last log lines become the termination message, which is how the
+        // operator learns that a member refused to start because its data is lost.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
     let overrides = spec.pod_template.clone().unwrap_or_default();
@@ -577,6 +591,14 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
             .insert(TEMPLATE_HASH.into(), hash);
     }
     Ok(template)
+}
+
+/// The member ID in the server's "member <hex> has already been bootstrapped" refusal (the
+/// last one in `msg`).
+pub fn lost_member_in(msg: &str) -> Option<u64> {
+    let at = msg.rfind(LOST_DATA)?;
+    let hex = msg[..at].rsplit("member ").next()?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 fn secret_volume(name: &str, secret: &str) -> Volume {
@@ -945,6 +967,14 @@ mod tests {
             selector_string(&ec),
             "app.kubernetes.io/instance=demo,app.kubernetes.io/name=oxcd"
         );
+    }
+
+    #[test]
+    fn lost_member_is_read_from_the_servers_refusal() {
+        let msg = "2026-12-02T16:00:00Z ERROR failed to start\noxcd: failed to start: member 8e9e05c52164694d has already been bootstrapped: the cluster knows it as started";
+        assert_eq!(lost_member_in(msg), Some(0x8e9e05c52164694d));
+        assert_eq!(lost_member_in("oxcd: failed to start: no space"), None);
+        assert_eq!(lost_member_in("member zz has already been bootstrapped"), None);
     }
 
     #[test]

@@ -117,12 +117,37 @@ fn members(c: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A follower of cluster `c` (by the status): (pod name, member ID in hex).
+fn follower(c: &serde_json::Value) -> (String, String) {
+    let m = c["status"]["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["leader"] != true))
+        .expect("a follower in the status");
+    (
+        m["name"].as_str().unwrap().to_string(),
+        m["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The member ID the status gives pod `pod`.
+fn member_id(c: &serde_json::Value, pod: &str) -> Option<String> {
+    c["status"]["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == pod)
+        .and_then(|m| m["id"].as_str().map(str::to_string))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn example_cluster_scales_and_rolls_an_upgrade_under_a_writer() {
+async fn example_cluster_rolls_an_upgrade_and_replaces_lost_members_under_a_writer() {
     let oxcd = support::oxcd_binary();
+    // The second image is another file (the same build), so the roll is visible per pod.
+    let v2_dir = tempfile::tempdir().unwrap();
+    let v2 = v2_dir.path().join("oxcd-v2");
+    std::fs::copy(&oxcd, &v2).unwrap();
     let mut h = Harness::start(&[
         ("ghcr.io/oxcd/oxcd:0.1.0", oxcd.clone()),
-        ("oxcd:v2", oxcd.clone()),
+        ("oxcd:v2", v2.clone()),
     ])
     .await;
     h.start_operator(None);
@@ -142,23 +167,6 @@ async fn example_cluster_scales_and_rolls_an_upgrade_under_a_writer() {
         .is_some_and(|l| l.starts_with("demo-")));
 
     let writer = Writer::start(h.endpoints("demo", 3));
-    // 3 -> 5: learners added one at a time and promoted.
-    h.patch_spec("demo", json!({"replicas": 5}));
-    let c = h
-        .wait_for("demo", "5 members", SETTLE, |c| settled(c, 5))
-        .await;
-    assert_eq!(members(&c).len(), 5);
-    assert_eq!(h.statefulset_replicas("demo"), Some(5));
-    // 5 -> 3: members removed before their pods.
-    h.patch_spec("demo", json!({"replicas": 3}));
-    let c = h
-        .wait_for("demo", "3 members again", SETTLE, |c| settled(c, 3))
-        .await;
-    assert_eq!(members(&c), ["demo-0", "demo-1", "demo-2"]);
-    h.wait_for("demo", "StatefulSet shrunk", SETTLE, |_| {
-        h.statefulset_replicas("demo") == Some(3)
-    })
-    .await;
 
     // Rolling upgrade: followers first, the leader last after moving leadership.
     let leader_before = c["status"]["leader"].as_str().unwrap().to_string();
@@ -181,11 +189,64 @@ async fn example_cluster_scales_and_rolls_an_upgrade_under_a_writer() {
         "{deletes:?}"
     );
     assert_eq!(deletes[2], leader_before, "the leader restarts last");
+    let running = h.kubelet.binaries();
+    assert_eq!(running.len(), 3, "{running:?}");
+    assert!(
+        running.values().all(|b| *b == v2),
+        "every member runs the new image: {running:?}"
+    );
     assert!(
         events.iter().any(|(r, _)| r == "MoveLeader"),
         "leadership moved before the leader's pod went: {events:?}"
     );
     assert_ne!(c["status"]["leader"].as_str(), None);
+
+    // A member removed behind the operator's back (etcdctl member remove) is added again as
+    // a learner; its volume holds the removed member's data, so it starts on a fresh one.
+    let (gone, gone_id) = follower(&c);
+    let mut admin = etcd_client::Client::connect(h.endpoints("demo", 3), None)
+        .await
+        .unwrap();
+    // (Right after the roll, etcd's strict reconfig check may still call it unhealthy.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin
+            .member_remove(u64::from_str_radix(&gone_id, 16).unwrap())
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("member remove {gone_id}: {e}"),
+        }
+    }
+    let c = h
+        .wait_for("demo", "the removed member back", SETTLE, |c| {
+            settled(c, 3) && member_id(c, &gone).is_some_and(|id| id != gone_id)
+        })
+        .await;
+    assert_eq!(members(&c), ["demo-0", "demo-1", "demo-2"]);
+
+    // A member whose data is lost (its claim deleted, its pod restarted on an empty volume):
+    // its server refuses to start as the old member, and the operator replaces it.
+    let (lost, lost_id) = follower(&c);
+    h.store
+        .delete(&support::kubelet::pvcs(), &h.ns, &format!("data-{lost}"));
+    h.kubelet.delete_pod(&lost);
+    let c = h
+        .wait_for("demo", "the member with lost data replaced", SETTLE, |c| {
+            settled(c, 3) && member_id(c, &lost).is_some_and(|id| id != lost_id)
+        })
+        .await;
+    assert_eq!(members(&c), ["demo-0", "demo-1", "demo-2"]);
+    let events = h.events();
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "ReplaceMember" && n.contains(&lost_id) && n.contains(&lost)),
+        "{events:?}"
+    );
 
     let (acked, failures) = writer.finish().await;
     assert!(
@@ -194,12 +255,18 @@ async fn example_cluster_scales_and_rolls_an_upgrade_under_a_writer() {
         acked.len()
     );
     assert_nothing_lost(h.endpoints("demo", 3), &acked).await;
+    // Every member holds the same data, the replaced ones included.
+    let (all, _) = dump(h.endpoints("demo", 3)).await;
+    for url in h.endpoints("demo", 3) {
+        wait_member_serves(&url, &all).await;
+    }
     for reason in [
         "CreateCluster",
         "AddLearner",
         "PromoteLearner",
-        "RemoveMember",
-        "ScaleStatefulSet",
+        "RecycleVolume",
+        "ReplaceMember",
+        "MoveLeader",
     ] {
         assert!(
             events.iter().any(|(r, _)| r == reason),
@@ -209,13 +276,16 @@ async fn example_cluster_scales_and_rolls_an_upgrade_under_a_writer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn operator_killed_between_member_add_and_statefulset_change_finishes_the_job() {
+async fn scales_1_3_5_3_under_a_writer_resuming_after_a_kill_between_member_add_and_statefulset_change(
+) {
     let oxcd = support::oxcd_binary();
     let mut h = Harness::start(&[("oxcd:test", oxcd)]).await;
     h.start_operator(None);
     h.apply(&manifest("solo", 1, ""));
     h.wait_for("solo", "1 member", SETTLE, |c| settled(c, 1))
         .await;
+    // solo-0 stays a member throughout, so the writer needs no other endpoint.
+    let writer = Writer::start(h.endpoints("solo", 1));
 
     h.start_operator(Some("exit-after:AddLearner"));
     h.patch_spec("solo", json!({"replicas": 3}));
@@ -253,6 +323,38 @@ async fn operator_killed_between_member_add_and_statefulset_change_finishes_the_
         .await
         .unwrap();
     assert_eq!(list.members().len(), 3, "no duplicate member was added");
+
+    // 3 -> 5: learners added one at a time and promoted.
+    h.patch_spec("solo", json!({"replicas": 5}));
+    let c = h
+        .wait_for("solo", "5 members", SETTLE, |c| settled(c, 5))
+        .await;
+    assert_eq!(members(&c).len(), 5);
+    assert_eq!(h.statefulset_replicas("solo"), Some(5));
+    // 5 -> 3: members removed before their pods (the leader moved away first if need be).
+    h.patch_spec("solo", json!({"replicas": 3}));
+    let c = h
+        .wait_for("solo", "3 members again", SETTLE, |c| settled(c, 3))
+        .await;
+    assert_eq!(members(&c), ["solo-0", "solo-1", "solo-2"]);
+    h.wait_for("solo", "StatefulSet shrunk", SETTLE, |_| {
+        h.statefulset_replicas("solo") == Some(3)
+    })
+    .await;
+    let (acked, failures) = writer.finish().await;
+    assert!(
+        acked.len() > 50,
+        "the writer made progress ({} acked, {failures} failed)",
+        acked.len()
+    );
+    assert_nothing_lost(h.endpoints("solo", 3), &acked).await;
+    let events = h.events();
+    for reason in ["AddLearner", "PromoteLearner", "RemoveMember", "ScaleStatefulSet"] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "no {reason} event: {events:?}"
+        );
+    }
 
     // The operator's own endpoints.
     let (code, body) = support::http("GET", &h.operator_http, "/healthz")
@@ -403,6 +505,49 @@ async fn backups_go_to_s3_and_files_are_verified_pruned_and_scheduled() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(status["revision"], b["revision"]);
+}
+
+/// Waits until the member at `url` serves exactly `want` from its own store (serializable).
+async fn wait_member_serves(url: &str, want: &[(String, String, i64, i64, i64)]) {
+    let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: Vec<(String, String, i64, i64, i64)> = c
+            .get(
+                "",
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_all_keys()
+                        .with_serializable(),
+                ),
+            )
+            .await
+            .map(|r| {
+                r.kvs()
+                    .iter()
+                    .map(|kv| {
+                        (
+                            kv.key_str().unwrap().to_string(),
+                            kv.value_str().unwrap().to_string(),
+                            kv.create_revision(),
+                            kv.mod_revision(),
+                            kv.version(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} serves {} keys, not the {} the cluster has",
+            got.len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Every key with its value and revisions, and the store's revision.
@@ -626,4 +771,82 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
     .await;
     let _ = standby.kill();
     let _ = standby.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_cluster_is_scaled_and_backed_up_with_the_operators_own_certificate() {
+    let oxcd = support::oxcd_binary();
+    let mut h = Harness::start(&[("oxcd:test", oxcd)]).await;
+    let (ca, tls) = h.tls_secrets("sec");
+    h.start_operator(None);
+    h.apply(&manifest(
+        "sec",
+        1,
+        "  tls:\n    clientSecret: sec-server\n    clientCertAuth: true\n    peerSecret: sec-server\n    operatorSecret: sec-operator\n",
+    ));
+    h.wait_for("sec", "1 TLS member", SETTLE, |c| settled(c, 1))
+        .await;
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_timeout(Duration::from_secs(5));
+    let mut c = etcd_client::Client::connect(h.tls_endpoints("sec", 1), Some(opts.clone()))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        c.put(format!("tls/{i:02}"), "v", None).await.unwrap();
+    }
+    // The members require a client certificate: without one nothing is served.
+    let no_cert = etcd_client::ConnectOptions::new()
+        .with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&ca)),
+        )
+        .with_timeout(Duration::from_secs(3))
+        .with_connect_timeout(Duration::from_secs(3));
+    let refused = async {
+        etcd_client::Client::connect(h.tls_endpoints("sec", 1), Some(no_cert))
+            .await?
+            .get("tls/00", None)
+            .await
+    }
+    .await;
+    assert!(refused.is_err(), "served without a client certificate");
+
+    // MemberAdd, each member's Status and MemberPromote, all over TLS; peers over TLS too.
+    h.patch_spec("sec", json!({"replicas": 3}));
+    let c = h
+        .wait_for("sec", "3 TLS members", SETTLE, |c| settled(c, 3))
+        .await;
+    for m in c["status"]["members"].as_array().unwrap() {
+        assert!(m["clientUrl"].as_str().unwrap().starts_with("https://"), "{m}");
+        assert!(m["peerUrl"].as_str().unwrap().starts_with("https://"), "{m}");
+    }
+
+    // A backup streamed from a member over TLS, verified like any other.
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("file://{}/backups", dir.path().display());
+    h.patch_spec(
+        "sec",
+        json!({"backup": {"destination": dest, "request": "tls"}}),
+    );
+    let s = wait_backup(&h, "sec", "a backup over TLS", |b| b["request"] == "tls").await;
+    assert_eq!(s["lastBackup"]["succeeded"], true, "{}", s["lastBackup"]);
+    assert!(s["lastBackup"]["keys"].as_u64().unwrap() >= 20);
+
+    // Without the operator's certificate Secret, the cluster is reported, not guessed at.
+    h.store.delete(
+        &support::standin::collection("v1", "secrets"),
+        &h.ns,
+        "sec-operator",
+    );
+    h.patch_spec("sec", json!({"replicas": 3, "backup": null}));
+    let c = h
+        .wait_for("sec", "the missing Secret reported", SETTLE, |c| {
+            c["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|x| x["type"] == "Degraded" && x["reason"] == "TlsSecret")
+            })
+        })
+        .await;
+    assert_eq!(c["status"]["phase"], "Degraded");
 }

@@ -1,7 +1,8 @@
 //! Every shipped manifest (deploy/ rendered by kustomize, the examples) and the objects the
 //! operator builds for each example, validated against Kubernetes' schemas and the CRD's
 //! schema by `tests/validate_manifests.py` (kubectl and kubernetes-validate, installed by
-//! scripts/test.sh). Also: the Helm chart's RBAC grants exactly what deploy/ grants.
+//! scripts/test.sh), and the Helm chart linted and rendered by helm with several sets of values.
+//! Also: the Helm chart's RBAC grants exactly what deploy/ grants.
 
 use std::process::Command;
 

@@ -3,8 +3,13 @@
 //! DNS name in /etc/hosts, its PersistentVolumeClaim as a directory, and its readiness from
 //! the container's HTTP readiness probe.
 //!
+//! A container that exits is restarted after two seconds; its exit is recorded in the pod's
+//! `containerStatuses` (`lastState.terminated`, with the log's last 2 KiB as the message under
+//! `FallbackToLogsOnError`). Secret volumes are directories holding the Secret's keys, and
+//! environment values under their mount paths point there.
+//!
 //! Not emulated: scheduling, resources, probes other than readiness (liveness/startup),
-//! restart back-off, init containers, volumes other than the claim and Secrets.
+//! growing restart back-off, volumes other than the claim and Secrets.
 
 use super::standin::{collection, Collection, Store};
 use serde_json::{json, Value};
@@ -32,6 +37,8 @@ struct Proc {
     child: Child,
     uid: String,
     started: Instant,
+    log: PathBuf,
+    binary: PathBuf,
 }
 
 pub struct Kubelet {
@@ -161,18 +168,25 @@ impl Kubelet {
                     }
                 }
             };
-            let running = {
+            let (running, exited) = {
                 let mut procs = self.procs.lock().unwrap();
                 match procs.get_mut(&pod) {
                     Some(p) => match p.child.try_wait() {
-                        Ok(None) => true,
+                        Ok(None) => (true, None),
                         // The container exited: the kubelet restarts it after a pause.
-                        _ => p.started.elapsed() < Duration::from_secs(2),
+                        Ok(Some(st)) => (
+                            p.started.elapsed() < Duration::from_secs(2),
+                            Some((st.code().unwrap_or(137), p.log.clone())),
+                        ),
+                        Err(_) => (p.started.elapsed() < Duration::from_secs(2), None),
                     },
-                    None => false,
+                    None => (false, None),
                 }
             };
             if !running {
+                if let Some((code, log)) = exited {
+                    self.record_exit(&obj, code, &log);
+                }
                 self.start_process(&set_name, &obj);
             }
         }
@@ -209,6 +223,65 @@ impl Kubelet {
         }
     }
 
+    /// The container's exit in the pod's status, as the kubelet reports it.
+    fn record_exit(&self, pod: &Value, code: i32, log: &std::path::Path) {
+        let container = &pod["spec"]["containers"][0];
+        let mut terminated = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }});
+        if code != 0 && container["terminationMessagePolicy"] == "FallbackToLogsOnError" {
+            let text = std::fs::read(log).unwrap_or_default();
+            let tail = &text[text.len().saturating_sub(2048)..];
+            terminated["message"] = json!(String::from_utf8_lossy(tail));
+        }
+        let restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .unwrap_or(0)
+            + 1;
+        let status = json!({"status": {"containerStatuses": [{
+            "name": container["name"], "image": container["image"], "imageID": "",
+            "ready": false, "restartCount": restarts,
+            "state": {"running": {}}, "lastState": {"terminated": terminated},
+        }]}});
+        let _ = self
+            .store
+            .patch(&pods(), &self.ns, &name(pod), &status, true, false);
+    }
+
+    /// Secret volumes as directories holding the Secret's keys: (mount path, directory) for
+    /// each of `container`'s mounts of one.
+    fn secret_mounts(&self, pod: &Value, container: &Value) -> Vec<(String, PathBuf)> {
+        let pod_name = name(pod);
+        let mut out = Vec::new();
+        for m in container["volumeMounts"].as_array().into_iter().flatten() {
+            let vol_name = m["name"].as_str().unwrap_or_default();
+            let Some(vol) = pod["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == vol_name)
+            else {
+                continue;
+            };
+            let Some(secret) = vol["secret"]["secretName"].as_str() else {
+                continue;
+            };
+            let dir = self.dir.join("secrets").join(&pod_name).join(vol_name);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Some(sec) = self
+                .store
+                .get(&collection("v1", "secrets"), &self.ns, secret)
+            {
+                for (key, v) in sec["data"].as_object().into_iter().flatten() {
+                    let raw = super::standin::unbase64(v.as_str().unwrap_or_default());
+                    std::fs::write(dir.join(key), raw).unwrap();
+                }
+            }
+            let path = m["mountPath"].as_str().unwrap_or_default().to_string();
+            out.push((path, dir));
+        }
+        out
+    }
+
     fn start_process(&self, set_name: &str, pod: &Value) {
         let pod_name = name(pod);
         self.stop_process(&pod_name);
@@ -222,7 +295,8 @@ impl Kubelet {
             .flatten()
             .enumerate()
         {
-            let env = self.container_env(init, &pod_name, &volume);
+            let mounts = self.secret_mounts(pod, init);
+            let env = self.container_env(init, &pod_name, &volume, &mounts);
             let binary = self.binary(init);
             let log = std::fs::File::create(
                 self.dir
@@ -250,14 +324,15 @@ impl Kubelet {
             }
         }
         let binary = self.binary(container);
-        let env = self.container_env(container, &pod_name, &volume);
+        let mounts = self.secret_mounts(pod, container);
+        let env = self.container_env(container, &pod_name, &volume, &mounts);
         self.add_host(
             &self.ip(&pod_name),
             &format!("{pod_name}.{set_name}-peer.{}.svc", self.ns),
         );
-        let log =
-            std::fs::File::create(self.dir.join(format!("{pod_name}.{}.log", unix_ms()))).unwrap();
-        let child = Command::new(binary)
+        let log_path = self.dir.join(format!("{pod_name}.{}.log", unix_ms()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(&binary)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env)
@@ -276,6 +351,8 @@ impl Kubelet {
                 child,
                 uid,
                 started: Instant::now(),
+                log: log_path,
+                binary,
             },
         );
     }
@@ -296,6 +373,7 @@ impl Kubelet {
         container: &Value,
         pod_name: &str,
         volume: &std::path::Path,
+        mounts: &[(String, PathBuf)],
     ) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = Vec::new();
         for from in container["envFrom"].as_array().into_iter().flatten() {
@@ -339,6 +417,11 @@ impl Kubelet {
             if key == "ETCD_DATA_DIR" {
                 *v = v.replace("/var/lib/oxcd", &volume.to_string_lossy());
             }
+            for (path, dir) in mounts {
+                if let Some(rest) = v.strip_prefix(path.as_str()) {
+                    *v = format!("{}{rest}", dir.display());
+                }
+            }
         }
         env
     }
@@ -361,6 +444,16 @@ impl Kubelet {
         }
         let _ = p.child.kill();
         let _ = p.child.wait();
+    }
+
+    /// The binary each running pod's container runs (its image's), by pod name.
+    pub fn binaries(&self) -> BTreeMap<String, PathBuf> {
+        self.procs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.binary.clone()))
+            .collect()
     }
 
     /// Deletes a pod through the API, as `kubectl delete pod` would.

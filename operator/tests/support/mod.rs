@@ -243,6 +243,72 @@ impl Harness {
             .collect()
     }
 
+    /// https:// client URLs of members 0..n of cluster `name`.
+    pub fn tls_endpoints(&self, name: &str, n: u32) -> Vec<String> {
+        self.endpoints(name, n)
+            .into_iter()
+            .map(|u| u.replace("http://", "https://"))
+            .collect()
+    }
+
+    /// Certificates for cluster `name`, made with rcgen and stored as Secrets in the
+    /// `tls.crt`/`tls.key`/`ca.crt` shape the operator reads: `<name>-server` (the members'
+    /// client and peer certificate, valid for every pod DNS name) and `<name>-operator` (the
+    /// certificate the operator presents). Returns the CA (PEM) and the client TLS options a
+    /// test uses, with the operator's certificate.
+    pub fn tls_secrets(&self, name: &str) -> (String, etcd_client::TlsOptions) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf = |cn: &str, sans: Vec<String>| {
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let ns = &self.ns;
+        let server = leaf(
+            name,
+            vec![
+                format!("*.{name}-peer.{ns}.svc"),
+                format!("{name}.{ns}.svc"),
+                "localhost".into(),
+            ],
+        );
+        let operator = leaf("oxcd-operator", vec![]);
+        for (secret, (cert, key)) in [
+            (format!("{name}-server"), &server),
+            (format!("{name}-operator"), &operator),
+        ] {
+            self.store
+                .put(
+                    &collection("v1", "secrets"),
+                    ns,
+                    json!({"metadata": {"name": secret}, "stringData": {
+                        "tls.crt": cert, "tls.key": key, "ca.crt": ca.pem()}}),
+                    None,
+                    true,
+                )
+                .unwrap();
+        }
+        let options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(ca.pem()))
+            .identity(etcd_client::Identity::from_pem(&operator.0, &operator.1));
+        (ca.pem(), options)
+    }
+
     /// (reason, note) of the operator's Events, oldest first.
     pub fn events(&self) -> Vec<(String, String)> {
         let (_, mut evs) = self.store.list(&events(), Some(&self.ns), &[]);
