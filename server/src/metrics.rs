@@ -41,6 +41,7 @@ pub struct Metrics {
     pub keys_total: IntGauge,
     pub current_revision: IntGauge,
     pub compact_revision: IntGauge,
+    pub auth_revision: IntGauge,
     pub peer_rtt: HistogramVec,
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
@@ -182,6 +183,7 @@ impl Metrics {
             keys_total: gauge(&r, "etcd_debugging", "mvcc", "keys_total", "Total number of keys."),
             current_revision: gauge(&r, "etcd_debugging", "mvcc", "current_revision", "The current revision of store."),
             compact_revision: gauge(&r, "etcd_debugging", "mvcc", "compact_revision", "The revision of the last compaction in store."),
+            auth_revision: gauge(&r, "etcd_debugging", "auth", "revision", "The current revision of auth store."),
             peer_rtt: reg(&r, peer_rtt.expect("valid metric name")),
             peer_sent_bytes: net("peer_sent_bytes_total", "The total number of bytes sent to peers.", "To"),
             peer_received_bytes: net("peer_received_bytes_total", "The total number of bytes received from peers.", "From"),
@@ -235,6 +237,7 @@ impl Metrics {
         self.keys_total.set(server.store.live_keys() as i64);
         self.current_revision.set(server.store.current_rev());
         self.compact_revision.set(server.store.compact_rev());
+        self.auth_revision.set(server.auth.revision() as i64);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "encoding metrics failed");

@@ -103,6 +103,9 @@ pub struct EtcdServer {
     waiters: Arc<Waiters>,
     next_id: AtomicU64,
     applied_rx: watch::Receiver<u64>,
+    /// Slots of the JSON gateway: etcd's gateway is a gRPC client of its own server, so its
+    /// requests share `--max-concurrent-streams` streams and wait for a free one.
+    pub gateway_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The leader's state as a Raft snapshot, for followers behind its log.
@@ -600,6 +603,7 @@ impl EtcdServer {
             .spawn(move || applier.run(apply_rx))?;
 
         let seed: u64 = rand::random::<u64>() >> 2;
+        let cfg_max_streams = cfg.max_concurrent_streams;
         let server = Arc::new(EtcdServer {
             cfg,
             id,
@@ -619,6 +623,9 @@ impl EtcdServer {
             waiters,
             next_id: AtomicU64::new(seed.max(1)),
             applied_rx,
+            gateway_streams: Arc::new(tokio::sync::Semaphore::new(
+                (cfg_max_streams as usize).min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         });
         server.clone().spawn_lease_expiry();
         server.clone().spawn_auto_compaction();

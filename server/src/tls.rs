@@ -277,14 +277,12 @@ impl Acceptor {
     }
 }
 
-/// A peer certificate refused by the allowed CN or hostname: etcd's message, and a certificate
-/// error, so that the peer receives a bad_certificate alert as from etcd.
+/// A peer certificate refused by the allowed CN or hostname: etcd's message in the log, and
+/// the certificate error rustls answers with a bad_certificate alert, as Go's TLS does when
+/// etcd's check refuses a peer (the refused member logs "remote error: tls: bad certificate").
 fn refused(why: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(std::io::Error::other(format!(
-            "client certificate authentication failed: {why}"
-        ))),
-    )))
+    tracing::warn!(error = %format!("client certificate authentication failed: {why}"), "rejected connection");
+    rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
 }
 
 /// What Go says about a TLS alert the peer sent (etcd logs it when a peer refuses this
@@ -483,17 +481,81 @@ pub async fn peer_channel(
         let server_name = server_name.clone();
         async move {
             let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-            let tcp = tokio::net::TcpStream::connect(authority).await?;
+            let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(server_name, tcp)
                 .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(AlertLogged {
+                inner: tls,
+                peer: authority,
+            }))
         }
     });
     ep.connect_with_connector(connector)
         .await
         .map_err(|e| format!("{url}: {e:?}"))
+}
+
+/// A peer connection that logs a TLS alert the peer sends after the handshake. With TLS 1.3
+/// the client's handshake is over before the server has checked the client's certificate, so
+/// a refusal (e.g. `--peer-cert-allowed-cn`) arrives on the first read, inside the HTTP/2
+/// connection task, where it would otherwise be lost; etcd logs it as Go words it.
+struct AlertLogged<T> {
+    inner: T,
+    peer: String,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for AlertLogged<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &r {
+            if let Some(alert) = remote_alert(&format!("{e:?}")) {
+                tracing::warn!(peer = %self.peer, error = alert, "peer refused the connection");
+            }
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for AlertLogged<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// `--auto-tls`/`--peer-auto-tls`: a self-signed pair in `dir` (etcd's `fixtures/client` or

@@ -146,7 +146,8 @@ impl<C: WatchContext> WatchStream<C> {
         }
     }
 
-    /// Serves one gRPC watch stream until the client goes away.
+    /// Serves one gRPC watch stream until the client goes away. A client that half-closes
+    /// (sends no more requests) keeps receiving its watchers' events, as from etcd.
     pub async fn run(
         mut self,
         mut inbound: impl futures::Stream<Item = Result<WatchRequest, tonic::Status>> + Unpin,
@@ -155,14 +156,21 @@ impl<C: WatchContext> WatchStream<C> {
         let mut events = self.ctx.hub().subscribe();
         let mut progress = tokio::time::interval(self.ctx.progress_interval());
         progress.tick().await;
+        let mut requests_open = true;
         loop {
             tokio::select! {
-                req = inbound.next() => {
-                    let Some(Ok(req)) = req else { return };
-                    if self.on_request(req).await.is_err() {
-                        return;
+                req = inbound.next(), if requests_open => {
+                    match req {
+                        Some(Ok(req)) => {
+                            if self.on_request(req).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => requests_open = false,
+                        Some(Err(_)) => return,
                     }
                 }
+                _ = self.out.closed() => return,
                 item = events.recv() => {
                     let ok = match item {
                         Ok(batch) if batch.resync => self.catch_up_all().await,

@@ -324,8 +324,12 @@ async fn a_peer_with_a_disallowed_cn_is_refused() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let log = cluster.members[0].log();
+        // The refused member hears why, as Go words a bad_certificate alert.
         if log.contains("rejected connection")
             && log.contains("client certificate authentication failed")
+            && cluster.members[i]
+                .log()
+                .contains("remote error: tls: bad certificate")
         {
             break;
         }

@@ -178,10 +178,20 @@ pub async fn handle(
     let route = path
         .strip_prefix("/v3/")
         .or_else(|| path.strip_prefix("/v3beta/"))?;
-    Some(match call(server, route, caller, body).await {
+    // A stream slot for as long as the response lasts (a watch holds one until it ends).
+    let slot = server.gateway_streams.clone().acquire_owned().await.ok();
+    let response = match call(server, route, caller, body).await {
         Ok(r) => r,
         Err(s) => error_response(s),
-    })
+    };
+    let (parts, body) = response.into_parts();
+    let body = body
+        .map_frame(move |frame| {
+            let _ = &slot;
+            frame
+        })
+        .boxed_unsync();
+    Some(Response::from_parts(parts, body))
 }
 
 macro_rules! unary {
