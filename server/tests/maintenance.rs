@@ -303,3 +303,78 @@ fn alter_value(data_dir: &Path, key: &[u8], value: &[u8]) {
     kv.value = value.to_vec();
     store.put_record_durable(&k, &kv.encode_to_vec()).unwrap();
 }
+
+/// Output of a long etcdctl command (e.g. `check perf`, which runs for a minute).
+async fn long_etcdctl(server: &support::Server, args: &[&str]) -> String {
+    let child = server.spawn_etcdctl(args);
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("etcdctl {args:?} did not finish within 180 s"))
+        .expect("wait for etcdctl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `etcdctl check perf`'s verdicts: (criterion, passed) for throughput, slowest request and
+/// stddev, then ("overall", passed).
+fn perf_verdicts(out: &str) -> Vec<(&'static str, bool)> {
+    let mut v = Vec::new();
+    for line in out.split(['\n', '\r']).map(str::trim) {
+        let passed = if line.starts_with("PASS") {
+            true
+        } else if line.starts_with("FAIL") {
+            false
+        } else {
+            continue;
+        };
+        let what = if line.contains("Throughput") {
+            "throughput"
+        } else if line.contains("Slowest request") {
+            "slowest request"
+        } else if line.contains("Stddev") {
+            "stddev"
+        } else if line == "PASS" || line == "FAIL" {
+            "overall"
+        } else {
+            continue;
+        };
+        v.push((what, passed));
+    }
+    v
+}
+
+/// The runbook's health checks: `etcdctl check datascale` and `etcdctl check perf` (its small
+/// load, one minute, run on both servers at once so both see the same machine). Whatever etcd
+/// passes, oxcd passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcdctl_check_perf_and_datascale_pass_as_on_etcd() {
+    let [etcd, subject] = support::both(&[]).await;
+    for s in [&etcd, &subject] {
+        let out = long_etcdctl(s, &["check", "datascale"]).await;
+        assert!(
+            out.contains("PASS: Approximate system memory used"),
+            "{}: {out}",
+            s.kind.label()
+        );
+    }
+    let (e, o) = tokio::join!(
+        long_etcdctl(&etcd, &["check", "perf", "--load", "s"]),
+        long_etcdctl(&subject, &["check", "perf", "--load", "s"])
+    );
+    let (ev, ov) = (perf_verdicts(&e), perf_verdicts(&o));
+    assert_eq!(ev.len(), 4, "etcd's verdicts: {e}");
+    assert_eq!(
+        ov.iter().map(|(w, _)| *w).collect::<Vec<_>>(),
+        ev.iter().map(|(w, _)| *w).collect::<Vec<_>>(),
+        "oxcd's output: {o}"
+    );
+    for ((what, etcd_passed), (_, oxcd_passed)) in ev.iter().zip(&ov) {
+        assert!(
+            !etcd_passed || *oxcd_passed,
+            "etcd passes {what}, oxcd does not:\n--- etcd\n{e}\n--- oxcd\n{o}"
+        );
+    }
+}
