@@ -172,9 +172,13 @@ fn read_roots(path: &Path) -> Result<rustls::RootCertStore> {
     Ok(roots)
 }
 
+/// PEM, or one DER CRL as Go's `x509.ParseCRL` (and so etcd) also reads.
 fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
-    CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    if !bytes.starts_with(b"-----BEGIN") && !bytes.is_empty() {
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))
 }

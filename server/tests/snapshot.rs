@@ -3,6 +3,9 @@
 //! `etcdctl snapshot restore` and served by real etcd, with the same keys, values, revisions
 //! and leases. `oxcd snapshot status` prints exactly what `etcdctl snapshot status` prints.
 
+// The cluster-test guard serialises whole tests on purpose; it is held across their awaits.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};

@@ -208,11 +208,18 @@ async fn a_revoked_client_certificate_is_refused() {
     let server_cert = ca.issue("server", "server");
     let good = ca.issue("good", "root");
     let revoked = ca.issue("revoked", "root");
-    let crl = ca.revoke("crl", &[&revoked]);
-    let mut flags = client_tls_flags(&server_cert, Some(&ca.pem));
-    flags.push(arg("client-crl-file", &crl));
-    for kind in [Kind::Etcd, Kind::subject()] {
-        let l = kind.label();
+    let pem = ca.revoke("crl", &[&revoked]);
+    let der = pem.with_extension("der");
+    // A CRL file in PEM or in DER (both read by etcd).
+    for (kind, crl) in [
+        (Kind::Etcd, &pem),
+        (Kind::subject(), &pem),
+        (Kind::Etcd, &der),
+        (Kind::subject(), &der),
+    ] {
+        let mut flags = client_tls_flags(&server_cert, Some(&ca.pem));
+        flags.push(arg("client-crl-file", crl));
+        let l = format!("{} with {}", kind.label(), crl.display());
         let tls = TlsClient {
             client_https: true,
             ca: Some(ca.pem.clone()),

@@ -364,7 +364,9 @@ fn status_err(code: u16, message: String) -> Response<Body> {
 }
 
 /// Parsed request path: collection, namespace, name, subresource.
-fn parse_path(path: &str) -> Option<(Collection, Option<String>, Option<String>, Option<String>)> {
+type ParsedPath = (Collection, Option<String>, Option<String>, Option<String>);
+
+fn parse_path(path: &str) -> Option<ParsedPath> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (gv, rest) = match parts.as_slice() {
         ["api", v, rest @ ..] => (v.to_string(), rest),

@@ -364,10 +364,7 @@ impl Server {
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             None => false,
-            Some(child) => match child.try_wait() {
-                Ok(None) => true,
-                _ => false,
-            },
+            Some(child) => matches!(child.try_wait(), Ok(None)),
         }
     }
 

@@ -70,7 +70,8 @@ impl Ca {
         leaf
     }
 
-    /// A CRL signed by this CA revoking `leaves`, written to `<dir>/<file>.pem`.
+    /// A CRL signed by this CA revoking `leaves`, written to `<dir>/<file>.pem` and, in DER
+    /// (the form of etcd's own fixtures), to `<dir>/<file>.der`; returns the PEM path.
     pub fn revoke(&self, file: &str, leaves: &[&Leaf]) -> PathBuf {
         let now = rcgen::date_time_ymd(2025, 1, 1);
         let params = CertificateRevocationListParams {
@@ -92,6 +93,7 @@ impl Ca {
         let crl = params.signed_by(&self.cert, &self.key).unwrap();
         let path = self.dir.join(format!("{file}.pem"));
         std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        std::fs::write(self.dir.join(format!("{file}.der")), crl.der().as_ref()).unwrap();
         path
     }
 }
