@@ -16,6 +16,7 @@ pub mod membership;
 pub mod metrics;
 pub mod mvcc;
 pub mod pb;
+pub mod proxy;
 pub mod raft_node;
 pub mod server;
 pub mod snapshot;

@@ -5,11 +5,12 @@ use oxcd::server::EtcdServer;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    // Tools: the offline backup tools and the load generator.
+    // Tools: the offline backup tools, the load generator and the TCP gateway.
     let tool: Option<fn(Vec<String>) -> anyhow::Result<()>> = match args.get(1).map(String::as_str)
     {
         Some("snapshot") => Some(oxcd::snapshot::cli::run),
         Some("benchmark") => Some(oxcd::benchmark::run),
+        Some("gateway") => Some(oxcd::proxy::run),
         _ => None,
     };
     if let Some(tool) = tool {

@@ -112,3 +112,41 @@ async fn max_concurrent_streams_limits_each_connection() {
         .expect("default: a watch and a get side by side")
         .unwrap();
 }
+
+/// `gateway start`: etcd's TCP gateway. etcdctl talks to the gateway's address; with a dead
+/// member listed first, the gateway skips it. Same on etcd's gateway and oxcd's.
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_relays_clients_to_a_live_member() {
+    for kind in [Kind::Etcd, Kind::subject()] {
+        let l = kind.label();
+        let server = Server::start(kind).await;
+        let dead = format!("http://127.0.0.1:{}", support::free_port());
+        let listen = format!("127.0.0.1:{}", support::free_port());
+        let mut gw = tokio::process::Command::new(kind.binary())
+            .arg("gateway")
+            .arg(format!("--endpoints={dead},{}", server.endpoint()))
+            .arg(format!("--listen-addr={listen}"))
+            .arg("start")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the gateway");
+        // Ready when it accepts connections (it logs "ready to proxy client requests").
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(&listen).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "{l}: the gateway never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 0..3 {
+            let out = support::etcdctl_at(&listen, &["put", &format!("gw{i}"), "v"], None).await;
+            assert_eq!(out.ok(), "OK\n", "{l}");
+        }
+        let out = support::etcdctl_at(&listen, &["get", "gw", "--prefix", "--keys-only"], None).await;
+        assert_eq!(out.ok(), "gw0\n\ngw1\n\ngw2\n\n", "{l}");
+        let _ = gw.start_kill();
+        let out = gw.wait_with_output().await.unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+        assert!(log.contains("ready to proxy client requests"), "{l}: {log}");
+    }
+}
