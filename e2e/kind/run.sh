@@ -67,7 +67,8 @@ sleep 5
 wait_for 300 "healthy after losing the leader" ready_members 3
 
 step "a member whose volume is lost is replaced"
-follower="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.members[?(@.leader==false)].name}' | cut -d' ' -f1)"
+leader="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.leader}')"
+follower="$(kubectl -n "$ns" get etcdc demo -o jsonpath='{.status.members[*].name}' | tr ' ' '\n' | grep -vx "$leader" | head -1)"
 kubectl -n "$ns" delete pvc "data-$follower" --wait=false
 kubectl -n "$ns" delete pod "$follower"
 wait_for 300 "ReplaceMember event" sh -c "kubectl -n $ns get events --field-selector reason=ReplaceMember -o name | grep -q ."
