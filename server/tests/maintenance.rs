@@ -323,6 +323,12 @@ async fn long_etcdctl(server: &support::Server, args: &[&str]) -> String {
 fn perf_verdicts(out: &str) -> Vec<(&'static str, bool)> {
     let mut v = Vec::new();
     for line in out.split(['\n', '\r']).map(str::trim) {
+        // A verdict may follow the progress bar on the same line.
+        let at = [line.find("PASS: "), line.find("FAIL: ")]
+            .into_iter()
+            .flatten()
+            .min();
+        let line = at.map_or(line, |i| &line[i..]);
         let passed = if line.starts_with("PASS") {
             true
         } else if line.starts_with("FAIL") {
