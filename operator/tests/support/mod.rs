@@ -56,8 +56,11 @@ pub struct Harness {
 impl Harness {
     /// A stand-in API with its kubelet; `images` maps image references to binaries.
     pub async fn start(images: &[(&str, PathBuf)]) -> Harness {
-        let net =
-            10 + (std::process::id() % 50) as u8 * 4 + NEXT_NET.fetch_add(1, Ordering::Relaxed) % 4;
+        // A network (and namespace) of its own for each harness of this process: two tests
+        // running at once must never share pod addresses or a namespace.
+        let n = NEXT_NET.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 16, "at most 16 harnesses per test process");
+        let net = 10 + (std::process::id() % 15) as u8 * 16 + n;
         let ns = format!("t{net}");
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new();
