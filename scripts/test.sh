@@ -53,8 +53,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-etcd --version | head -n 1
-etcdctl version | head -n 1
+etcd --version | sed -n 1p
+etcdctl version | sed -n 1p
 cargo --version
 
 # Release mode: the durability and differential tests generate real load.
