@@ -204,10 +204,12 @@ async fn take(
     let file = scratch.join(format!("{ns}-{cluster}-{}.db", started.as_millisecond()));
     let result = async {
         // 1. Stream the snapshot to a scratch file, hashing as it comes.
-        let (size, sha) =
-            tokio::time::timeout(SNAPSHOT_TIMEOUT, download(access, &member.client_url, &file))
-                .await
-                .map_err(|_| BackupError::Timeout)??;
+        let (size, sha) = tokio::time::timeout(
+            SNAPSHOT_TIMEOUT,
+            download(access, &member.client_url, &file),
+        )
+        .await
+        .map_err(|_| BackupError::Timeout)??;
         // 2. It must be a whole snapshot: sha256 trailer and a readable bbolt file.
         let (revision, keys) = open_snapshot(&file)?;
         record.revision = revision;

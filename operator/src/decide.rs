@@ -948,7 +948,13 @@ mod tests {
 
     fn arb_observed() -> impl Strategy<Value = Observed> {
         let member = (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>());
-        let pod = (any::<bool>(), any::<bool>(), any::<bool>(), 0u64..600, any::<bool>());
+        let pod = (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u64..600,
+            any::<bool>(),
+        );
         (
             1u32..=9,
             proptest::collection::btree_map(0u32..9, (member, proptest::option::of(pod)), 1..8),

@@ -974,7 +974,10 @@ mod tests {
         let msg = "2026-12-02T16:00:00Z ERROR failed to start\noxcd: failed to start: member 8e9e05c52164694d has already been bootstrapped: the cluster knows it as started";
         assert_eq!(lost_member_in(msg), Some(0x8e9e05c52164694d));
         assert_eq!(lost_member_in("oxcd: failed to start: no space"), None);
-        assert_eq!(lost_member_in("member zz has already been bootstrapped"), None);
+        assert_eq!(
+            lost_member_in("member zz has already been bootstrapped"),
+            None
+        );
     }
 
     #[test]

@@ -349,7 +349,12 @@ async fn scales_1_3_5_3_under_a_writer_resuming_after_a_kill_between_member_add_
     );
     assert_nothing_lost(h.endpoints("solo", 3), &acked).await;
     let events = h.events();
-    for reason in ["AddLearner", "PromoteLearner", "RemoveMember", "ScaleStatefulSet"] {
+    for reason in [
+        "AddLearner",
+        "PromoteLearner",
+        "RemoveMember",
+        "ScaleStatefulSet",
+    ] {
         assert!(
             events.iter().any(|(r, _)| r == reason),
             "no {reason} event: {events:?}"
@@ -798,8 +803,7 @@ async fn tls_cluster_is_scaled_and_backed_up_with_the_operators_own_certificate(
     // The members require a client certificate: without one nothing is served.
     let no_cert = etcd_client::ConnectOptions::new()
         .with_tls(
-            etcd_client::TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(&ca)),
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&ca)),
         )
         .with_timeout(Duration::from_secs(3))
         .with_connect_timeout(Duration::from_secs(3));
@@ -818,8 +822,14 @@ async fn tls_cluster_is_scaled_and_backed_up_with_the_operators_own_certificate(
         .wait_for("sec", "3 TLS members", SETTLE, |c| settled(c, 3))
         .await;
     for m in c["status"]["members"].as_array().unwrap() {
-        assert!(m["clientUrl"].as_str().unwrap().starts_with("https://"), "{m}");
-        assert!(m["peerUrl"].as_str().unwrap().starts_with("https://"), "{m}");
+        assert!(
+            m["clientUrl"].as_str().unwrap().starts_with("https://"),
+            "{m}"
+        );
+        assert!(
+            m["peerUrl"].as_str().unwrap().starts_with("https://"),
+            "{m}"
+        );
     }
 
     // A backup streamed from a member over TLS, verified like any other.

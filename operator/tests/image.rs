@@ -39,5 +39,8 @@ fn operator_image_runs_and_prints_the_crd() {
     let _ = docker(&["rmi", "-f", &tag]);
     let printed = printed.expect("the image runs `oxcd-operator crd`");
     let shipped = std::fs::read_to_string(format!("{repo}/crds/etcdcluster.yaml")).unwrap();
-    assert_eq!(printed, shipped, "the image's CRD differs from crds/etcdcluster.yaml");
+    assert_eq!(
+        printed, shipped,
+        "the image's CRD differs from crds/etcdcluster.yaml"
+    );
 }

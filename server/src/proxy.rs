@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(name = "oxcd gateway", about = "gateway: a TCP proxy to the members of a cluster")]
+#[command(
+    name = "oxcd gateway",
+    about = "gateway: a TCP proxy to the members of a cluster"
+)]
 struct Cli {
     #[command(flatten)]
     flags: Flags,
@@ -31,7 +34,12 @@ struct Flags {
     #[arg(long, global = true, default_value = "127.0.0.1:23790")]
     listen_addr: String,
     /// Comma-separated client URLs (or host:port) of the members.
-    #[arg(long, global = true, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379"
+    )]
     endpoints: Vec<String>,
     /// How long a member that refused a connection is skipped (Go duration: 1m, 30s, 500ms).
     #[arg(long, global = true, default_value = "1m0s")]
@@ -60,9 +68,13 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
     if !cli.flags.discovery_srv.is_empty() {
         anyhow::bail!("--discovery-srv is not supported; list the members with --endpoints");
     }
-    let retry_delay = crate::config::parse_go_duration(&cli.flags.retry_delay).ok_or_else(|| {
-        anyhow::anyhow!("--retry-delay {:?} is not a duration", cli.flags.retry_delay)
-    })?;
+    let retry_delay =
+        crate::config::parse_go_duration(&cli.flags.retry_delay).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--retry-delay {:?} is not a duration",
+                cli.flags.retry_delay
+            )
+        })?;
     let remotes: Vec<Remote> = cli
         .flags
         .endpoints
@@ -113,11 +125,7 @@ impl Gateway {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             let remote = &self.remotes[(start + i) % n];
-            if remote
-                .down_until
-                .lock()
-                .is_some_and(|t| Instant::now() < t)
-            {
+            if remote.down_until.lock().is_some_and(|t| Instant::now() < t) {
                 continue;
             }
             let dial = tokio::time::timeout(

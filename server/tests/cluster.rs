@@ -1747,14 +1747,20 @@ async fn member_that_lost_its_data_refuses_to_rejoin_until_re_added() {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {
         let got = own
-            .get("lost/", Some(GetOptions::new().with_prefix().with_serializable()))
+            .get(
+                "lost/",
+                Some(GetOptions::new().with_prefix().with_serializable()),
+            )
             .await
             .map(|r| r.kvs().len())
             .unwrap_or(0);
         if got == 21 {
             break;
         }
-        assert!(Instant::now() < deadline, "the re-added member has {got} of 21 keys");
+        assert!(
+            Instant::now() < deadline,
+            "the re-added member has {got} of 21 keys"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -135,18 +135,23 @@ async fn gateway_relays_clients_to_a_live_member() {
         // Ready when it accepts connections (it logs "ready to proxy client requests").
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(&listen).await.is_err() {
-            assert!(std::time::Instant::now() < deadline, "{l}: the gateway never listened");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{l}: the gateway never listened"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for i in 0..3 {
             let out = support::etcdctl_at(&listen, &["put", &format!("gw{i}"), "v"], None).await;
             assert_eq!(out.ok(), "OK\n", "{l}");
         }
-        let out = support::etcdctl_at(&listen, &["get", "gw", "--prefix", "--keys-only"], None).await;
+        let out =
+            support::etcdctl_at(&listen, &["get", "gw", "--prefix", "--keys-only"], None).await;
         assert_eq!(out.ok(), "gw0\n\ngw1\n\ngw2\n\n", "{l}");
         let _ = gw.start_kill();
         let out = gw.wait_with_output().await.unwrap();
-        let log = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+        let log = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
         assert!(log.contains("ready to proxy client requests"), "{l}: {log}");
     }
 }

@@ -2,7 +2,9 @@
 
 mod support;
 
-use oxcd::pb::etcdserverpb::{watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest};
+use oxcd::pb::etcdserverpb::{
+    watch_client::WatchClient, watch_request, WatchCreateRequest, WatchRequest,
+};
 use std::time::Duration;
 
 /// A client that sends its create request and half-closes its side (grpc-go's CloseSend, or a
@@ -14,10 +16,12 @@ async fn a_half_closed_watch_stream_keeps_delivering_events() {
         let l = server.kind.label();
         let mut w = WatchClient::connect(server.endpoint()).await.expect(l);
         let create = WatchRequest {
-            request_union: Some(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
-                key: b"half/closed".to_vec(),
-                ..Default::default()
-            })),
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: b"half/closed".to_vec(),
+                    ..Default::default()
+                },
+            )),
         };
         // The request stream ends after its one message.
         let mut stream = w
@@ -40,6 +44,10 @@ async fn a_half_closed_watch_stream_keeps_delivering_events() {
             .expect(l)
             .unwrap_or_else(|| panic!("{l}: the stream ended at the half-close"));
         assert_eq!(next.events.len(), 1, "{l}: {next:?}");
-        assert_eq!(next.events[0].kv.as_ref().map(|kv| kv.key.clone()), Some(b"half/closed".to_vec()), "{l}");
+        assert_eq!(
+            next.events[0].kv.as_ref().map(|kv| kv.key.clone()),
+            Some(b"half/closed".to_vec()),
+            "{l}"
+        );
     }
 }

@@ -226,7 +226,8 @@ impl Kubelet {
     /// The container's exit in the pod's status, as the kubelet reports it.
     fn record_exit(&self, pod: &Value, code: i32, log: &std::path::Path) {
         let container = &pod["spec"]["containers"][0];
-        let mut terminated = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }});
+        let mut terminated =
+            json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }});
         if code != 0 && container["terminationMessagePolicy"] == "FallbackToLogsOnError" {
             let text = std::fs::read(log).unwrap_or_default();
             let tail = &text[text.len().saturating_sub(2048)..];
