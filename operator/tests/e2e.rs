@@ -512,6 +512,17 @@ async fn backups_go_to_s3_and_files_are_verified_pruned_and_scheduled() {
     assert_eq!(status["revision"], b["revision"]);
 }
 
+/// A key with its value and revisions, as the dumps compare them.
+fn row(kv: &etcd_client::KeyValue) -> (String, String, i64, i64, i64) {
+    (
+        kv.key_str().unwrap().to_string(),
+        kv.value_str().unwrap().to_string(),
+        kv.create_revision(),
+        kv.mod_revision(),
+        kv.version(),
+    )
+}
+
 /// Waits until the member at `url` serves exactly `want` from its own store (serializable).
 async fn wait_member_serves(url: &str, want: &[(String, String, i64, i64, i64)]) {
     let mut c = etcd_client::Client::connect([url], None).await.unwrap();
@@ -527,20 +538,7 @@ async fn wait_member_serves(url: &str, want: &[(String, String, i64, i64, i64)])
                 ),
             )
             .await
-            .map(|r| {
-                r.kvs()
-                    .iter()
-                    .map(|kv| {
-                        (
-                            kv.key_str().unwrap().to_string(),
-                            kv.value_str().unwrap().to_string(),
-                            kv.create_revision(),
-                            kv.mod_revision(),
-                            kv.version(),
-                        )
-                    })
-                    .collect()
-            })
+            .map(|r| r.kvs().iter().map(row).collect())
             .unwrap_or_default();
         if got == want {
             return;
@@ -562,19 +560,7 @@ async fn dump(endpoints: Vec<String>) -> (Vec<(String, String, i64, i64, i64)>, 
         .get("", Some(etcd_client::GetOptions::new().with_all_keys()))
         .await
         .unwrap();
-    let kvs = r
-        .kvs()
-        .iter()
-        .map(|kv| {
-            (
-                kv.key_str().unwrap().to_string(),
-                kv.value_str().unwrap().to_string(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
-        .collect();
+    let kvs = r.kvs().iter().map(row).collect();
     (kvs, r.header().unwrap().revision())
 }
 
