@@ -393,6 +393,31 @@ impl EtcdServer {
     /// Raft, the applier and the peer listener. Must run inside the Tokio runtime.
     pub async fn start(cfg: Config) -> anyhow::Result<Arc<EtcdServer>> {
         let member_dir = cfg.data_dir.join("member");
+        if let Some(etcd) = crate::snapshot::etcd_dir::detect(&cfg.data_dir, &cfg.wal_dir) {
+            tracing::info!(
+                data_dir = %cfg.data_dir.display(),
+                "found etcd's data dir (member/snap/db and its WAL); importing it"
+            );
+            let bcrypt_cost = auth::effective_bcrypt_cost(cfg.bcrypt_cost);
+            let i = crate::snapshot::etcd_dir::import(&etcd, bcrypt_cost).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start on etcd's data dir {}: {e}",
+                    cfg.data_dir.display()
+                )
+            })?;
+            tracing::info!(
+                member_id = %format!("{:x}", i.member_id),
+                cluster_id = %format!("{:x}", i.cluster_id),
+                index = i.index,
+                term = i.term,
+                commit = i.commit,
+                log_entries = i.entries,
+                members = i.members,
+                revision = i.revision,
+                etcd_wal = %i.etcd_wal.display(),
+                "imported etcd's data dir; etcd's own files stay in member/snap and the moved WAL"
+            );
+        }
         std::fs::create_dir_all(&member_dir)?;
         if let Ok(d) = std::fs::read_dir(member_dir.join("snap")) {
             for e in d.flatten() {

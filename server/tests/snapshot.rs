@@ -2,6 +2,8 @@
 //! `oxcd snapshot restore` into a 3-member oxcd cluster, and from oxcd restored by
 //! `etcdctl snapshot restore` and served by real etcd, with the same keys, values, revisions
 //! and leases. `oxcd snapshot status` prints exactly what `etcdctl snapshot status` prints.
+//! oxcd also starts on etcd's own data dirs: those `etcdctl snapshot restore` makes, and those
+//! of a stopped etcd cluster (in-place replacement).
 
 // The cluster-test guard serialises whole tests on purpose; it is held across their awaits.
 #![allow(clippy::await_holding_lock)]
@@ -210,6 +212,120 @@ async fn backup_from_oxcd_restores_into_etcd_and_into_oxcd() {
     let oxcd = Cluster::start_from_backup(Kind::Oxcd, 3, &backup).await;
     oxcd.wait_converged(Duration::from_secs(30)).await;
     assert_restored(&oxcd, &want, want_rev, compacted, &history).await;
+}
+
+/// The etcd runbook: `etcdctl snapshot restore` (etcd's own tool, writing etcd's data dir
+/// layout: bbolt backend, WAL, v2 snap file) and then start the members on the restored dirs,
+/// here oxcd members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctls_own_restore_makes_data_dirs_oxcd_starts_on() {
+    let _serial = support::serial_cluster_test();
+    let dir = tempfile::tempdir().unwrap();
+    let backup = backup_path(&dir, "from-oxcd.db");
+    let source = Cluster::start(Kind::Oxcd, 1).await;
+    let compacted = load(&mut source.client().await).await;
+    let (want, want_rev, history) = source_state(&source, compacted).await;
+    save(&source, 0, &backup).await;
+    drop(source);
+
+    let oxcd = Cluster::start_from_backup_restored_by(Kind::Oxcd, 3, &backup, Kind::Etcd).await;
+    oxcd.wait_converged(Duration::from_secs(30)).await;
+    assert_restored(&oxcd, &want, want_rev, compacted, &history).await;
+    for (i, m) in oxcd.members.iter().enumerate() {
+        assert!(
+            m.log().contains("imported etcd's data dir"),
+            "member {i} did not say it imported etcd's data dir"
+        );
+    }
+}
+
+/// etcd replaced in place: a 3-member etcd 3.4 cluster is stopped (one member killed) and oxcd
+/// is started on the same data dirs with the same flags. Members keep their IDs and the cluster its ID, every
+/// key, revision, lease and the compaction point; the etcd log's tail (members publishing
+/// themselves, empty leader entries) is carried over; the cluster goes on and restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oxcd_takes_over_an_etcd_clusters_data_dirs_in_place() {
+    let _serial = support::serial_cluster_test();
+    let mut cluster = Cluster::start(Kind::Etcd, 3).await;
+    let compacted = load(&mut cluster.client().await).await;
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let (want, want_rev, history) = source_state(&cluster, compacted).await;
+    let etcd_ids: Vec<u64> = (0..3).map(|i| cluster.id(i)).collect();
+    let etcd_cluster_id = cluster.members[0]
+        .status()
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .cluster_id();
+    let mut etcd_members: Vec<(u64, String, Vec<String>, Vec<String>)> = cluster
+        .client()
+        .await
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| {
+            (
+                m.id(),
+                m.name().to_string(),
+                m.peer_urls().to_vec(),
+                m.client_urls().to_vec(),
+            )
+        })
+        .collect();
+    etcd_members.sort();
+
+    // One member killed (its backend and WAL as a crash leaves them), the others stopped.
+    cluster.members[0].kill9();
+    cluster.replace_binary(Kind::Oxcd).await;
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    for i in 0..3 {
+        let st = cluster.members[i].status().await.unwrap();
+        let h = st.header().unwrap();
+        assert_eq!(h.member_id(), etcd_ids[i], "member {i} kept its ID");
+        assert_eq!(h.cluster_id(), etcd_cluster_id, "the cluster kept its ID");
+        assert!(cluster.members[i]
+            .log()
+            .contains("imported etcd's data dir"));
+        assert!(
+            cluster.members[i]
+                .wal_dir()
+                .with_file_name("wal.etcd")
+                .is_dir(),
+            "etcd's WAL is kept beside oxcd's"
+        );
+    }
+    let mut members: Vec<(u64, String, Vec<String>, Vec<String>)> = cluster
+        .client()
+        .await
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| {
+            (
+                m.id(),
+                m.name().to_string(),
+                m.peer_urls().to_vec(),
+                m.client_urls().to_vec(),
+            )
+        })
+        .collect();
+    members.sort();
+    assert_eq!(members, etcd_members, "member list");
+    assert_restored(&cluster, &want, want_rev, compacted, &history).await;
+
+    // Now an oxcd data dir: a restart does not import again, and nothing is lost.
+    let leader = cluster.leader().await;
+    cluster.members[leader].restart().await;
+    cluster.wait_converged(Duration::from_secs(30)).await;
+    let mut c = cluster.client().await;
+    let got = c.get("after-restore", None).await.unwrap();
+    assert_eq!(got.kvs().len(), 1);
+    assert_eq!(got.header().unwrap().revision(), want_rev + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

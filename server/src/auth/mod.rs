@@ -105,14 +105,27 @@ pub struct AuthStore {
 /// The record changes one applied auth request makes, to be written with its entry.
 pub type Changes = Vec<RecordChange>;
 
+/// `--bcrypt-cost` as used: etcd falls back to bcrypt's default for a cost out of bcrypt's
+/// range.
+pub fn effective_bcrypt_cost(flag: u32) -> u32 {
+    if (4..=31).contains(&flag) {
+        flag
+    } else {
+        bcrypt::DEFAULT_COST
+    }
+}
+
+/// A bcrypt hash as etcd stores it. Go's bcrypt writes "$2a$": keep backends interchangeable
+/// with etcd's.
+pub fn hash_password(password: &str, cost: u32) -> Result<Vec<u8>> {
+    let h =
+        bcrypt::hash_with_result(password, cost).map_err(|e| EtcdError::Internal(e.to_string()))?;
+    Ok(h.format_for_version(bcrypt::Version::TwoA).into_bytes())
+}
+
 impl AuthStore {
     pub fn new(tokens: Tokens, bcrypt_cost: u32) -> Self {
-        // etcd falls back to bcrypt's default for a cost out of bcrypt's range.
-        let bcrypt_cost = if (4..=31).contains(&bcrypt_cost) {
-            bcrypt_cost
-        } else {
-            bcrypt::DEFAULT_COST
-        };
+        let bcrypt_cost = effective_bcrypt_cost(bcrypt_cost);
         AuthStore {
             state: RwLock::new(State {
                 revision: 1,
@@ -166,10 +179,7 @@ impl AuthStore {
     }
 
     pub fn hash_password(&self, password: &str) -> Result<Vec<u8>> {
-        let h = bcrypt::hash_with_result(password, self.bcrypt_cost)
-            .map_err(|e| EtcdError::Internal(e.to_string()))?;
-        // Go's bcrypt writes "$2a$": keep backends interchangeable with etcd's.
-        Ok(h.format_for_version(bcrypt::Version::TwoA).into_bytes())
+        hash_password(password, self.bcrypt_cost)
     }
 
     /// etcd's `CheckPassword`: the auth revision the check passed at. Slow by design (bcrypt):

@@ -989,6 +989,11 @@ const CRC32C_TABLE: [u32; 256] = {
 };
 
 impl Crc32c {
+    /// Continues a checksum from its finished value (etcd's WAL rolls one CRC across records).
+    pub(crate) fn resume(finished: u32) -> Self {
+        Crc32c { crc: !finished }
+    }
+
     pub(crate) fn update(&mut self, data: &[u8]) {
         for b in data {
             self.crc = CRC32C_TABLE[((self.crc ^ *b as u32) & 0xff) as usize] ^ (self.crc >> 8);

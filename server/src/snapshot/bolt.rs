@@ -92,7 +92,7 @@ fn member_json(m: &Member) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
-fn parse_member(v: &[u8]) -> Result<Member> {
+pub(super) fn parse_member(v: &[u8]) -> Result<Member> {
     let j: serde_json::Value = serde_json::from_slice(v)
         .map_err(|e| SnapshotError::Corrupt(format!("member record: {e}")))?;
     let strings = |k: &str| -> Vec<String> {

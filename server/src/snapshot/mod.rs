@@ -7,6 +7,7 @@
 
 pub mod bolt;
 pub mod cli;
+pub mod etcd_dir;
 mod reader;
 pub mod restore;
 

@@ -894,14 +894,41 @@ impl Cluster {
     /// Starts `n` members whose data dirs are first restored from an etcd-format backup
     /// with the kind's own tool (`oxcd snapshot restore` or `etcdctl snapshot restore`).
     pub async fn start_from_backup(kind: Kind, n: usize, backup: &Path) -> Cluster {
-        Self::start_inner(kind, n, &[], Some(backup), TlsClient::default()).await
+        Self::start_from_backup_restored_by(kind, n, backup, kind).await
+    }
+
+    /// Like `start_from_backup`, with the data dirs made by `tool`'s `snapshot restore`
+    /// (etcdctl's for an oxcd cluster: the runbook of an etcd user).
+    pub async fn start_from_backup_restored_by(
+        kind: Kind,
+        n: usize,
+        backup: &Path,
+        tool: Kind,
+    ) -> Cluster {
+        Self::start_inner(kind, n, &[], Some((backup, tool)), TlsClient::default()).await
+    }
+
+    /// Stops every member cleanly and starts `kind`'s binary on the same data dirs, ports and
+    /// flags (oxcd taking over etcd's data dirs in place); waits until each is ready.
+    pub async fn replace_binary(&mut self, kind: Kind) {
+        for m in self.members.iter_mut() {
+            m.stop();
+        }
+        self.kind = kind;
+        for m in self.members.iter_mut() {
+            m.kind = kind;
+            m.spawn();
+        }
+        for m in self.members.iter_mut() {
+            m.wait_until_ready().await;
+        }
     }
 
     async fn start_inner(
         kind: Kind,
         n: usize,
         extra: &[&str],
-        backup: Option<&Path>,
+        backup: Option<(&Path, Kind)>,
         tls: TlsClient,
     ) -> Cluster {
         assert!(n >= 1);
@@ -944,10 +971,10 @@ impl Cluster {
                     "--initial-cluster-state".to_string(),
                     "new".to_string(),
                 ];
-                if let Some(backup) = backup {
+                if let Some((backup, tool)) = backup {
                     let _ = std::fs::remove_dir_all(m.data_dir());
                     let out = snapshot_restore(
-                        kind,
+                        tool,
                         backup,
                         &[
                             "--name",
