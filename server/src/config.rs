@@ -1,5 +1,6 @@
 //! Server configuration: etcd 3.4's flags, each also read from `ETCD_<FLAG_NAME>`.
 
+use crate::listener::ListenAddr;
 use clap::Parser;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -309,17 +310,17 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub wal_dir: PathBuf,
     /// Every client listening address, once, in flag order.
-    pub listen_client: Vec<SocketAddr>,
+    pub listen_client: Vec<ListenAddr>,
     /// The client addresses named by an http:// URL, and by an https:// URL (etcd serves both
     /// on one port when both name it).
-    pub listen_client_plain: Vec<SocketAddr>,
-    pub listen_client_tls: Vec<SocketAddr>,
+    pub listen_client_plain: Vec<ListenAddr>,
+    pub listen_client_tls: Vec<ListenAddr>,
     pub client_tls: crate::tls::TlsInfo,
     /// `--listen-metrics-urls`: HTTP listeners for /metrics and /health only.
-    pub listen_metrics: Vec<SocketAddr>,
-    pub listen_peer: Vec<SocketAddr>,
-    pub listen_peer_plain: Vec<SocketAddr>,
-    pub listen_peer_tls: Vec<SocketAddr>,
+    pub listen_metrics: Vec<ListenAddr>,
+    pub listen_peer: Vec<ListenAddr>,
+    pub listen_peer_plain: Vec<ListenAddr>,
+    pub listen_peer_tls: Vec<ListenAddr>,
     pub peer_tls: crate::tls::TlsInfo,
     pub advertise_client_urls: Vec<String>,
     pub initial_advertise_peer_urls: Vec<String>,
@@ -382,14 +383,16 @@ fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
         let parsed = url::Url::parse(u).map_err(|e| invalid(flag, u, e.to_string()))?;
         match parsed.scheme() {
             "http" | "https" => {}
-            "unix" | "unixs" => {
-                return Err(invalid(flag, u, "unix sockets are not supported by oxcd"))
+            // etcd takes host:port for a unix socket too (the file is named by both).
+            "unix" | "unixs" if !parsed.path().is_empty() => {
+                return Err(invalid(flag, u, "URL must not contain a path"))
             }
+            "unix" | "unixs" => {}
             other => {
                 return Err(invalid(
                     flag,
                     u,
-                    format!("URL scheme must be http, https, unix or unixs: {other}"),
+                    format!("URL scheme must be http, https, unix, or unixs: {other}"),
                 ))
             }
         }
@@ -405,13 +408,13 @@ fn split_urls(flag: &'static str, s: &str) -> Result<Vec<String>, ConfigError> {
 fn listeners(
     flag: &'static str,
     urls: &[String],
-) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>, Vec<SocketAddr>), ConfigError> {
+) -> Result<(Vec<ListenAddr>, Vec<ListenAddr>, Vec<ListenAddr>), ConfigError> {
     let (mut all, mut plain, mut tls) = (Vec::new(), Vec::new(), Vec::new());
     for u in urls {
-        let https = u.starts_with("https://");
+        let https = u.starts_with("https://") || u.starts_with("unixs://");
         for a in resolve(flag, u)? {
             if !all.contains(&a) {
-                all.push(a);
+                all.push(a.clone());
             }
             let list = if https { &mut tls } else { &mut plain };
             if !list.contains(&a) {
@@ -492,8 +495,13 @@ fn tls_info(
     Ok(info)
 }
 
-fn resolve(flag: &'static str, u: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+fn resolve(flag: &'static str, u: &str) -> Result<Vec<ListenAddr>, ConfigError> {
     let parsed = url::Url::parse(u).map_err(|e| invalid(flag, u, e.to_string()))?;
+    if matches!(parsed.scheme(), "unix" | "unixs") {
+        return Ok(vec![ListenAddr::Unix(crate::listener::unix_socket_path(
+            &parsed,
+        ))]);
+    }
     let host = parsed.host_str().unwrap_or("");
     let port = parsed.port().unwrap_or(0);
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -502,7 +510,7 @@ fn resolve(flag: &'static str, u: &str) -> Result<Vec<SocketAddr>, ConfigError> 
         .map_err(|e| invalid(flag, u, e.to_string()))?
         .collect();
     // "localhost" resolves to both families; etcd listens on the first, so do we.
-    Ok(addrs.into_iter().take(1).collect())
+    Ok(addrs.into_iter().take(1).map(ListenAddr::Tcp).collect())
 }
 
 /// Parses `--initial-cluster` (`name=url,name=url`) and checks that `name` is in it with
@@ -1039,7 +1047,10 @@ mod tests {
     fn defaults_match_etcd() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("default.oxcd"));
-        assert_eq!(c.listen_client, vec!["127.0.0.1:2379".parse().unwrap()]);
+        assert_eq!(
+            c.listen_client,
+            vec![ListenAddr::Tcp("127.0.0.1:2379".parse().unwrap())]
+        );
         assert_eq!(
             c.initial_cluster,
             vec![("default".into(), vec!["http://localhost:2380".into()])]
@@ -1084,7 +1095,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.name, "infra9");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/x"));
-        assert_eq!(c.listen_client, vec!["127.0.0.1:12379".parse().unwrap()]);
+        assert_eq!(
+            c.listen_client,
+            vec![ListenAddr::Tcp("127.0.0.1:12379".parse().unwrap())]
+        );
         assert_eq!(c.quota_backend_bytes, 1_048_576);
         assert!(!c.strict_reconfig_check);
     }

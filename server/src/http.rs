@@ -33,13 +33,13 @@ pub enum Endpoints {
 /// Serves `--listen-metrics-urls` on one address until the process ends.
 pub async fn serve_metrics(
     server: Arc<EtcdServer>,
-    addr: std::net::SocketAddr,
+    addr: crate::listener::ListenAddr,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = crate::listener::Listener::bind(&addr).await?;
     tracing::info!(address = %addr, "serving metrics");
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 tokio::spawn(serve_connection(server.clone(), stream, Endpoints::Metrics));
             }
             Err(e) => {

@@ -11,6 +11,7 @@ pub mod corrupt;
 pub mod error;
 pub mod http;
 pub mod lease;
+pub mod listener;
 pub mod log;
 pub mod membership;
 pub mod metrics;

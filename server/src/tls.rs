@@ -3,6 +3,7 @@
 //! so a rotated certificate is used for the next connection without a restart (as etcd 3.4
 //! does). `--auto-tls`/`--peer-auto-tls` generate a self-signed pair under the data dir.
 
+use crate::listener::{ListenAddr, Socket};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 use thiserror::Error;
+use tokio_rustls::server::TlsStream;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -211,6 +213,10 @@ fn server_config(info: &TlsInfo) -> Result<rustls::ServerConfig> {
                 v = v.with_crls(read_crls(crl)?);
             }
             let verifier = v.build().map_err(|e| TlsError::Config(e.to_string()))?;
+            let verifier: Arc<dyn ClientCertVerifier> = Arc::new(ClientCaAsLeaf {
+                inner: verifier,
+                cas: CaItself::read(ca, info.crl_file.as_deref())?,
+            });
             let verifier: Arc<dyn ClientCertVerifier> =
                 if info.allowed_cn.is_some() || info.allowed_hostname.is_some() {
                     Arc::new(AllowedPeer {
@@ -271,12 +277,9 @@ impl Acceptor {
         cur.1.clone()
     }
 
-    pub async fn accept(
-        &self,
-        tcp: tokio::net::TcpStream,
-    ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    pub async fn accept(&self, socket: Socket) -> std::io::Result<TlsStream<Socket>> {
         tokio_rustls::TlsAcceptor::from(self.config())
-            .accept(tcp)
+            .accept(socket)
             .await
     }
 }
@@ -381,6 +384,179 @@ impl ClientCertVerifier for AllowedPeer {
     }
 }
 
+/// Go's x509 accepts a certificate that is itself one of the trusted CAs as the other side's
+/// certificate; webpki refuses any CA certificate as an end entity. etcd's own fixtures do
+/// this (a self-signed CA with CN `root`, used as CA, server and client certificate), and so
+/// may a deployment: the exact certificate of a trusted CA is accepted too, when it is within
+/// its validity period, allows the usage and is not revoked by a CRL of its own.
+#[derive(Debug)]
+struct CaItself {
+    cas: Vec<CertificateDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl CaItself {
+    fn read(ca_file: &Path, crl_file: Option<&Path>) -> Result<CaItself> {
+        Ok(CaItself {
+            cas: read_certs(ca_file)?,
+            crls: match crl_file {
+                Some(f) => read_crls(f)?,
+                None => vec![],
+            },
+        })
+    }
+
+    fn accepts(
+        &self,
+        cert: &CertificateDer<'_>,
+        now: rustls::pki_types::UnixTime,
+        client: bool,
+    ) -> bool {
+        if !self.cas.iter().any(|ca| ca.as_ref() == cert.as_ref()) {
+            return false;
+        }
+        let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+            return false;
+        };
+        let Ok(now) = x509_parser::time::ASN1Time::from_timestamp(now.as_secs() as i64) else {
+            return false;
+        };
+        if !c.validity().is_valid_at(now) {
+            return false;
+        }
+        let usage_ok = match c.extended_key_usage() {
+            Ok(Some(eku)) => {
+                let u = &eku.value;
+                u.any || if client { u.client_auth } else { u.server_auth }
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        let revoked = self.crls.iter().any(|crl| {
+            x509_parser::parse_x509_crl(crl.as_ref()).is_ok_and(|(_, crl)| {
+                crl.issuer() == c.subject()
+                    && crl
+                        .iter_revoked_certificates()
+                        .any(|r| r.raw_serial() == c.raw_serial())
+            })
+        });
+        usage_ok && !revoked
+    }
+}
+
+/// A client verifier that also takes a trusted CA's own certificate (see `CaItself`).
+#[derive(Debug)]
+struct ClientCaAsLeaf {
+    inner: Arc<dyn ClientCertVerifier>,
+    cas: CaItself,
+}
+
+impl ClientCertVerifier for ClientCaAsLeaf {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(_) if self.cas.accepts(end_entity, now, true) => {
+                Ok(ClientCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The server-side counterpart, for a member dialing its peers: the trusted CA's own
+/// certificate must still name the host dialed.
+#[derive(Debug)]
+struct ServerCaAsLeaf {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    cas: CaItself,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerCaAsLeaf {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(e) if self.cas.accepts(end_entity, now, false) => {
+                let names_host = webpki::EndEntityCert::try_from(end_entity)
+                    .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(server_name).is_ok());
+                if names_host {
+                    Ok(rustls::client::danger::ServerCertVerified::assertion())
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Accepts any server certificate: only for peers whose pairs `--peer-auto-tls` generated,
 /// which nobody can verify (etcd skips verification for them too).
 #[derive(Debug)]
@@ -439,7 +615,20 @@ pub fn peer_client_config(info: &TlsInfo) -> Result<rustls::ClientConfig> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &info.trusted_ca_file {
-        Some(ca) if !info.self_signed => builder.with_root_certificates(read_roots(ca)?),
+        Some(ca) if !info.self_signed => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(read_roots(ca)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ServerCaAsLeaf {
+                    inner,
+                    cas: CaItself::read(ca, None)?,
+                }))
+        }
         _ => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone()))),
@@ -456,8 +645,9 @@ pub fn peer_client_config(info: &TlsInfo) -> Result<rustls::ClientConfig> {
     Ok(cfg)
 }
 
-/// A gRPC channel to a peer URL: plain for http://, TLS with `peer` for https://. tonic is
-/// handed an http:// URI either way; the TLS is ours, done in the connector.
+/// A gRPC channel to a peer URL: plain for http://, TLS with `peer` for https://, and the
+/// same over a unix socket for unix:// and unixs://. tonic is handed an http:// URI either
+/// way; sockets and TLS are ours, made in the connector.
 pub async fn peer_channel(
     url: &str,
     peer: &TlsInfo,
@@ -466,7 +656,13 @@ pub async fn peer_channel(
     let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
     let host = parsed.host_str().unwrap_or_default().to_string();
     let port = parsed.port().unwrap_or(2380);
-    let plain = format!("http://{host}:{port}");
+    let unix = matches!(parsed.scheme(), "unix" | "unixs");
+    let tls = matches!(parsed.scheme(), "https" | "unixs");
+    let plain = if unix {
+        "http://localhost".to_string()
+    } else {
+        format!("http://{host}:{port}")
+    };
     let ep = tonic::transport::Endpoint::from_shared(plain)
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(connect_timeout)
@@ -474,25 +670,48 @@ pub async fn peer_channel(
         .http2_keep_alive_interval(std::time::Duration::from_secs(1))
         .keep_alive_timeout(std::time::Duration::from_secs(5))
         .keep_alive_while_idle(true);
-    if parsed.scheme() != "https" {
+    if !tls && !unix {
         return ep.connect().await.map_err(|e| format!("{url}: {e}"));
     }
-    let cfg = Arc::new(peer_client_config(peer).map_err(|e| format!("{url}: {e}"))?);
-    let server_name = ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_string())
-        .map_err(|e| format!("{url}: {e}"))?;
+    let tls = match tls {
+        true => {
+            let cfg = Arc::new(peer_client_config(peer).map_err(|e| format!("{url}: {e}"))?);
+            let name = host.trim_matches(|c| c == '[' || c == ']');
+            let name = if name.is_empty() { "localhost" } else { name };
+            let server_name =
+                ServerName::try_from(name.to_string()).map_err(|e| format!("{url}: {e}"))?;
+            Some((cfg, server_name))
+        }
+        false => None,
+    };
+    let socket_path = unix.then(|| crate::listener::unix_socket_path(&parsed));
     let connector = tower::service_fn(move |uri: http::Uri| {
-        let cfg = cfg.clone();
-        let server_name = server_name.clone();
+        let tls = tls.clone();
+        let socket_path = socket_path.clone();
         async move {
             let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-            let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
-            tcp.set_nodelay(true)?;
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(server_name, tcp)
-                .await?;
+            let (socket, peer) = match &socket_path {
+                Some(path) => (
+                    Socket::Unix(tokio::net::UnixStream::connect(path).await?),
+                    path.display().to_string(),
+                ),
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    tcp.set_nodelay(true)?;
+                    (Socket::Tcp(tcp), authority)
+                }
+            };
+            let io: Box<dyn PeerIo> = match tls {
+                Some((cfg, server_name)) => Box::new(
+                    tokio_rustls::TlsConnector::from(cfg)
+                        .connect(server_name, socket)
+                        .await?,
+                ),
+                None => Box::new(socket),
+            };
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(AlertLogged {
-                inner: tls,
-                peer: authority,
+                inner: io,
+                peer,
             }))
         }
     });
@@ -500,6 +719,10 @@ pub async fn peer_channel(
         .await
         .map_err(|e| format!("{url}: {e:?}"))
 }
+
+/// A connection to a peer, plain or TLS, over TCP or a unix socket.
+trait PeerIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PeerIo for T {}
 
 /// A peer connection that logs a TLS alert the peer sends after the handshake. With TLS 1.3
 /// the client's handshake is over before the server has checked the client's certificate, so
@@ -612,8 +835,8 @@ pub fn log_rejected(peer: Option<SocketAddr>, e: &std::io::Error) {
 
 /// An accepted connection, plain or TLS; what the gRPC servers read from.
 pub enum Conn {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Plain(Socket),
+    Tls(Box<TlsStream<Socket>>),
 }
 
 impl Conn {
@@ -626,7 +849,7 @@ impl Conn {
         }
     }
 
-    fn tcp(&self) -> &tokio::net::TcpStream {
+    fn socket(&self) -> &Socket {
         match self {
             Conn::Plain(t) => t,
             Conn::Tls(t) => t.get_ref().0,
@@ -716,7 +939,7 @@ impl tonic::transport::server::Connected for Conn {
             }),
         };
         ClientInfo {
-            tcp: self.tcp().connect_info(),
+            tcp: self.socket().connect_info(),
             common_name,
         }
     }
@@ -736,7 +959,7 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 impl Mode {
     /// Completes a freshly accepted connection: the TLS handshake where the mode asks for it.
     /// A refused handshake is logged (etcd's "rejected connection") and returns an error.
-    pub async fn establish(&self, tcp: tokio::net::TcpStream) -> std::io::Result<Conn> {
+    pub async fn establish(&self, tcp: Socket) -> std::io::Result<Conn> {
         let acceptor = match self {
             Mode::Plain => return Ok(Conn::Plain(tcp)),
             Mode::Tls(a) => a,
@@ -751,7 +974,7 @@ impl Mode {
                 a
             }
         };
-        let remote = tcp.peer_addr().ok();
+        let remote = tcp.peer_addr();
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => Ok(Conn::Tls(Box::new(tls))),
             Ok(Err(e)) => {
@@ -768,9 +991,9 @@ impl Mode {
 
 /// The listening mode for `addr` given which schemes name it.
 pub fn mode_for(
-    addr: &SocketAddr,
-    plain: &[SocketAddr],
-    tls: &[SocketAddr],
+    addr: &ListenAddr,
+    plain: &[ListenAddr],
+    tls: &[ListenAddr],
     info: &TlsInfo,
 ) -> Result<Mode> {
     let (p, t) = (plain.contains(addr), tls.contains(addr));
@@ -830,6 +1053,40 @@ mod tests {
         v.verify_client_cert(&p.leaf, &[], rustls::pki_types::UnixTime::now())
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_trusted_cas_own_certificate_is_accepted_as_a_client_certificate_as_go_does() {
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "root");
+        let key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap().der().clone();
+        let other = pki("member", "m1.example.com");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        // webpki alone refuses it: a CA used as an end entity.
+        assert!(inner.verify_client_cert(&ca, &[], now).is_err());
+        let v = ClientCaAsLeaf {
+            inner,
+            cas: CaItself {
+                cas: vec![ca.clone()],
+                crls: vec![],
+            },
+        };
+        assert!(v.verify_client_cert(&ca, &[], now).is_ok());
+        // Only the trusted CA's exact certificate: an untrusted CA's is still refused.
+        assert!(v.verify_client_cert(&other.ca, &[], now).is_err());
+        // Not beyond its validity period.
+        let later = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            4_102_444_800 * 20,
+        ));
+        assert!(v.verify_client_cert(&ca, &[], later).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Operations flags whose effect a client or a log reader sees: `--logger` (the lines tools
-//! wait for, and zap's JSON shape) and `--max-concurrent-streams`. Each runs against real
-//! etcd 3.4 first, then against the subject, with the same flags.
+//! wait for, and zap's JSON shape), `--max-concurrent-streams`, the TCP gateway and unix://
+//! URLs. Each runs against real etcd 3.4 first, then against the subject, with the same flags.
 
 mod support;
 
@@ -153,5 +153,91 @@ async fn gateway_relays_clients_to_a_live_member() {
         let log = String::from_utf8_lossy(&out.stderr).to_string()
             + &String::from_utf8_lossy(&out.stdout);
         assert!(log.contains("ready to proxy client requests"), "{l}: {log}");
+    }
+}
+
+/// etcd's unix:// URLs: the client API and the peer port on unix sockets. A URL is still
+/// host:port, and the socket is the file `host:port` in the working directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn unix_socket_urls_serve_clients_and_peers() {
+    for kind in [Kind::Etcd, Kind::subject()] {
+        let l = kind.label();
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = ("unix://client.sock:1", "unix://peer.sock:1");
+        let mut cmd = tokio::process::Command::new(kind.binary());
+        cmd.current_dir(dir.path())
+            .args(["--name", "u1", "--data-dir", "data"])
+            .args([
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+            ])
+            .args(["--initial-cluster", &format!("u1={peer}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| k.starts_with("ETCD_")) {
+                cmd.env_remove(k);
+            }
+        }
+        let mut server = cmd.spawn().expect("start the server");
+        // etcdctl dials the socket relative to its own working directory.
+        let ctl = |args: &[&str]| {
+            std::process::Command::new(support::ETCDCTL_BIN)
+                .current_dir(dir.path())
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", client, "--dial-timeout", "2s"])
+                .args(args)
+                .output()
+                .expect("run etcdctl")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = ctl(&["put", "over", "unix"]);
+            if out.status.success() {
+                assert_eq!(String::from_utf8_lossy(&out.stdout), "OK\n", "{l}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{l}: no answer over {client}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for sock in ["client.sock:1", "peer.sock:1"] {
+            assert!(dir.path().join(sock).exists(), "{l}: {sock}");
+        }
+        let out = ctl(&["get", "over"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "over\nunix\n", "{l}");
+        let out = ctl(&["member", "list"]);
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            line.ends_with(&format!("started, u1, {peer}, {client}, false")),
+            "{l}: {line}"
+        );
+        // A path is refused, as etcd refuses it.
+        let out = std::process::Command::new(kind.binary())
+            .current_dir(dir.path())
+            .args(["--name", "u2", "--data-dir", "data2"])
+            .args(["--listen-client-urls", "unix:///tmp/x.sock"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{l}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unix:///tmp/x.sock"),
+            "{l}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = server.start_kill();
+        let _ = server.wait().await;
     }
 }

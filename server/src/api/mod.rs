@@ -15,6 +15,7 @@ pub mod peer;
 mod status;
 mod watch;
 
+use crate::listener::{ListenAddr, Listener, Socket};
 use crate::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -22,7 +23,6 @@ use crate::pb::etcdserverpb::{
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::server::EtcdServer;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The etcd version whose API and behaviour oxcd implements; clients gate features on it.
@@ -32,7 +32,7 @@ pub const ETCD_API_VERSION: &str = "3.4.23";
 pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// Serves the client API on one listener until the process ends.
-pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr) -> anyhow::Result<()> {
     let max = server.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let cfg = &server.cfg;
     let mode = crate::tls::mode_for(
@@ -41,7 +41,7 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
         &cfg.listen_client_tls,
         &cfg.client_tls,
     )?;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = Listener::bind(&addr).await?;
     // etcd's lines: tools and tests wait for "ready to serve client requests".
     tracing::info!("ready to serve client requests");
     match mode {
@@ -105,7 +105,7 @@ pub async fn serve(server: Arc<EtcdServer>, addr: SocketAddr) -> anyhow::Result<
 /// a plain connection is told by its first bytes, a TLS one by the protocol ALPN chose.
 fn async_stream_incoming(
     server: Arc<EtcdServer>,
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     mode: crate::tls::Mode,
 ) -> impl futures::Stream<Item = std::io::Result<authority::AuthorityFix<crate::tls::Conn>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -113,7 +113,7 @@ fn async_stream_incoming(
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors and the like: etcd logs and keeps accepting.
                     tracing::warn!(error = %e, "accepting a client connection failed");
@@ -121,7 +121,6 @@ fn async_stream_incoming(
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             let grpc = tx.clone();
             let server = server.clone();
             let mode = mode.clone();
@@ -154,7 +153,7 @@ fn async_stream_incoming(
 
 /// Whether a connection's first bytes are HTTP/2's preface ("PRI "), read without consuming.
 /// A silent connection is given a while, then dropped.
-async fn starts_with_http2_preface(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+async fn starts_with_http2_preface(stream: &Socket) -> std::io::Result<bool> {
     const PRI: &[u8] = b"PRI ";
     let decide = async {
         let mut buf = [0u8; 4];

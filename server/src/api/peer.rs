@@ -142,7 +142,10 @@ impl Peer for PeerService {
 }
 
 /// Serves the peer API on one listener until the process ends.
-pub async fn serve(server: Arc<EtcdServer>, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(
+    server: Arc<EtcdServer>,
+    addr: crate::listener::ListenAddr,
+) -> anyhow::Result<()> {
     let cfg = &server.cfg;
     let mode = Arc::new(crate::tls::mode_for(
         &addr,
@@ -150,7 +153,7 @@ pub async fn serve(server: Arc<EtcdServer>, addr: std::net::SocketAddr) -> anyho
         &cfg.listen_peer_tls,
         &cfg.peer_tls,
     )?);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = crate::listener::Listener::bind(&addr).await?;
     match *mode {
         crate::tls::Mode::Plain => tracing::info!(address = %addr, "serving peer traffic"),
         _ => tracing::info!(address = %addr, "serving peer traffic securely"),
@@ -159,14 +162,13 @@ pub async fn serve(server: Arc<EtcdServer>, addr: std::net::SocketAddr) -> anyho
     tokio::spawn(async move {
         loop {
             let tcp = match listener.accept().await {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a peer connection failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             let (conns, mode) = (tx.clone(), mode.clone());
             tokio::spawn(async move {
                 // A refused peer (a certificate that is not allowed) is logged by `establish`.
