@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod config;
 pub mod corrupt;
 pub mod error;
+pub mod grpc_proxy;
 pub mod http;
 pub mod lease;
 pub mod listener;

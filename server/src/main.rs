@@ -5,12 +5,13 @@ use oxcd::server::EtcdServer;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    // Tools: the offline backup tools, the load generator and the TCP gateway.
+    // Tools: the offline backup tools, the load generator, the TCP gateway and the gRPC proxy.
     let tool: Option<fn(Vec<String>) -> anyhow::Result<()>> = match args.get(1).map(String::as_str)
     {
         Some("snapshot") => Some(oxcd::snapshot::cli::run),
         Some("benchmark") => Some(oxcd::benchmark::run),
         Some("gateway") => Some(oxcd::proxy::run),
+        Some("grpc-proxy") => Some(oxcd::grpc_proxy::run),
         _ => None,
     };
     if let Some(tool) = tool {

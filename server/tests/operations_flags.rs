@@ -241,3 +241,166 @@ async fn unix_socket_urls_serve_clients_and_peers() {
         let _ = server.wait().await;
     }
 }
+
+/// etcd's gRPC proxy: every service through one address with a dead member listed first;
+/// unary calls, leases, a watch stream and auth tokens pass through; `/health` answers over
+/// HTTP/1.1 on the same port; and a client certificate with a CommonName is refused for
+/// talking to the cluster.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_proxy_forwards_every_service_to_a_live_member() {
+    use etcd_client::{LeaseTimeToLiveOptions, PutOptions};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for kind in [Kind::Etcd, Kind::subject()] {
+        let l = kind.label();
+        let server = Server::start(kind).await;
+        let dead = format!("127.0.0.1:{}", support::free_port());
+        let listen = format!("127.0.0.1:{}", support::free_port());
+        let member = server.endpoint().trim_start_matches("http://").to_string();
+        let mut proxy = tokio::process::Command::new(kind.binary())
+            .args(["grpc-proxy", "start"])
+            .arg(format!("--endpoints={dead},{member}"))
+            .arg(format!("--listen-addr={listen}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the proxy");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut c = loop {
+            if let Ok(mut c) =
+                etcd_client::Client::connect([format!("http://{listen}")], None).await
+            {
+                if c.put("px/a", "1", None).await.is_ok() {
+                    break c;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "{l}: no proxy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let got = c.get("px/a", None).await.unwrap();
+        assert_eq!(got.kvs()[0].value(), b"1", "{l}");
+        let lease = c.lease_grant(60, None).await.unwrap().id();
+        c.put("px/l", "x", Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap();
+        let ttl = c
+            .lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await
+            .unwrap();
+        assert_eq!(support::lease_keys(&ttl), ["px/l"], "{l}");
+
+        let mut events = c.watch("px/w", None).await.unwrap();
+        c.put("px/w", "seen", None).await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(resp) = events.message().await.unwrap() {
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.kv().is_some_and(|kv| kv.value() == b"seen"))
+                {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(seen, Ok(true), "{l}: the watch through the proxy");
+
+        let mut http = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        http.write_all(b"GET /health HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        http.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{l}: {answer}");
+        assert!(answer.contains(r#"{"health":"true"}"#), "{l}: {answer}");
+
+        c.user_add("root", "pw", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.auth_enable().await.unwrap();
+        let out =
+            support::etcdctl_at(&listen, &["--user=root:pw", "put", "px/auth", "ok"], None).await;
+        assert_eq!(out.ok(), "OK\n", "{l}: a token through the proxy");
+        let out = support::etcdctl_at(&listen, &["get", "px/auth"], None).await;
+        assert!(
+            out.err().contains("user name is empty"),
+            "{l}: {}",
+            out.stderr
+        );
+        let _ = proxy.start_kill();
+        let _ = proxy.wait().await;
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = support::pki::Ca::new(dir.path(), "ca");
+        let named = ca.issue("named", "somebody");
+        let out = std::process::Command::new(kind.binary())
+            .args(["grpc-proxy", "start", "--listen-addr", &listen])
+            .arg(format!("--cert={}", named.cert.display()))
+            .arg(format!("--key={}", named.key.display()))
+            .arg(format!("--cacert={}", ca.pem.display()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{l}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cert has non empty Common Name (somebody)"),
+            "{l}: {stderr}"
+        );
+    }
+}
+
+/// The gRPC proxy moves to another member when the one it uses dies.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_proxy_fails_over_when_its_member_dies() {
+    let _serial = support::serial_cluster_test();
+    for kind in [Kind::Etcd, Kind::subject()] {
+        let l = kind.label();
+        let mut cluster = support::Cluster::start(kind, 3).await;
+        let endpoints: Vec<String> = cluster
+            .endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_string())
+            .collect();
+        let listen = format!("127.0.0.1:{}", support::free_port());
+        let _proxy = tokio::process::Command::new(kind.binary())
+            .args(["grpc-proxy", "start"])
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg(format!("--listen-addr={listen}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the proxy");
+        let put = |i: usize| {
+            let listen = listen.clone();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(15);
+                loop {
+                    let out = support::etcdctl_at(
+                        &listen,
+                        &["--command-timeout=2s", "put", &format!("fo/{i}"), "v"],
+                        None,
+                    )
+                    .await;
+                    if out.status.success() {
+                        return;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{l}: no put through the proxy: {}",
+                        out.stderr
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        put(0).await;
+        // The proxy uses the first endpoint; kill it.
+        cluster.members[0].kill9();
+        put(1).await;
+        put(2).await;
+        let out =
+            support::etcdctl_at(&listen, &["get", "fo/", "--prefix", "--keys-only"], None).await;
+        assert_eq!(out.ok(), "fo/0\n\nfo/1\n\nfo/2\n\n", "{l}");
+    }
+}
