@@ -188,8 +188,7 @@ pub struct Flags {
     /// Maximum concurrent streams that each client can open at a time.
     #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = u32::MAX)]
     pub max_concurrent_streams: u32,
-    /// Minimum duration interval that a client should wait before pinging server (accepted
-    /// and checked; the HTTP/2 server under oxcd has no ping-rate policy to enforce it with).
+    /// Minimum duration interval that a client should wait before pinging server.
     #[arg(long, env = "ETCD_GRPC_KEEPALIVE_MIN_TIME", default_value = "5s")]
     pub grpc_keepalive_min_time: String,
     /// Frequency duration of server-to-client ping to check if a connection is alive (0 to disable).
@@ -349,7 +348,7 @@ pub struct Config {
     pub log_json: bool,
     pub log_output: crate::log::Output,
     pub max_concurrent_streams: u32,
-    /// Checked, not enforced: see the flag.
+    /// grpc-go's keepalive enforcement policy on client connections (`api/keepalive.rs`).
     pub keepalive_min_time: Duration,
     pub keepalive_interval: Option<Duration>,
     pub keepalive_timeout: Option<Duration>,

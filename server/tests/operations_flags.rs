@@ -404,3 +404,57 @@ async fn grpc_proxy_fails_over_when_its_member_dies() {
         assert_eq!(out.ok(), "fo/0\n\nfo/1\n\nfo/2\n\n", "{l}");
     }
 }
+
+/// `--grpc-keepalive-min-time`: grpc-go's enforcement policy, as etcd sets it. A client that
+/// pings with no stream open (more often than every two hours) gets GOAWAY ENHANCE_YOUR_CALM on
+/// its third strike, and the connection ends; one that pings no more often than the minimum
+/// time while a stream is open keeps its connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn keepalive_min_time_sends_too_many_pings_goaway_as_etcd_does() {
+    for kind in [Kind::Etcd, Kind::subject()] {
+        let l = kind.label();
+        let server = Server::start_with(kind, &["--grpc-keepalive-min-time=200ms"]).await;
+        let addr = server.endpoint().trim_start_matches("http://").to_string();
+
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (_send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let mut pings = conn.ping_pong().expect("ping_pong");
+        let driver = tokio::spawn(conn);
+        for _ in 0..10 {
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        let e = ended.expect_err("a GOAWAY with an error");
+        assert!(e.is_go_away() && e.is_remote(), "{l}: {e:?}");
+        assert_eq!(e.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{l}");
+
+        // Pings 300 ms apart while a stream (a watch) is open are within the policy.
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let mut pings = conn.ping_pong().expect("ping_pong");
+        let driver = tokio::spawn(conn);
+        let mut send = send.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/etcdserverpb.Watch/Watch"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_response, _stream) = send.send_request(req, false).unwrap();
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pings
+                .ping(h2::Ping::opaque())
+                .await
+                .unwrap_or_else(|e| panic!("{l}: ping {i} with a stream open: {e:?}"));
+        }
+        assert!(!driver.is_finished(), "{l}: the connection stays");
+        driver.abort();
+    }
+}

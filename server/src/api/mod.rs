@@ -7,6 +7,7 @@ pub(crate) mod cluster;
 pub(crate) mod election;
 pub(crate) mod gateway;
 pub(crate) mod grpc_metrics;
+mod keepalive;
 pub(crate) mod kv;
 pub(crate) mod lease;
 pub(crate) mod lock;
@@ -107,9 +108,12 @@ fn async_stream_incoming(
     server: Arc<EtcdServer>,
     listener: Listener,
     mode: crate::tls::Mode,
-) -> impl futures::Stream<Item = std::io::Result<authority::AuthorityFix<crate::tls::Conn>>> {
+) -> impl futures::Stream<
+    Item = std::io::Result<authority::AuthorityFix<keepalive::KeepaliveEnforced<crate::tls::Conn>>>,
+> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mode = Arc::new(mode);
+    let min_time = server.cfg.keepalive_min_time;
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -134,6 +138,7 @@ fn async_stream_incoming(
                 };
                 match h2 {
                     Ok(true) => {
+                        let conn = keepalive::KeepaliveEnforced::new(conn, min_time);
                         let _ = grpc.send(Ok(authority::AuthorityFix::new(conn))).await;
                     }
                     Ok(false) => {
