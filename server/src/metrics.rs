@@ -55,6 +55,16 @@ pub struct Metrics {
     pub watch_streams: IntGauge,
     pub watchers: IntGauge,
     pub watch_events: IntCounter,
+    pub slow_watchers: IntGauge,
+    pub pending_events: IntGauge,
+    pub snapshot_send_success: IntCounterVec,
+    pub snapshot_send_failures: IntCounterVec,
+    pub snapshot_send_inflights: IntGaugeVec,
+    pub snapshot_send_seconds: HistogramVec,
+    pub snapshot_receive_success: IntCounterVec,
+    pub snapshot_receive_failures: IntCounterVec,
+    pub snapshot_receive_inflights: IntGaugeVec,
+    pub snapshot_receive_seconds: HistogramVec,
     pub grpc_started: IntCounterVec,
     pub grpc_handled: IntCounterVec,
     pub grpc_msg_received: IntCounterVec,
@@ -156,6 +166,27 @@ impl Metrics {
             counter_vec(&r, &format!("etcd_network_{name}"), help, &[label])
         };
         let local_remote = ["Local", "Remote"];
+        // rafthttp's v3 snapshot transfer latency: 100 ms doubling 10 times.
+        let snapshot_seconds = |name: &str, help: &str, label: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help)
+                    .namespace("etcd")
+                    .subsystem("network")
+                    .buckets(exponential_buckets(0.1, 2.0, 10).unwrap_or_default()),
+                &[label],
+            )
+            .map(|h| reg(&r, h))
+        };
+        let snapshot_send_seconds = snapshot_seconds(
+            "snapshot_send_total_duration_seconds",
+            "Total latency distributions of v3 snapshot sends",
+            "To",
+        );
+        let snapshot_receive_seconds = snapshot_seconds(
+            "snapshot_receive_total_duration_seconds",
+            "Total latency distributions of v3 snapshot receives",
+            "From",
+        );
         let m = Metrics {
             has_leader: gauge(&r, "etcd", "server", "has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge(&r, "etcd", "server", "is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
@@ -197,6 +228,16 @@ impl Metrics {
             watch_streams: gauge(&r, "etcd_debugging", "mvcc", "watch_stream_total", "Total number of watch streams."),
             watchers: gauge(&r, "etcd_debugging", "mvcc", "watcher_total", "Total number of watchers."),
             watch_events: counter(&r, "etcd_debugging", "mvcc", "events_total", "Total number of events sent by this member."),
+            slow_watchers: gauge(&r, "etcd_debugging", "mvcc", "slow_watcher_total", "Total number of unsynced slow watchers."),
+            pending_events: gauge(&r, "etcd_debugging", "mvcc", "pending_events_total", "Total number of pending events to be sent."),
+            snapshot_send_success: net("snapshot_send_success", "Total number of successful snapshot sends", "To"),
+            snapshot_send_failures: net("snapshot_send_failures", "Total number of snapshot send failures", "To"),
+            snapshot_send_inflights: gauge_vec(&r, "etcd", "network", "snapshot_send_inflights_total", "Total number of inflight snapshot sends", &["To"]),
+            snapshot_send_seconds: snapshot_send_seconds.expect("valid metric name"),
+            snapshot_receive_success: net("snapshot_receive_success", "Total number of successful snapshot receives", "From"),
+            snapshot_receive_failures: net("snapshot_receive_failures", "Total number of snapshot receive failures", "From"),
+            snapshot_receive_inflights: gauge_vec(&r, "etcd", "network", "snapshot_receive_inflights_total", "Total number of inflight snapshot receives", &["From"]),
+            snapshot_receive_seconds: snapshot_receive_seconds.expect("valid metric name"),
             grpc_started: counter_vec(&r, "grpc_server_started_total", "Total number of RPCs started on the server.", &rpc),
             grpc_handled: counter_vec(&r, "grpc_server_handled_total", "Total number of RPCs completed on the server, regardless of success or failure.", &["grpc_type", "grpc_service", "grpc_method", "grpc_code"]),
             grpc_msg_received: counter_vec(&r, "grpc_server_msg_received_total", "Total number of RPC stream messages received on the server.", &rpc),

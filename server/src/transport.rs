@@ -160,16 +160,28 @@ impl Transport {
                             self.tls.clone(),
                         );
                         self.rt.spawn(async move {
+                            let label = format!("{to:x}");
+                            let metrics = &crate::metrics::METRICS;
+                            let inflight = metrics.snapshot_send_inflights.with_label_values(&[&label]);
+                            inflight.inc();
+                            let start = std::time::Instant::now();
                             let ok = match send_snapshot(&urls, cid, m, src, &tls).await {
                                 Ok(index) => {
-                                    tracing::info!(to = %format!("{to:x}"), index, "snapshot sent");
+                                    tracing::info!(to = %label, index, "snapshot sent");
+                                    metrics.snapshot_send_success.with_label_values(&[&label]).inc();
+                                    metrics
+                                        .snapshot_send_seconds
+                                        .with_label_values(&[&label])
+                                        .observe(start.elapsed().as_secs_f64());
                                     true
                                 }
                                 Err(e) => {
-                                    tracing::warn!(to = %format!("{to:x}"), error = %e, "sending a snapshot failed; raft will retry");
+                                    tracing::warn!(to = %label, error = %e, "sending a snapshot failed; raft will retry");
+                                    metrics.snapshot_send_failures.with_label_values(&[&label]).inc();
                                     false
                                 }
                             };
+                            inflight.dec();
                             sending.lock().remove(&to);
                             if !ok {
                                 backoff.lock().insert(to, std::time::Instant::now() + SNAPSHOT_RETRY);
@@ -409,25 +421,71 @@ async fn send_snapshot(
 }
 
 /// Receives a snapshot stream into a staged backend, verifying every checksum. Returns the
-/// Raft message and the staged backend, ready for the Raft node to install.
+/// Raft message and the staged backend, ready for the Raft node to install. Counted in
+/// rafthttp's snapshot receive metrics (a sender not known yet is etcd's
+/// `UNKNOWN_SNAPSHOT_SENDER`).
 pub async fn receive_snapshot(
     cluster_id: u64,
     store: &crate::mvcc::Store,
     mut inbound: impl futures::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
 ) -> Result<(Message, String, sled::Db), tonic::Status> {
     use futures::StreamExt;
+    let metrics = &crate::metrics::METRICS;
+    let unknown = |e: tonic::Status| {
+        metrics
+            .snapshot_receive_failures
+            .with_label_values(&["UNKNOWN_SNAPSHOT_SENDER"])
+            .inc();
+        e
+    };
     let first = inbound
         .next()
         .await
-        .ok_or_else(|| tonic::Status::invalid_argument("empty snapshot stream"))??;
+        .ok_or_else(|| tonic::Status::invalid_argument("empty snapshot stream"))
+        .map_err(unknown)?
+        .map_err(unknown)?;
     if first.cluster_id != cluster_id {
-        return Err(tonic::Status::failed_precondition(format!(
+        return Err(unknown(tonic::Status::failed_precondition(format!(
             "cluster ID mismatch: local {cluster_id:x}, remote {:x}",
             first.cluster_id
-        )));
+        ))));
     }
     let msg = Message::parse_from_bytes(&first.message)
-        .map_err(|e| tonic::Status::invalid_argument(format!("bad snapshot message: {e}")))?;
+        .map_err(|e| tonic::Status::invalid_argument(format!("bad snapshot message: {e}")))
+        .map_err(unknown)?;
+    let from = format!("{:x}", msg.from);
+    let inflight = metrics
+        .snapshot_receive_inflights
+        .with_label_values(&[&from]);
+    inflight.inc();
+    let start = std::time::Instant::now();
+    let received = receive_snapshot_body(store, msg, inbound).await;
+    inflight.dec();
+    match &received {
+        Ok(_) => {
+            metrics
+                .snapshot_receive_success
+                .with_label_values(&[&from])
+                .inc();
+            metrics
+                .snapshot_receive_seconds
+                .with_label_values(&[&from])
+                .observe(start.elapsed().as_secs_f64());
+        }
+        Err(_) => metrics
+            .snapshot_receive_failures
+            .with_label_values(&[&from])
+            .inc(),
+    }
+    received
+}
+
+async fn receive_snapshot_body(
+    store: &crate::mvcc::Store,
+    msg: Message,
+    mut inbound: impl futures::Stream<Item = Result<SnapshotChunk, tonic::Status>> + Unpin,
+) -> Result<(Message, String, sled::Db), tonic::Status> {
+    use futures::StreamExt;
     let index = msg.get_snapshot().get_metadata().index;
     let (name, db) = store
         .stage(index)

@@ -301,8 +301,21 @@ impl<C: WatchContext> WatchStream<C> {
         Ok(())
     }
 
-    /// Replays history [next_rev, to] of one watcher from the backend.
+    /// Replays history [next_rev, to] of one watcher from the backend. Meanwhile the watcher is
+    /// one of etcd's unsynced slow watchers, and the events read and not yet sent are pending.
     async fn catch_up(&mut self, id: i64, to: i64) -> Result<(), ()> {
+        let behind = self.watchers.get(&id).is_some_and(|w| w.next_rev <= to);
+        if !behind {
+            return Ok(());
+        }
+        let metrics = &crate::metrics::METRICS;
+        metrics.slow_watchers.inc();
+        let r = self.catch_up_from_backend(id, to).await;
+        metrics.slow_watchers.dec();
+        r
+    }
+
+    async fn catch_up_from_backend(&mut self, id: i64, to: i64) -> Result<(), ()> {
         loop {
             let Some(w) = self.watchers.get(&id) else {
                 return Ok(());
@@ -338,7 +351,12 @@ impl<C: WatchContext> WatchStream<C> {
                 w.next_rev = upto + 1;
             }
             if !evs.is_empty() {
-                self.deliver(id, to, evs, prev_kv).await?;
+                let pending = &crate::metrics::METRICS.pending_events;
+                let n = evs.len() as i64;
+                pending.add(n);
+                let sent = self.deliver(id, to, evs, prev_kv).await;
+                pending.sub(n);
+                sent?;
             }
         }
     }

@@ -1500,6 +1500,51 @@ async fn member_far_behind_catches_up_by_snapshot() {
         .await
         .expect("count");
     assert_eq!(got.count() as usize, acked.len());
+
+    // rafthttp's snapshot metrics, labelled with the peer's ID as etcd labels them.
+    let lagging_id = format!("{:x}", cluster.id(lagging));
+    let mut sent = 0.0;
+    for i in (0..3).filter(|i| *i != lagging) {
+        sent += metric_sum(
+            &cluster,
+            i,
+            "etcd_network_snapshot_send_success",
+            &format!("To=\"{lagging_id}\""),
+        )
+        .await;
+    }
+    assert!(sent >= 1.0, "no snapshot send counted to {lagging_id}");
+    let received = metric_sum(
+        &cluster,
+        lagging,
+        "etcd_network_snapshot_receive_success",
+        "From=",
+    )
+    .await;
+    assert!(
+        received >= 1.0,
+        "no snapshot receive counted on the lagging member"
+    );
+    let inflight = metric_sum(
+        &cluster,
+        lagging,
+        "etcd_network_snapshot_receive_inflights_total",
+        "From=",
+    )
+    .await;
+    assert_eq!(inflight, 0.0, "no receive still in flight");
+}
+
+/// The sum of a member's samples of `family` whose labels contain `label`.
+async fn metric_sum(cluster: &Cluster, i: usize, family: &str, label: &str) -> f64 {
+    let r = support::http_request("GET", &cluster.members[i].endpoint(), "/metrics")
+        .await
+        .expect("GET /metrics");
+    r.body
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------

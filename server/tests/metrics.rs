@@ -46,6 +46,8 @@ const DASHBOARD_FAMILIES: &[&str] = &[
     "etcd_debugging_mvcc_watch_stream_total",
     "etcd_debugging_mvcc_watcher_total",
     "etcd_debugging_mvcc_events_total",
+    "etcd_debugging_mvcc_slow_watcher_total",
+    "etcd_debugging_mvcc_pending_events_total",
     "grpc_server_started_total",
     "grpc_server_handled_total",
     "process_resident_memory_bytes",
@@ -81,6 +83,8 @@ const SAME_VALUE: &[&str] = &[
     "etcd_debugging_mvcc_watch_stream_total",
     "etcd_debugging_mvcc_watcher_total",
     "etcd_debugging_mvcc_events_total",
+    "etcd_debugging_mvcc_slow_watcher_total",
+    "etcd_debugging_mvcc_pending_events_total",
 ];
 
 /// Families of the peer transport, which only a cluster of several members exports.
