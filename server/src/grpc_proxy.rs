@@ -13,7 +13,7 @@
 //! `--resolver-prefix`/`--resolver-ttl`, `--discovery-srv`, `--metrics-addr`, the
 //! `--experimental-*` flags, and message limits other than etcd's defaults.
 
-use crate::listener::{ListenAddr, Listener, Socket};
+use crate::listener::{ListenAddr, Listener};
 use crate::tls::{Conn, Mode, TlsInfo};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -356,7 +356,9 @@ async fn health(
 /// anything else HTTP/1.1.
 async fn serve_connection(cluster: Arc<Cluster>, conn: Conn, max_streams: u32) {
     let h2 = match &conn {
-        Conn::Plain(s) => starts_with_preface(s).await,
+        Conn::Plain(s) => crate::api::starts_with_http2_preface(s)
+            .await
+            .unwrap_or(false),
         tls => tls.negotiated_h2().unwrap_or(false),
     };
     let io = hyper_util::rt::TokioIo::new(conn);
@@ -381,24 +383,6 @@ async fn serve_connection(cluster: Arc<Cluster>, conn: Conn, max_streams: u32) {
         let _ = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
             .await;
-    }
-}
-
-async fn starts_with_preface(s: &Socket) -> bool {
-    let mut buf = [0u8; 4];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return false,
-        };
-        if n == 0 || buf[..n] != b"PRI "[..n] {
-            return false;
-        }
-        if n == 4 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

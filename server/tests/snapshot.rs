@@ -136,6 +136,29 @@ async fn assert_restored(
     assert_eq!(put.header().unwrap().revision(), want_rev + 1, "{label}");
 }
 
+/// (ID, name, peer URLs, client URLs) of every member, sorted.
+async fn member_list(cluster: &Cluster) -> Vec<(u64, String, Vec<String>, Vec<String>)> {
+    let mut members: Vec<_> = cluster
+        .client()
+        .await
+        .member_list()
+        .await
+        .unwrap()
+        .members()
+        .iter()
+        .map(|m| {
+            (
+                m.id(),
+                m.name().to_string(),
+                m.peer_urls().to_vec(),
+                m.client_urls().to_vec(),
+            )
+        })
+        .collect();
+    members.sort();
+    members
+}
+
 async fn dump_at(c: &mut Client, rev: i64) -> Vec<DumpedKv> {
     let r = c
         .get(
@@ -258,24 +281,7 @@ async fn oxcd_takes_over_an_etcd_clusters_data_dirs_in_place() {
         .header()
         .unwrap()
         .cluster_id();
-    let mut etcd_members: Vec<(u64, String, Vec<String>, Vec<String>)> = cluster
-        .client()
-        .await
-        .member_list()
-        .await
-        .unwrap()
-        .members()
-        .iter()
-        .map(|m| {
-            (
-                m.id(),
-                m.name().to_string(),
-                m.peer_urls().to_vec(),
-                m.client_urls().to_vec(),
-            )
-        })
-        .collect();
-    etcd_members.sort();
+    let etcd_members = member_list(&cluster).await;
 
     // One member killed (its backend and WAL as a crash leaves them), the others stopped.
     cluster.members[0].kill9();
@@ -297,24 +303,7 @@ async fn oxcd_takes_over_an_etcd_clusters_data_dirs_in_place() {
             "etcd's WAL is kept beside oxcd's"
         );
     }
-    let mut members: Vec<(u64, String, Vec<String>, Vec<String>)> = cluster
-        .client()
-        .await
-        .member_list()
-        .await
-        .unwrap()
-        .members()
-        .iter()
-        .map(|m| {
-            (
-                m.id(),
-                m.name().to_string(),
-                m.peer_urls().to_vec(),
-                m.client_urls().to_vec(),
-            )
-        })
-        .collect();
-    members.sort();
+    let members = member_list(&cluster).await;
     assert_eq!(members, etcd_members, "member list");
     assert_restored(&cluster, &want, want_rev, compacted, &history).await;
 

@@ -217,6 +217,17 @@ impl<T: AsyncWrite + Unpin> KeepaliveEnforced<T> {
         Poll::Ready(Ok(()))
     }
 
+    /// Before a server write: a due GOAWAY goes first, and nothing goes after it.
+    fn poll_ready_to_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.goaway.is_some() && self.poll_goaway(cx)?.is_pending() {
+            return Poll::Pending;
+        }
+        if self.closed {
+            return Poll::Ready(Err(Self::closed_error()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn closed_error() -> io::Error {
         io::Error::new(
             io::ErrorKind::BrokenPipe,
@@ -260,13 +271,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KeepaliveEnforced<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.goaway.is_some() {
-            if let Poll::Pending = this.poll_goaway(cx)? {
-                return Poll::Pending;
-            }
-        }
-        if this.closed {
-            return Poll::Ready(Err(Self::closed_error()));
+        if let Poll::Pending = this.poll_ready_to_write(cx)? {
+            return Poll::Pending;
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
@@ -284,13 +290,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KeepaliveEnforced<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.goaway.is_some() {
-            if let Poll::Pending = this.poll_goaway(cx)? {
-                return Poll::Pending;
-            }
-        }
-        if this.closed {
-            return Poll::Ready(Err(Self::closed_error()));
+        if let Poll::Pending = this.poll_ready_to_write(cx)? {
+            return Poll::Pending;
         }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {

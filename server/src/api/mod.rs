@@ -158,7 +158,7 @@ fn async_stream_incoming(
 
 /// Whether a connection's first bytes are HTTP/2's preface ("PRI "), read without consuming.
 /// A silent connection is given a while, then dropped.
-async fn starts_with_http2_preface(stream: &Socket) -> std::io::Result<bool> {
+pub(crate) async fn starts_with_http2_preface(stream: &Socket) -> std::io::Result<bool> {
     const PRI: &[u8] = b"PRI ";
     let decide = async {
         let mut buf = [0u8; 4];

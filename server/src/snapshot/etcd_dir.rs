@@ -15,6 +15,7 @@
 //! the import. A crash before that point imports again from the same etcd files, which stay
 //! (`member/snap`, `<wal-dir>.etcd`) for going back to etcd by hand.
 
+use super::restore::sync_parent;
 use super::{bolt, Result, SnapshotError};
 use crate::membership::{self, MEMBER_PREFIX, REMOVED_PREFIX};
 use crate::mvcc::{self, Crc32c, Store};
@@ -868,13 +869,6 @@ pub fn import(dir: &EtcdDataDir, bcrypt_cost: u32) -> Result<Imported> {
             .max(backend.finished_compact.unwrap_or(0)),
         etcd_wal: moved,
     })
-}
-
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => std::fs::File::open(p)?.sync_all(),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ fn staging(dir: &Path) -> PathBuf {
     dir.with_file_name(format!(".{name}.restoring-{}", std::process::id()))
 }
 
-fn sync_parent(dir: &Path) -> std::io::Result<()> {
+pub(super) fn sync_parent(dir: &Path) -> std::io::Result<()> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
