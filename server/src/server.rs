@@ -1169,6 +1169,29 @@ impl EtcdServer {
     }
 }
 
+/// The committed entries of one Ready being applied together: one backend batch for their
+/// writes; their watch events and answers wait until it is written.
+struct Group<'s> {
+    store: &'s Store,
+    txn: Option<mvcc::WriteTxn<'s>>,
+    /// The last entry written in `txn`.
+    index: u64,
+    events: Vec<(i64, Vec<crate::pb::mvccpb::Event>)>,
+    done: Vec<(u64, Result<Applied>)>,
+}
+
+impl<'s> Group<'s> {
+    fn new(store: &'s Store) -> Self {
+        Group {
+            store,
+            txn: None,
+            index: 0,
+            events: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+}
+
 /// Applies committed entries in log order on its own thread.
 struct Applier {
     id: u64,
@@ -1194,15 +1217,20 @@ impl Applier {
                 self.install(install);
                 continue;
             }
+            let store = self.store.clone();
+            let mut g = Group::new(&store);
             for e in batch.entries {
                 if e.index <= self.applied {
                     continue;
                 }
                 match e.get_entry_type() {
                     EntryType::EntryNormal if !e.data.is_empty() => {
-                        self.apply_entry(e.index, &e.data)
+                        self.apply_entry(&mut g, e.index, &e.data)
                     }
-                    EntryType::EntryConfChangeV2 => self.apply_conf_change(e.index, &e.data),
+                    EntryType::EntryConfChangeV2 => {
+                        self.flush(&mut g);
+                        self.apply_conf_change(&mut g, e.index, &e.data)
+                    }
                     EntryType::EntryConfChange => {
                         tracing::error!(
                             index = e.index,
@@ -1214,6 +1242,7 @@ impl Applier {
                 }
                 self.applied = e.index;
             }
+            self.flush(&mut g);
             self.store.set_applied(self.applied);
             self.applied_tx.send_replace(self.applied);
             if self.applied - self.released >= self.snapshot_count {
@@ -1289,7 +1318,7 @@ impl Applier {
         }
     }
 
-    fn apply_entry(&mut self, index: u64, data: &[u8]) {
+    fn apply_entry(&mut self, g: &mut Group<'_>, index: u64, data: &[u8]) {
         let req = match RaftRequest::decode(data) {
             Ok(r) => r,
             Err(e) => {
@@ -1302,14 +1331,30 @@ impl Applier {
             username: req.username,
             revision: req.auth_revision,
         });
+        // Key writes join the group; anything else sees the store as of the entry before it
+        // (it may read the backend or lock the store) and is answered at once.
+        let grouped = matches!(
+            request,
+            Request::Put(_)
+                | Request::DeleteRange(_)
+                | Request::Txn(_)
+                | Request::LeaseGrant(_)
+                | Request::LeaseRevoke(_)
+        );
+        if !grouped {
+            self.flush(g);
+        }
         let result = self.check_auth(&request, who.as_ref());
-        let result = result.and_then(|()| self.apply_request(index, request));
-        self.waiters.complete(req.id, result);
+        let result = result.and_then(|()| self.apply_request(g, index, request));
+        g.done.push((req.id, result));
+        if !grouped {
+            self.flush(g);
+        }
     }
 
     /// A committed membership change: Raft's configuration first, then the member list, the
     /// peer transport and the persisted configuration (in one batch with the index).
-    fn apply_conf_change(&mut self, index: u64, data: &[u8]) {
+    fn apply_conf_change(&mut self, g: &mut Group<'_>, index: u64, data: &[u8]) {
         let cc = match ConfChangeV2::parse_from_bytes(data) {
             Ok(cc) => cc,
             Err(e) => {
@@ -1365,7 +1410,7 @@ impl Applier {
             let Ok(cs) = rx.recv() else { return };
             cs.write_to_bytes().unwrap_or_default()
         };
-        let r = self.write(index, |t| {
+        let r = self.write(g, index, |t| {
             for r in records {
                 match r {
                     RecordChange::Put(k, v) => t.put_record(k, v),
@@ -1375,6 +1420,7 @@ impl Applier {
             t.put_record(META_CONF_STATE.to_vec(), cs_bytes);
             Ok(())
         });
+        self.flush(g);
         let members = self.membership.read().members();
         self.waiters
             .complete(ctx.request_id, r.map(|_| Applied::Members(members)));
@@ -1438,9 +1484,9 @@ impl Applier {
     }
 
     /// Writes an auth store change with its entry.
-    fn write_auth(&self, index: u64, changes: auth::Changes) -> Result<Applied> {
+    fn write_auth(&self, g: &mut Group<'_>, index: u64, changes: auth::Changes) -> Result<Applied> {
         if !changes.is_empty() {
-            self.write(index, |t| {
+            self.write(g, index, |t| {
                 for c in changes {
                     match c {
                         RecordChange::Put(k, v) => t.put_record(k, v),
@@ -1453,7 +1499,7 @@ impl Applier {
         Ok(Applied::Auth(None))
     }
 
-    fn apply_auth(&mut self, index: u64, request: Request) -> Result<Applied> {
+    fn apply_auth(&mut self, g: &mut Group<'_>, index: u64, request: Request) -> Result<Applied> {
         let a = self.auth.clone();
         let changes = match request {
             Request::AuthEnable(_) => a.enable()?,
@@ -1482,7 +1528,7 @@ impl Applier {
                 )))
             }
         };
-        self.write_auth(index, changes)
+        self.write_auth(g, index, changes)
     }
 
     fn alarmed(&self, alarm: AlarmType) -> bool {
@@ -1493,37 +1539,63 @@ impl Applier {
         self.alarmed(AlarmType::Nospace)
     }
 
-    /// Runs `f` in one write transaction and commits it with the entry's index.
-    fn write<T>(&self, index: u64, f: impl FnOnce(&mut mvcc::WriteTxn) -> Result<T>) -> Result<T> {
-        let mut txn = self.store.write();
-        let out = f(&mut txn);
-        if out.is_err() && txn.is_dirty() {
-            // etcd panics here too: a half-applied transaction cannot be rolled back.
-            tracing::error!(index, "write transaction failed after changing the store");
-            std::process::exit(1);
+    /// Runs `f` as the next entry of the group's write transaction (committed by `flush`).
+    fn write<T>(
+        &self,
+        g: &mut Group<'_>,
+        index: u64,
+        f: impl FnOnce(&mut mvcc::WriteTxn) -> Result<T>,
+    ) -> Result<T> {
+        let store = g.store;
+        let txn = g.txn.get_or_insert_with(|| store.write());
+        let out = f(txn);
+        if out.is_err() {
+            if txn.is_dirty() {
+                // etcd panics here too: a half-applied transaction cannot be rolled back.
+                tracing::error!(index, "write transaction failed after changing the store");
+                std::process::exit(1);
+            }
+            txn.abandon_entry();
         }
         let out = out?;
-        match txn.commit(index) {
-            Ok(c) => {
-                for ch in c.lease_changes {
-                    match ch {
-                        mvcc::LeaseChange::Attach(id, k) => self.lessor.attach(id, k),
-                        mvcc::LeaseChange::Detach(id, k) => self.lessor.detach(id, &k),
-                    }
-                }
-                if !c.events.is_empty() {
-                    self.hub.publish(c.rev, c.events);
-                }
-                Ok(out)
+        let c = txn.end_entry();
+        g.index = index;
+        // The lessor follows at once: a later entry of the group may revoke the lease.
+        for ch in c.lease_changes {
+            match ch {
+                mvcc::LeaseChange::Attach(id, k) => self.lessor.attach(id, k),
+                mvcc::LeaseChange::Detach(id, k) => self.lessor.detach(id, &k),
             }
-            Err(e) => {
-                tracing::error!(index, error = %e, "backend write failed");
+        }
+        if !c.events.is_empty() {
+            g.events.push((c.rev, c.events));
+        }
+        Ok(out)
+    }
+
+    /// Commits the group's writes in one backend batch, then tells watchers and waiting
+    /// clients, in log order.
+    fn flush(&self, g: &mut Group<'_>) {
+        if let Some(txn) = g.txn.take() {
+            if let Err(e) = txn.commit(g.index) {
+                tracing::error!(index = g.index, error = %e, "backend write failed");
                 std::process::exit(1);
             }
         }
+        for (rev, events) in g.events.drain(..) {
+            self.hub.publish(rev, events);
+        }
+        for (id, result) in g.done.drain(..) {
+            self.waiters.complete(id, result);
+        }
     }
 
-    fn apply_request(&mut self, index: u64, request: Request) -> Result<Applied> {
+    fn apply_request(
+        &mut self,
+        g: &mut Group<'_>,
+        index: u64,
+        request: Request,
+    ) -> Result<Applied> {
         // etcd's corrupt applier: once a member's data is known to differ, nothing changes the
         // key space or leases until an operator disarms the alarm.
         if matches!(
@@ -1546,17 +1618,18 @@ impl Applier {
                 if p.lease != 0 && !self.lessor.exists(p.lease) {
                     return Err(EtcdError::LeaseNotFound);
                 }
-                self.write(index, |t| apply::put(t, &p)).map(Applied::Put)
+                self.write(g, index, |t| apply::put(t, &p))
+                    .map(Applied::Put)
             }
             Request::DeleteRange(d) => self
-                .write(index, |t| apply::delete_range(t, &d))
+                .write(g, index, |t| apply::delete_range(t, &d))
                 .map(Applied::DeleteRange),
             Request::Txn(t) => {
                 if self.no_space() && apply::txn_has_puts(&t) {
                     return Err(EtcdError::NoSpace);
                 }
                 let lessor = self.lessor.clone();
-                self.write(index, |w| apply::txn(w, &lessor, &t))
+                self.write(g, index, |w| apply::txn(w, &lessor, &t))
                     .map(Applied::Txn)
             }
             Request::Compaction(c) => {
@@ -1578,14 +1651,14 @@ impl Applier {
                 };
                 Ok(Applied::Compaction(resp, c.physical.then_some(done_rx)))
             }
-            Request::LeaseGrant(g) => {
+            Request::LeaseGrant(grant) => {
                 if self.no_space() {
                     return Err(EtcdError::NoSpace);
                 }
-                let ttl = self.lessor.grant(g.id, g.ttl)?;
-                let rev = self.write(index, |t| {
+                let ttl = self.lessor.grant(grant.id, grant.ttl)?;
+                let rev = self.write(g, index, |t| {
                     let mut k = mvcc::LEASE_PREFIX.to_vec();
-                    k.extend_from_slice(&g.id.to_be_bytes());
+                    k.extend_from_slice(&grant.id.to_be_bytes());
                     t.put_record(k, ttl.to_be_bytes().to_vec());
                     Ok(mvcc::ReadView::rev(t))
                 })?;
@@ -1594,14 +1667,14 @@ impl Applier {
                         revision: rev,
                         ..Default::default()
                     }),
-                    id: g.id,
+                    id: grant.id,
                     ttl,
                     error: String::new(),
                 }))
             }
             Request::LeaseRevoke(r) => {
                 let keys = self.lessor.keys(r.id).ok_or(EtcdError::LeaseNotFound)?;
-                let rev = self.write(index, |t| {
+                let rev = self.write(g, index, |t| {
                     for k in &keys {
                         t.delete_range(k, RangeEnd::Key);
                     }
@@ -1618,14 +1691,14 @@ impl Applier {
                     }),
                 }))
             }
-            Request::Alarm(a) => self.apply_alarm(index, a).map(Applied::Alarm),
+            Request::Alarm(a) => self.apply_alarm(g, index, a).map(Applied::Alarm),
             Request::MemberAttributes(a) => {
                 let rec = self.membership.write().update(a.id, |m| {
                     m.name = a.name.clone();
                     m.client_ur_ls = a.client_urls.clone();
                 });
                 match rec {
-                    Some(RecordChange::Put(k, v)) => self.write(index, |t| {
+                    Some(RecordChange::Put(k, v)) => self.write(g, index, |t| {
                         t.put_record(k, v);
                         Ok(())
                     })?,
@@ -1639,7 +1712,7 @@ impl Applier {
                     .write()
                     .update(u.id, |m| m.peer_ur_ls = u.peer_ur_ls.clone());
                 match rec {
-                    Some(RecordChange::Put(k, v)) => self.write(index, |t| {
+                    Some(RecordChange::Put(k, v)) => self.write(g, index, |t| {
                         t.put_record(k, v);
                         Ok(())
                     })?,
@@ -1650,11 +1723,16 @@ impl Applier {
                 }
                 Ok(Applied::Members(self.membership.read().members()))
             }
-            auth_request => self.apply_auth(index, auth_request),
+            auth_request => self.apply_auth(g, index, auth_request),
         }
     }
 
-    fn apply_alarm(&mut self, index: u64, a: AlarmRequest) -> Result<AlarmResponse> {
+    fn apply_alarm(
+        &mut self,
+        g: &mut Group<'_>,
+        index: u64,
+        a: AlarmRequest,
+    ) -> Result<AlarmResponse> {
         let action = AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get);
         let mut changed = Vec::new();
         match action {
@@ -1665,7 +1743,7 @@ impl Applier {
                 {
                     tracing::warn!(member = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm raised");
                     changed.push((a.member_id, a.alarm));
-                    self.write(index, |t| {
+                    self.write(g, index, |t| {
                         t.put_record(alarm_key(a.member_id, a.alarm), vec![]);
                         Ok(())
                     })?;
@@ -1674,7 +1752,7 @@ impl Applier {
             AlarmAction::Deactivate => {
                 if self.alarms.lock().remove(&(a.member_id, a.alarm)) {
                     changed.push((a.member_id, a.alarm));
-                    self.write(index, |t| {
+                    self.write(g, index, |t| {
                         t.remove_record(alarm_key(a.member_id, a.alarm));
                         Ok(())
                     })?;

@@ -98,7 +98,7 @@ struct Policy {
 }
 
 impl Policy {
-    fn from_client(&mut self, kind: u8, flags: u8, stream: u32) -> bool {
+    fn on_client_frame(&mut self, kind: u8, flags: u8, stream: u32) -> bool {
         match kind {
             HEADERS if stream > self.last_stream => {
                 self.last_stream = stream;
@@ -113,7 +113,7 @@ impl Policy {
         false
     }
 
-    fn from_server(&mut self, kind: u8, flags: u8, stream: u32) {
+    fn on_server_frame(&mut self, kind: u8, flags: u8, stream: u32) {
         match kind {
             DATA | HEADERS => {
                 self.reset_strikes = true;
@@ -252,7 +252,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for KeepaliveEnforced<T> {
             let (policy, incoming) = (&mut this.policy, &mut this.incoming);
             let mut violated = false;
             incoming.feed(&buf.filled()[before..], |kind, flags, stream| {
-                violated |= policy.from_client(kind, flags, stream);
+                violated |= policy.on_client_frame(kind, flags, stream);
             });
             if violated && this.goaway.is_none() {
                 this.goaway = Some(this.policy.goaway());
@@ -271,14 +271,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KeepaliveEnforced<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if let Poll::Pending = this.poll_ready_to_write(cx)? {
+        if this.poll_ready_to_write(cx)?.is_pending() {
             return Poll::Pending;
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             let policy = &mut this.policy;
             this.outgoing.feed(&buf[..*n], |kind, flags, stream| {
-                policy.from_server(kind, flags, stream)
+                policy.on_server_frame(kind, flags, stream)
             });
         }
         r
@@ -290,7 +290,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KeepaliveEnforced<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if let Poll::Pending = this.poll_ready_to_write(cx)? {
+        if this.poll_ready_to_write(cx)?.is_pending() {
             return Poll::Pending;
         }
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
@@ -303,7 +303,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for KeepaliveEnforced<T> {
                 let take = left.min(b.len());
                 let policy = &mut this.policy;
                 this.outgoing.feed(&b[..take], |kind, flags, stream| {
-                    policy.from_server(kind, flags, stream)
+                    policy.on_server_frame(kind, flags, stream)
                 });
                 left -= take;
             }
@@ -379,19 +379,19 @@ mod tests {
         assert!(p.ping(ms(30)));
         // A stream open: only pings closer than MinTime count.
         let mut p = policy(Duration::from_millis(100));
-        p.from_client(HEADERS, 0x4, 1);
+        p.on_client_frame(HEADERS, 0x4, 1);
         for i in 0..10 {
             assert!(!p.ping(ms(i * 150)), "ping {i} respects MinTime");
         }
         // The server sending data clears the strikes.
         let mut p = policy(Duration::from_secs(5));
-        p.from_client(HEADERS, 0x4, 1);
+        p.on_client_frame(HEADERS, 0x4, 1);
         for i in 0..10 {
-            p.from_server(DATA, 0, 1);
+            p.on_server_frame(DATA, 0, 1);
             assert!(!p.ping(ms(i)), "ping {i} after data");
         }
         // The stream ended by the server's trailers: back to the no-stream rule.
-        p.from_server(HEADERS, 0x4 | END_STREAM, 1);
+        p.on_server_frame(HEADERS, 0x4 | END_STREAM, 1);
         assert!(p.open.is_empty());
         assert_eq!(&p.goaway()[3..5], &[GOAWAY, 0]);
         assert!(p.goaway().ends_with(b"too_many_pings"));

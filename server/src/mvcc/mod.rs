@@ -590,6 +590,7 @@ impl Store {
             overlay: HashMap::new(),
             events: Vec::new(),
             lease_changes: Vec::new(),
+            records_changed: false,
             ops: std::cell::Cell::new(TxnOps::default()),
         }
     }
@@ -772,15 +773,24 @@ pub enum LeaseChange {
     Detach(i64, Vec<u8>),
 }
 
+/// A write transaction over one or more log entries (a group commit): each entry ends with
+/// [`WriteTxn::end_entry`] and gets its own revision, and [`WriteTxn::commit`] writes them all in
+/// one backend batch. The backend's fixed cost per batch (sled seals and writes a log buffer
+/// for each) is most of a small write's cost, so an applied Ready's entries share one. The
+/// store stays locked until the commit: nobody sees a revision before it is in the backend.
 pub struct WriteTxn<'a> {
     store: &'a Store,
     state: RwLockWriteGuard<'a, State>,
+    /// The revision before the current entry.
     begin_rev: i64,
     batch: sled::Batch,
     /// Values written by this transaction, not yet in the backend.
     overlay: HashMap<Revision, KeyValue>,
+    /// The current entry's changes.
     events: Vec<Event>,
     lease_changes: Vec<LeaseChange>,
+    /// Whether the current entry changed a non-KV record.
+    records_changed: bool,
     /// Ranges, puts and deletes so far, for etcd's mvcc metrics (recorded when the
     /// transaction ends, committed or not, as etcd's End does).
     ops: std::cell::Cell<TxnOps>,
@@ -792,10 +802,10 @@ impl Drop for WriteTxn<'_> {
     }
 }
 
-/// What a committed write transaction changed.
+/// What one entry of a write transaction changed.
 #[derive(Debug, Default)]
-pub struct Committed {
-    /// The store's revision after the transaction.
+pub struct EntryChanges {
+    /// The store's revision after the entry.
     pub rev: i64,
     pub events: Vec<Event>,
     pub lease_changes: Vec<LeaseChange>,
@@ -837,9 +847,9 @@ impl WriteTxn<'_> {
         self.ops.take()
     }
 
-    /// Whether the transaction changed keys (and so cannot be abandoned).
+    /// Whether the current entry changed keys or records (and so cannot be abandoned).
     pub fn is_dirty(&self) -> bool {
-        !self.events.is_empty()
+        !self.events.is_empty() || self.records_changed
     }
 
     fn next_rev(&self) -> Revision {
@@ -931,29 +941,49 @@ impl WriteTxn<'_> {
 
     /// Records a replicated non-KV record (lease, alarm) in the same atomic batch.
     pub fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.records_changed = true;
         self.batch.insert(key, value);
     }
 
     pub fn remove_record(&mut self, key: Vec<u8>) {
+        self.records_changed = true;
         self.batch.remove(key);
     }
 
-    /// Applies the batch with the Raft index it covers and makes the revision visible.
-    pub fn commit(mut self, consistent_index: u64) -> Result<Committed> {
+    /// Ends the current entry: its changes take the next revision (if it changed keys), and
+    /// its operations are counted in etcd's mvcc metrics as one transaction.
+    pub fn end_entry(&mut self) -> EntryChanges {
+        self.ops.take().record();
+        let rev = self.rev();
+        self.begin_rev = rev;
+        self.records_changed = false;
+        EntryChanges {
+            rev,
+            events: std::mem::take(&mut self.events),
+            lease_changes: std::mem::take(&mut self.lease_changes),
+        }
+    }
+
+    /// Ends an entry that failed before changing anything (its reads still count, as etcd
+    /// counts an ended read transaction).
+    pub fn abandon_entry(&mut self) {
+        debug_assert!(!self.is_dirty());
+        self.ops.take().record();
+    }
+
+    /// Writes every ended entry in one backend batch with the Raft index it covers, and makes
+    /// their revisions visible. Returns the store's revision.
+    pub fn commit(mut self, consistent_index: u64) -> Result<i64> {
+        debug_assert!(!self.is_dirty(), "an entry was not ended");
         self.batch
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
-        let rev = self.rev();
         let timer = crate::metrics::METRICS.backend_commit.start_timer();
         self.store
             .db()
             .apply_batch(std::mem::take(&mut self.batch))?;
         timer.observe_duration();
-        self.state.current_rev = rev;
-        Ok(Committed {
-            rev,
-            events: std::mem::take(&mut self.events),
-            lease_changes: std::mem::take(&mut self.lease_changes),
-        })
+        self.state.current_rev = self.begin_rev;
+        Ok(self.begin_rev)
     }
 }
 
@@ -1025,6 +1055,7 @@ mod maintenance_tests {
             let mut t = store.write();
             t.put(format!("k{}", i % 10).as_bytes(), vec![i as u8; 4096], 0);
             *index += 1;
+            t.end_entry();
             t.commit(*index).unwrap();
         }
     }
@@ -1071,5 +1102,72 @@ mod maintenance_tests {
         let (store, rec) = Store::open(dir.path()).unwrap();
         assert_eq!(rec.consistent_index, index);
         assert_eq!((store.hash_kv(0).unwrap(), all(&store)), expect);
+    }
+}
+
+#[cfg(test)]
+mod group_commit_tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_one_transaction_get_their_own_revisions_and_commit_together() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            let mut t = store.write();
+            t.put(b"a", b"1".to_vec(), 0);
+            let first = t.end_entry();
+            assert_eq!(first.rev, 2);
+            assert_eq!(first.events.len(), 1);
+            // The second entry reads the first one's write, not yet in the backend.
+            let seen = t
+                .range(b"a", RangeEnd::Key, RangeOptions::default())
+                .unwrap();
+            assert_eq!(seen.kvs[0].value, b"1");
+            assert_eq!(seen.rev, 2);
+            t.put(b"a", b"2".to_vec(), 0);
+            t.put(b"b", b"3".to_vec(), 0);
+            let second = t.end_entry();
+            assert_eq!(second.rev, 3);
+            assert_eq!(second.events.len(), 2);
+            // An entry that changed nothing takes no revision.
+            let none = t.end_entry();
+            assert_eq!((none.rev, none.events.len()), (3, 0));
+            assert_eq!(t.commit(12).unwrap(), 3);
+            assert_eq!(store.current_rev(), 3);
+            let old = store
+                .read()
+                .range(
+                    b"a",
+                    RangeEnd::Key,
+                    RangeOptions {
+                        rev: 2,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            assert_eq!(old.kvs[0].value, b"1");
+            store.sync(12).unwrap();
+        }
+        // One backend batch: both revisions and the last entry's index survive a restart.
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.consistent_index, 12);
+        assert_eq!(store.current_rev(), 3);
+        let all = store
+            .read()
+            .range(b"a", RangeEnd::Infinity, RangeOptions::default())
+            .unwrap();
+        let kvs: Vec<_> = all
+            .kvs
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone(), kv.version))
+            .collect();
+        assert_eq!(
+            kvs,
+            vec![
+                (b"a".to_vec(), b"2".to_vec(), 2),
+                (b"b".to_vec(), b"3".to_vec(), 1)
+            ]
+        );
     }
 }
