@@ -195,6 +195,11 @@ struct Gen {
     /// Indices of leases known to be revoked.
     revoked: Vec<usize>,
     watches: usize,
+    /// The txn being generated has a delete so far. etcd 3.4 checks an ignore_value /
+    /// ignore_lease put against the keys as they were before the txn, and panics when an
+    /// earlier delete of the same txn removed the key (seen with a from-key delete in a nested
+    /// txn), so such puts come only before any delete.
+    txn_deleted: bool,
 }
 
 impl Gen {
@@ -382,12 +387,18 @@ impl Gen {
             let op = match kind {
                 0..=39 => {
                     let key = self.fresh_key(dup, used);
-                    TxnOpSpec::Put(self.put(key))
+                    let mut put = self.put(key);
+                    if self.txn_deleted {
+                        put.ignore_value = false;
+                        put.ignore_lease = false;
+                    }
+                    TxnOpSpec::Put(put)
                 }
                 40..=64 => TxnOpSpec::Get(self.get()),
                 65..=84 => {
                     let key = self.fresh_key(dup, used);
                     let range = if dup { self.range() } else { RangeSpec::Single };
+                    self.txn_deleted = true;
                     TxnOpSpec::Del(self.del(key, range))
                 }
                 _ if depth < 2 => TxnOpSpec::Txn(self.txn(depth + 1, dup, used)),
@@ -466,6 +477,7 @@ impl Gen {
             }
             610..=779 => {
                 let dup = self.chance(0.1);
+                self.txn_deleted = false;
                 Op::Txn(self.txn(0, dup, &mut Vec::new()))
             }
             780..=794 => {
@@ -1155,6 +1167,7 @@ async fn random_operations_match_etcd() {
         leases: 0,
         revoked: vec![],
         watches: 0,
+        txn_deleted: false,
     };
     let mut history: Vec<String> = Vec::new();
     let mut stats = Stats::default();
