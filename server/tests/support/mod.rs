@@ -1096,6 +1096,24 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to {eps:?}: {e}"))
     }
 
+    /// An etcd-client connected to every current member but `down`: etcd-client's balancer
+    /// keeps sending calls to a dead endpoint until its connect fails, so a test that has
+    /// stopped a member talks to the others through this.
+    pub async fn client_without(&self, down: usize) -> Client {
+        let eps: Vec<String> = self
+            .current()
+            .into_iter()
+            .filter(|i| *i != down)
+            .map(|i| self.members[i].endpoint())
+            .collect();
+        let opts = self.members[0]
+            .tls
+            .apply(cluster_connect_options(), &self.members[0].data_dir());
+        Client::connect(&eps, Some(opts))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {eps:?}: {e}"))
+    }
+
     /// An etcd-client connected to member `i` only.
     pub async fn member_client(&self, i: usize) -> Client {
         let ep = self.members[i].endpoint();
