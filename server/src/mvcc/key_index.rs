@@ -2,6 +2,7 @@
 //! ended by a tombstone (the last generation is the live one, or empty after a delete).
 
 use super::revision::Revision;
+use smallvec::{smallvec, SmallVec};
 use std::collections::HashSet;
 
 #[derive(Clone, Debug, Default)]
@@ -9,12 +10,16 @@ struct Generation {
     /// Number of puts in this generation (also those compacted away).
     ver: i64,
     created: Revision,
-    revs: Vec<Revision>,
+    /// Inline for one revision: most keys in a large store are written once, and a `Vec`
+    /// would allocate room for four.
+    revs: SmallVec<[Revision; 1]>,
 }
 
 #[derive(Clone, Debug)]
 pub struct KeyIndex {
-    generations: Vec<Generation>,
+    /// Inline for one generation: a key never deleted has one; a deleted key has two until
+    /// a compaction drops the ended one.
+    generations: SmallVec<[Generation; 1]>,
     /// Lease of the live version (0: none), so puts can detach it without a backend read.
     lease: i64,
 }
@@ -30,7 +35,7 @@ pub struct Found {
 impl Default for KeyIndex {
     fn default() -> Self {
         KeyIndex {
-            generations: vec![Generation::default()],
+            generations: smallvec![Generation::default()],
             lease: 0,
         }
     }

@@ -58,6 +58,12 @@ pub const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
 pub const LEASE_PREFIX: &[u8] = b"l/";
 pub const ALARM_PREFIX: &[u8] = b"a/";
 
+/// sled's page cache. Reads of values that miss it are served from the OS page cache (sled
+/// reads its files with pread), so a large one mostly doubles memory: with a million 256-byte
+/// keys, 256 MiB of cache made the server's RSS 590 MiB against 380 MiB with 64 MiB, at the
+/// same put rate (BENCHMARKS.md, Memory).
+const BACKEND_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The `range_end` that covers every key starting with `prefix` (clientv3's GetPrefixRangeEnd):
 /// the prefix with its last byte below 0xff incremented, or "\0" (every key) if there is none.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
@@ -120,8 +126,12 @@ pub struct RangeResult {
     pub rev: i64,
 }
 
+/// The key index (etcd's treeIndex). Keys are boxed slices, not `Vec`s: every node slot of the
+/// map holds one, and a million keys is a million slots.
+type Index = BTreeMap<Box<[u8]>, KeyIndex>;
+
 struct State {
-    index: BTreeMap<Vec<u8>, KeyIndex>,
+    index: Index,
     current_rev: i64,
     compact_rev: i64,
     /// Raft index of the last applied entry (also of entries that changed nothing).
@@ -164,10 +174,10 @@ pub trait ReadView {
 }
 
 fn index_range<'s>(
-    index: &'s BTreeMap<Vec<u8>, KeyIndex>,
+    index: &'s Index,
     key: &'s [u8],
     end: RangeEnd<'s>,
-) -> Box<dyn Iterator<Item = (&'s Vec<u8>, &'s KeyIndex)> + 's> {
+) -> Box<dyn Iterator<Item = (&'s Box<[u8]>, &'s KeyIndex)> + 's> {
     match end {
         RangeEnd::Key => Box::new(index.get_key_value(key).into_iter()),
         RangeEnd::Infinity => {
@@ -253,13 +263,13 @@ impl Store {
         Ok(sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(BACKEND_CACHE_BYTES)
             .open()?)
     }
 
     /// Rebuilds the in-memory index and reads the replicated records of a backend.
     fn load_state(db: &sled::Db) -> Result<(State, Recovered, i64, i64)> {
-        let mut index: BTreeMap<Vec<u8>, KeyIndex> = BTreeMap::new();
+        let mut index = Index::new();
         let mut current_rev = 1; // etcd starts at revision 1 with an empty store
         for item in db.scan_prefix([revision::KEY_PREFIX]) {
             let (k, v) = item?;
@@ -267,7 +277,7 @@ impl Store {
                 return Err(MvccError::Corrupt(format!("bad revision key {k:?}")));
             };
             let kv = decode_kv(&v)?;
-            let ki = index.entry(kv.key.clone()).or_default();
+            let ki = index.entry(kv.key.as_slice().into()).or_default();
             if tomb {
                 ki.tombstone(rev);
             } else {
@@ -309,7 +319,7 @@ impl Store {
         }
         for (key, ki) in &index {
             if ki.lease() != 0 {
-                rec.attached.push((ki.lease(), key.clone()));
+                rec.attached.push((ki.lease(), key.to_vec()));
             }
         }
         let state = State {
@@ -877,7 +887,7 @@ impl WriteTxn<'_> {
         };
         self.batch
             .insert(rev.to_backend_key(false), kv.encode_to_vec());
-        let ki = self.state.index.entry(key.to_vec()).or_default();
+        let ki = self.state.index.entry(key.into()).or_default();
         ki.put(rev);
         ki.set_lease(lease);
         if old_lease != 0 {
@@ -901,7 +911,7 @@ impl WriteTxn<'_> {
     pub fn delete_range(&mut self, key: &[u8], end: RangeEnd) -> (i64, i64) {
         self.count(|o| o.deletes += 1);
         let at = self.rev();
-        let keys: Vec<Vec<u8>> = index_range(&self.state.index, key, end)
+        let keys: Vec<Box<[u8]>> = index_range(&self.state.index, key, end)
             .filter(|(_, ki)| ki.get(at).is_some())
             .map(|(k, _)| k.clone())
             .collect();
@@ -919,7 +929,7 @@ impl WriteTxn<'_> {
         };
         self.batch
             .insert(rev.to_backend_key(true), tomb.encode_to_vec());
-        let ki = self.state.index.entry(key.to_vec()).or_default();
+        let ki = self.state.index.entry(key.into()).or_default();
         let old_lease = ki.lease();
         ki.tombstone(rev);
         ki.set_lease(0);
