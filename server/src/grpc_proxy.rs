@@ -258,7 +258,7 @@ impl Cluster {
         let first = self.next.load(std::sync::atomic::Ordering::Relaxed);
         for i in (0..self.urls.len()).map(|k| (first + k) % self.urls.len()) {
             let url = &self.urls[i];
-            match crate::tls::peer_channel(url, &self.tls, Duration::from_secs(5)).await {
+            match crate::tls::client_url_channel(url, &self.tls, Duration::from_secs(5)).await {
                 Ok(ch) => {
                     tracing::info!(endpoint = %url, "connected to a member");
                     *current = Some((i, ch.clone()));

@@ -647,11 +647,33 @@ pub fn peer_client_config(info: &TlsInfo) -> Result<rustls::ClientConfig> {
 
 /// A gRPC channel to a peer URL: plain for http://, TLS with `peer` for https://, and the
 /// same over a unix socket for unix:// and unixs://. tonic is handed an http:// URI either
-/// way; sockets and TLS are ours, made in the connector.
+/// way; sockets and TLS are ours, made in the connector. HTTP/2 pings every second, idle or
+/// not, find a dead peer fast; peer listeners have no ping policy.
 pub async fn peer_channel(
     url: &str,
     peer: &TlsInfo,
     connect_timeout: std::time::Duration,
+) -> std::result::Result<tonic::transport::Channel, String> {
+    channel(url, peer, connect_timeout, true).await
+}
+
+/// A gRPC channel to a member's client URL, as `peer_channel` makes one but without
+/// keepalive pings: client listeners enforce etcd's ping policy (`--grpc-keepalive-min-time`,
+/// no pings without a stream), and a client pinging more often is sent GOAWAY, which ends
+/// every stream on the connection. etcd's own clients (and its gRPC proxy) send none either.
+pub async fn client_url_channel(
+    url: &str,
+    tls: &TlsInfo,
+    connect_timeout: std::time::Duration,
+) -> std::result::Result<tonic::transport::Channel, String> {
+    channel(url, tls, connect_timeout, false).await
+}
+
+async fn channel(
+    url: &str,
+    peer: &TlsInfo,
+    connect_timeout: std::time::Duration,
+    pings: bool,
 ) -> std::result::Result<tonic::transport::Channel, String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
     let host = parsed.host_str().unwrap_or_default().to_string();
@@ -663,13 +685,16 @@ pub async fn peer_channel(
     } else {
         format!("http://{host}:{port}")
     };
-    let ep = tonic::transport::Endpoint::from_shared(plain)
+    let mut ep = tonic::transport::Endpoint::from_shared(plain)
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(std::time::Duration::from_secs(1))
-        .keep_alive_timeout(std::time::Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+        .tcp_nodelay(true);
+    if pings {
+        ep = ep
+            .http2_keep_alive_interval(std::time::Duration::from_secs(1))
+            .keep_alive_timeout(std::time::Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+    }
     if !tls && !unix {
         return ep.connect().await.map_err(|e| format!("{url}: {e}"));
     }

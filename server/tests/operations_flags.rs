@@ -290,21 +290,27 @@ async fn grpc_proxy_forwards_every_service_to_a_live_member() {
         assert_eq!(support::lease_keys(&ttl), ["px/l"], "{l}");
 
         let mut events = c.watch("px/w", None).await.unwrap();
+        // The call returns with the response headers; the watch exists once it says so.
+        let created = tokio::time::timeout(Duration::from_secs(10), events.message()).await;
+        assert!(
+            matches!(&created, Ok(Ok(Some(r))) if r.created()),
+            "{l}: watch created through the proxy: {created:?}"
+        );
         c.put("px/w", "seen", None).await.unwrap();
-        let seen = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(resp) = events.message().await.unwrap() {
-                if resp
-                    .events()
-                    .iter()
-                    .any(|e| e.kv().is_some_and(|kv| kv.value() == b"seen"))
-                {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert_eq!(seen, Ok(true), "{l}: the watch through the proxy");
+        assert_eq!(
+            next_value(&mut events).await,
+            Ok(b"seen".to_vec()),
+            "{l}: the watch through the proxy"
+        );
+        // An idle watch stays: the proxy's connection to the member must not break the
+        // member's ping policy (it was sent GOAWAY after 3 s of pings every second).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        c.put("px/w", "later", None).await.unwrap();
+        assert_eq!(
+            next_value(&mut events).await,
+            Ok(b"later".to_vec()),
+            "{l}: the watch through the proxy after 6 s idle"
+        );
 
         let mut http = tokio::net::TcpStream::connect(&listen).await.unwrap();
         http.write_all(b"GET /health HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
@@ -557,4 +563,24 @@ impl BareH2 {
             }
         }
     }
+}
+
+/// The value of the next event a watch delivers (10 s at most).
+async fn next_value(events: &mut etcd_client::WatchStream) -> Result<Vec<u8>, String> {
+    let next = async {
+        loop {
+            match events.message().await {
+                Ok(Some(resp)) => {
+                    if let Some(kv) = resp.events().iter().find_map(|e| e.kv()) {
+                        return Ok(kv.value().to_vec());
+                    }
+                }
+                Ok(None) => return Err("the watch ended".to_string()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .unwrap_or_else(|_| Err("no event in 10 s".to_string()))
 }
