@@ -324,14 +324,20 @@ fn perf_verdicts(out: &str) -> Vec<(&'static str, bool)> {
     let mut v = Vec::new();
     for line in out.split(['\n', '\r']).map(str::trim) {
         // A verdict may follow the progress bar on the same line.
-        let at = [line.find("PASS: "), line.find("FAIL: ")]
-            .into_iter()
-            .flatten()
-            .min();
+        // etcdctl 3.4 prints this failure without "FAIL: ".
+        const SLOWEST_FAILED: &str = "Slowest request took too long";
+        let at = [
+            line.find("PASS: "),
+            line.find("FAIL: "),
+            line.find(SLOWEST_FAILED),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let line = at.map_or(line, |i| &line[i..]);
         let passed = if line.starts_with("PASS") {
             true
-        } else if line.starts_with("FAIL") {
+        } else if line.starts_with("FAIL") || line.starts_with(SLOWEST_FAILED) {
             false
         } else {
             continue;
@@ -350,6 +356,21 @@ fn perf_verdicts(out: &str) -> Vec<(&'static str, bool)> {
         v.push((what, passed));
     }
     v
+}
+
+#[test]
+fn perf_verdicts_reads_etcdctls_failures_too() {
+    let out = " 60 / 60  100.00% 1m0s\nPASS: Throughput is 150 writes/s\n\
+               Slowest request took too long: 0.507455s\nPASS: Stddev is 0.028154s\nFAIL\n";
+    assert_eq!(
+        perf_verdicts(out),
+        [
+            ("throughput", true),
+            ("slowest request", false),
+            ("stddev", true),
+            ("overall", false)
+        ]
+    );
 }
 
 /// The runbook's health checks: `etcdctl check datascale` and `etcdctl check perf` (its small
