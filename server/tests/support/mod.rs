@@ -1087,7 +1087,10 @@ impl Cluster {
 
     /// An etcd-client connected to all `endpoints()`.
     pub async fn client(&self) -> Client {
-        let eps = self.endpoints();
+        self.client_to(self.endpoints()).await
+    }
+
+    async fn client_to(&self, eps: Vec<String>) -> Client {
         let opts = self.members[0]
             .tls
             .apply(cluster_connect_options(), &self.members[0].data_dir());
@@ -1106,12 +1109,7 @@ impl Cluster {
             .filter(|i| *i != down)
             .map(|i| self.members[i].endpoint())
             .collect();
-        let opts = self.members[0]
-            .tls
-            .apply(cluster_connect_options(), &self.members[0].data_dir());
-        Client::connect(&eps, Some(opts))
-            .await
-            .unwrap_or_else(|e| panic!("connect to {eps:?}: {e}"))
+        self.client_to(eps).await
     }
 
     /// An etcd-client connected to member `i` only.
