@@ -196,9 +196,8 @@ fn repair_wal(
     ))
 }
 
-/// This member's identity and the Raft configuration, beside the replicated state.
-pub(crate) const META_MEMBER_ID: &[u8] = b"m/member_id";
-pub(crate) const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
+pub(crate) use crate::mvcc::{META_CLUSTER_ID, META_MEMBER_ID};
+/// The Raft configuration at the applied index, beside the replicated state.
 pub(crate) const META_CONF_STATE: &[u8] = b"m/conf_state";
 
 fn read_id(store: &Store, key: &[u8]) -> anyhow::Result<u64> {

@@ -48,6 +48,13 @@ pub type Result<T> = std::result::Result<T, MvccError>;
 /// Raw backend records, (key, value), in key order.
 pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// This member's identity: records of this member alone, beside the replicated state. A Raft
+/// snapshot never carries them to another member, and installing one keeps the receiver's
+/// (etcd keeps them in its WAL metadata, outside the backend it sends).
+pub const META_MEMBER_ID: &[u8] = b"m/member_id";
+pub const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
+pub const LOCAL_RECORDS: [&[u8]; 2] = [META_MEMBER_ID, META_CLUSTER_ID];
+
 pub const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 /// The Raft point of the last snapshot installed from the leader.
 pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
@@ -429,6 +436,13 @@ impl Store {
         index: u64,
         term: u64,
     ) -> Result<Recovered> {
+        // The receiver stays who it is, whatever the stream held.
+        for key in LOCAL_RECORDS {
+            match self.db().get(key)? {
+                Some(own) => staged.insert(key, own)?,
+                None => staged.remove(key)?,
+            };
+        }
         staged.insert(META_CONSISTENT_INDEX, &index.to_be_bytes())?;
         staged.insert(META_SNAPSHOT_INDEX, &index.to_be_bytes())?;
         staged.insert(META_SNAPSHOT_TERM, &term.to_be_bytes())?;
@@ -453,6 +467,9 @@ impl Store {
         let mut out = Vec::new();
         for item in db.iter() {
             let (k, v) = item?;
+            if LOCAL_RECORDS.contains(&k.as_ref()) {
+                continue;
+            }
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok((st.applied, out))
@@ -1178,6 +1195,62 @@ mod group_commit_tests {
                 (b"a".to_vec(), b"2".to_vec(), 2),
                 (b"b".to_vec(), b"3".to_vec(), 1)
             ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod snapshot_identity_tests {
+    use super::*;
+
+    /// A member that installs another's state stays who it is (issue 17: a follower that
+    /// caught up by snapshot restarted with the leader's member ID).
+    #[test]
+    fn a_snapshot_neither_carries_nor_replaces_the_members_identity() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (leader, _) = Store::open(a_dir.path()).unwrap();
+        let (follower, _) = Store::open(b_dir.path()).unwrap();
+        leader.put_record_durable(META_MEMBER_ID, &1u64.to_be_bytes()).unwrap();
+        leader.put_record_durable(META_CLUSTER_ID, &9u64.to_be_bytes()).unwrap();
+        follower.put_record_durable(META_MEMBER_ID, &2u64.to_be_bytes()).unwrap();
+        follower.put_record_durable(META_CLUSTER_ID, &9u64.to_be_bytes()).unwrap();
+        let mut t = leader.write();
+        t.put(b"k", b"v".to_vec(), 0);
+        t.end_entry();
+        t.commit(7).unwrap();
+
+        let (index, records) = leader.snapshot_copy().unwrap();
+        assert_eq!(index, 7);
+        for key in LOCAL_RECORDS {
+            assert!(
+                !records.iter().any(|(k, _)| k.as_slice() == key),
+                "the snapshot carries {}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        // Even a stream that does carry another member's identity (an older sender) leaves the
+        // receiver's own.
+        let (name, staged) = follower.stage(index).unwrap();
+        for (k, v) in &records {
+            staged.insert(k.as_slice(), v.as_slice()).unwrap();
+        }
+        staged.insert(META_MEMBER_ID, &1u64.to_be_bytes()).unwrap();
+        follower.install(&name, staged, index, 3).unwrap();
+        assert_eq!(
+            follower.get_record(META_MEMBER_ID).unwrap(),
+            Some(2u64.to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            follower.get_record(META_CLUSTER_ID).unwrap(),
+            Some(9u64.to_be_bytes().to_vec())
+        );
+        assert_eq!(follower.read().range(b"k", RangeEnd::Key, RangeOptions::default()).unwrap().kvs.len(), 1);
+        // And after a restart on the installed state.
+        drop(follower);
+        let (reopened, _) = Store::open(b_dir.path()).unwrap();
+        assert_eq!(
+            reopened.get_record(META_MEMBER_ID).unwrap(),
+            Some(2u64.to_be_bytes().to_vec())
         );
     }
 }
