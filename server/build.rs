@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptors)
         .build_client(true)
         .build_server(true)
+        // prost's codec, answering a too deeply nested Txn as etcd does (pb.rs).
+        .codec_path("crate::pb::codec::EtcdCodec")
         .compile_protos(&protos, &["proto/etcd", "proto/oxcd"])?;
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -1002,6 +1002,14 @@ impl EtcdServer {
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
+        // The one recursive request: a Txn nested deeper than the entry decoder's recursion
+        // limit would be committed and then fail to apply on every member. What the applier
+        // cannot decode is never proposed (etcd refuses deep nesting with the same answer).
+        if matches!(&req.request, Some(Request::Txn(t)) if crate::apply::nests_txn(t))
+            && RaftRequest::decode(data.as_slice()).is_err()
+        {
+            return Err(EtcdError::TooManyOps);
+        }
         let metrics = &crate::metrics::METRICS;
         let rx = self.waiters.register(id);
         if self.raft_tx.send(RaftInput::Propose { id, data }).is_err() {
@@ -1321,8 +1329,10 @@ impl Applier {
         let req = match RaftRequest::decode(data) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(index, error = %e, "undecodable log entry");
-                std::process::exit(1);
+                // Never proposed by this version (propose_raft checks the round trip); an older
+                // leader's entry is skipped by every member alike rather than stopping them all.
+                tracing::error!(index, error = %e, "skipping an undecodable log entry");
+                return;
             }
         };
         let Some(request) = req.request else { return };

@@ -451,3 +451,78 @@ async fn ignore_value_after_a_delete_in_the_same_txn_is_refused() {
     assert_eq!(r.kvs()[0].value(), b"v", "nothing of the txn was applied");
     assert!(server.is_running());
 }
+
+/// A Txn nested `depth` levels deep (each level one op), with a put at the innermost.
+fn nested_txn(depth: usize, key: &str) -> Txn {
+    let mut t = Txn::new().and_then([TxnOp::put(key, "v", None)]);
+    for _ in 1..depth {
+        t = Txn::new().and_then([TxnOp::txn(t)]);
+    }
+    t
+}
+
+/// Issue 25: a nested Txn the API accepted but the applier could not decode stopped every
+/// member for good. Each depth from 1 to 200 gets etcd's answer or, where etcd 3.4 (no
+/// recursion limit in its decoder) still applies it, etcd's own refusal for too deep a Txn;
+/// nothing accepted fails to apply, and the server keeps serving with its data.
+#[tokio::test(flavor = "multi_thread")]
+async fn nested_txns_of_any_depth_are_applied_or_refused_never_crash() {
+    let [etcd, oxcd] = support::both(&[]).await;
+    let (mut e, mut o) = (etcd.client().await, oxcd.client().await);
+    e.put("intact", "1", None).await.unwrap();
+    o.put("intact", "1", None).await.unwrap();
+    let mut deepest_applied = 0;
+    for depth in 1..=200usize {
+        let key = format!("depth/{depth:03}");
+        let theirs = e.txn(nested_txn(depth, &key)).await;
+        let ours = o.txn(nested_txn(depth, &key)).await;
+        // The answer to a deep Txn nests as deep; this client's decoder (prost) stops at 100
+        // levels, so an answer it cannot read is checked by reading the key back.
+        let client_limit = |r: &Result<etcd_client::TxnResponse, etcd_client::Error>| {
+            matches!(r, Err(err) if err.to_string().contains("failed to decode"))
+        };
+        // etcd's rule (max-txn-ops 128, one op per level): 128 levels apply, 129 do not.
+        if depth > 128 {
+            assert_grpc_err(&format!("etcd depth {depth}"), theirs, Code::InvalidArgument, TOO_MANY_OPS);
+        } else if !client_limit(&theirs) {
+            theirs.unwrap_or_else(|err| panic!("etcd refused depth {depth}: {err}"));
+        }
+        let applied = ours.is_ok() || client_limit(&ours);
+        if applied {
+            deepest_applied = depth;
+            let got = o.get(key.as_str(), None).await.unwrap();
+            assert_eq!(got.kvs().len(), 1, "depth {depth} answered but not applied");
+        } else {
+            let (code, msg) = support::grpc_error(&ours.unwrap_err());
+            assert_eq!(
+                (code, msg.as_str()),
+                (Code::InvalidArgument, TOO_MANY_OPS),
+                "depth {depth}"
+            );
+        }
+    }
+    // Shallow nesting works as on etcd, and the server is alive with its data.
+    assert!(deepest_applied >= 16, "only {deepest_applied} levels apply");
+    let got = o.get("intact", None).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"1");
+    o.put("after", "1", None).await.expect("still serving writes");
+}
+
+/// The same against a 3-member cluster: the depth-50 Txn (the one that stopped every member)
+/// is refused or applied, and all members stay up and converge.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deep_nested_txn_leaves_a_cluster_running() {
+    let _serial = support::serial_cluster_test();
+    let cluster = support::Cluster::start(Kind::subject(), 3).await;
+    let mut c = cluster.client().await;
+    c.put("intact", "1", None).await.unwrap();
+    for depth in [48, 49, 50, 51, 100, 129] {
+        let _ = c.txn(nested_txn(depth, &format!("d{depth}"))).await;
+    }
+    c.put("after", "1", None).await.expect("the cluster serves writes");
+    cluster.wait_converged(std::time::Duration::from_secs(20)).await;
+    let mut cluster = cluster;
+    // A restart replays the log: nothing in it stops a member.
+    cluster.restart_all().await;
+    cluster.wait_converged(std::time::Duration::from_secs(20)).await;
+}
