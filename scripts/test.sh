@@ -30,6 +30,12 @@ command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 # The operator's manifest checks render deploy/ with kubectl kustomize.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+# Hosts of the tests' own (server/tests/support/hosts.rs): network namespaces, veths and a
+# bridge (iproute2), partitions as drop rules (nftables); `unshare` runs an image with no
+# network (util-linux). No container engine is needed.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
     # The Debian package may start an etcd service listening on 2379; the
@@ -65,7 +71,8 @@ cargo --version
 # and without the dev-dependencies' features (about 7 minutes more on 2 cores).
 cargo test --workspace --release --no-fail-fast "$@"
 
-# etcd 3.4's own e2e suite (Go, built from Debian's sources by the script), on the tests oxcd
+# etcd 3.4's own e2e suite (Go, built from Debian's sources by the script in GOPATH mode with
+# the machine's own Go, 1.26; Debian's golang-go only if there is no Go at all), on the tests oxcd
 # passes (docs/CONFORMANCE.md); a retry absorbs the suite's own leaked-goroutine flake.
 e2e/etcd-suite/run.sh --tests e2e/etcd-suite/passing.txt --retries 1 --timeout 120 \
     --out target/etcd-e2e/out-ci

@@ -25,10 +25,12 @@ etcdctl() { kubectl -n "$ns" exec writer -- etcdctl --endpoints=http://demo:2379
 
 step "kind cluster and images"
 kind create cluster --name "$name" --wait 120s
-"$repo/scripts/build-image.sh" oxcd:e2e-1
-docker tag oxcd:e2e-1 oxcd:e2e-2
-"$repo/scripts/build-image.sh" --operator oxcd-operator:e2e
-for img in oxcd:e2e-1 oxcd:e2e-2 oxcd-operator:e2e; do kind load docker-image --name "$name" "$img"; done
+# OCI archives (no Docker engine needed to build them); kind imports them into its nodes.
+images="$(mktemp -d)"
+OUT="$images/1.tar" "$repo/scripts/build-image.sh" oxcd:e2e-1
+OUT="$images/2.tar" OXCD="$repo/target/release/oxcd" "$repo/scripts/build-image.sh" oxcd:e2e-2
+OUT="$images/op.tar" "$repo/scripts/build-image.sh" --operator oxcd-operator:e2e
+for a in 1 2 op; do kind load image-archive --name "$name" "$images/$a.tar"; done
 
 step "helm install"
 helm lint "$repo/charts/oxcd-operator"

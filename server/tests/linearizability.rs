@@ -1,17 +1,16 @@
 //! Linearizability of a 3-member cluster under faults: concurrent clients on all members run
 //! put / get / compare-and-swap on a few keys, every operation's invocation and return is
 //! recorded, and the history checker (support/linearizability.rs) must find a linearization.
-//! One test kills leaders (processes on loopback); one, with containers on docker networks,
-//! also cuts members off their peers (partitions of the leader and of followers) and heals
-//! them. Bounded in time; fails with the offending part of the history.
+//! One test kills leaders (processes on loopback); one, with members on hosts of their own
+//! (network namespaces, support/hosts.rs), also cuts members off their peers (partitions of
+//! the leader and of followers), heals them and pauses the leader. Bounded in time; fails with the offending part of the history.
 
 mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::docker::{client_for, docker_available, DockerCluster};
 use support::linearizability::{assert_linearizable, run_client, Event};
-use support::{Cluster, Kind};
+use support::{Cluster, Kind, Placement};
 
 const CLIENTS: usize = 6;
 const KEYS: usize = 3;
@@ -73,59 +72,51 @@ async fn history_under_leader_kills_is_linearizable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn history_under_partitions_and_leader_kills_is_linearizable() {
-    if !docker_available("linearizability under partitions") {
-        return;
-    }
-    const RUN_FOR: Duration = Duration::from_secs(24);
-    let cluster = DockerCluster::start(3, true).await;
-    // Wait until the cluster serves before the clock starts.
-    let mut c = cluster.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.put("lin/ready", "1", None).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the cluster never served a write"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    cluster.wait_leader(Duration::from_secs(10)).await;
-
+    const RUN_FOR: Duration = Duration::from_secs(30);
+    let mut cluster = Cluster::start_on_hosts(Kind::Oxcd, 3, &[], Placement::Hosts).await;
     let history: Arc<Mutex<Vec<Event>>> = Arc::default();
     let start = Instant::now();
     let until = start + RUN_FOR;
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
-        clients.push(client_for(&cluster.endpoints[c % 3..c % 3 + 1]).await);
+        clients.push(cluster.member_client(c % 3).await);
     }
     let tasks = spawn_clients(clients, until, &history);
 
     // Faults, in turn while clients run: the leader cut off from its peers (it must step
     // down while the others elect a new one), the leader killed and restarted, a follower cut
-    // off. Each partition heals before the next fault.
-    let (mut partitions, mut kills) = (0, 0);
+    // off, the leader paused (SIGSTOP: alive, answering nothing). Each heals before the next.
+    let (mut partitions, mut kills, mut pauses) = (0, 0, 0);
     let mut round = 0;
     while start.elapsed() + Duration::from_secs(5) < RUN_FOR {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
-        match round % 3 {
+        let leader = cluster.leader().await;
+        let net = cluster.net.as_ref().unwrap();
+        match round % 4 {
             0 => {
-                cluster.partition(leader);
+                net.isolate(leader);
                 partitions += 1;
                 tokio::time::sleep(Duration::from_millis(2500)).await;
-                cluster.heal(leader);
+                net.heal();
             }
             1 => {
-                cluster.kill(leader);
+                cluster.kill9(leader);
                 kills += 1;
                 tokio::time::sleep(Duration::from_millis(800)).await;
-                cluster.restart(leader);
+                cluster.members[leader].respawn();
             }
-            _ => {
+            2 => {
                 let follower = (leader + 1) % 3;
-                cluster.partition(follower);
+                net.isolate(follower);
                 partitions += 1;
                 tokio::time::sleep(Duration::from_millis(2500)).await;
-                cluster.heal(follower);
+                net.heal();
+            }
+            _ => {
+                cluster.members[leader].pause();
+                pauses += 1;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                cluster.members[leader].resume();
             }
         }
         round += 1;
@@ -133,12 +124,17 @@ async fn history_under_partitions_and_leader_kills_is_linearizable() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(partitions >= 2 && kills >= 1, "the faults did not happen");
+    assert!(
+        partitions >= 2 && kills >= 1 && pauses >= 1,
+        "the faults did not happen"
+    );
     let history = history.lock().unwrap().clone();
     assert_linearizable(
         &history,
-        &format!("{partitions} partitions, {kills} leader kills"),
+        &format!("{partitions} partitions, {kills} leader kills, {pauses} leader pauses"),
         150,
         40,
     );
+    // Afterwards every member converges: same revision, applied index and HashKV.
+    cluster.wait_converged(Duration::from_secs(30)).await;
 }

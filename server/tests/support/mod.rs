@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions};
 
+pub mod hosts;
 pub mod pki;
 
 /// How a test reaches a TLS server: which URLs are https://, the CA it trusts and the
@@ -189,6 +190,11 @@ pub struct Server {
     log_path: PathBuf,
     /// Byte offset in the log file where the current run's output starts.
     log_start: u64,
+    /// Set when the server runs on a host of its own (a network namespace): it listens on
+    /// every address there, advertises its host name and is reached at the host's address.
+    host: Option<hosts::Host>,
+    /// Set when the server runs from its container image, unpacked here (`oci-image.py run`).
+    image: Option<PathBuf>,
 }
 
 impl Server {
@@ -261,6 +267,8 @@ impl Server {
             child: None,
             tls: TlsClient::default(),
             log_start: 0,
+            host: None,
+            image: None,
         };
         if std::env::var_os("OXCD_KEEP_TEST_DIRS").is_some() {
             let dir = server.dir.take().unwrap();
@@ -271,7 +279,11 @@ impl Server {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.root.join("data")
+        match &self.image {
+            // The image's own ETCD_DATA_DIR, in its volume.
+            Some(image) => image.join("rootfs/var/lib/oxcd/data"),
+            None => self.root.join("data"),
+        }
     }
 
     /// `<data-dir>/member/wal`, where both etcd and oxcd keep `*.wal` segments.
@@ -290,12 +302,15 @@ impl Server {
         } else {
             "http"
         };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        let ip = self.host.as_ref().map_or("127.0.0.1", |h| h.ip.as_str());
+        format!("{scheme}://{ip}:{}", self.client_port)
     }
 
+    /// The peer URL it advertises: on a host of its own, by the host's name.
     pub fn peer_url(&self) -> String {
         let scheme = if self.tls.peer_https { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.peer_port)
+        let host = self.host.as_ref().map_or("127.0.0.1", |h| h.name.as_str());
+        format!("{scheme}://{host}:{}", self.peer_port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -303,27 +318,35 @@ impl Server {
     }
 
     fn args(&self) -> Vec<String> {
-        let client = self.endpoint();
+        let mut client = self.endpoint();
         let peer = self.peer_url();
-        let listen = if self.tls.client_plain_too {
+        let mut listen = if self.tls.client_plain_too {
             format!("{client},http://127.0.0.1:{}", self.client_port)
         } else {
             client.clone()
         };
-        let mut args = vec![
-            "--name".to_string(),
-            self.name.clone(),
-            "--data-dir".to_string(),
-            self.data_dir().display().to_string(),
+        let mut listen_peer = peer.clone();
+        if let Some(h) = &self.host {
+            // As a pod: listen everywhere in its own namespace, advertise its name.
+            listen = format!("http://0.0.0.0:{}", self.client_port);
+            listen_peer = format!("http://0.0.0.0:{}", self.peer_port);
+            client = format!("http://{}:{}", h.name, self.client_port);
+        }
+        let mut args = vec!["--name".to_string(), self.name.clone()];
+        if self.image.is_none() {
+            args.push("--data-dir".to_string());
+            args.push(self.data_dir().display().to_string());
+        }
+        args.extend([
             "--listen-client-urls".to_string(),
             listen,
             "--advertise-client-urls".to_string(),
             client,
             "--listen-peer-urls".to_string(),
-            peer.clone(),
+            listen_peer,
             "--initial-advertise-peer-urls".to_string(),
             peer.clone(),
-        ];
+        ]);
         if self.cluster_flags.is_empty() {
             args.push("--initial-cluster".to_string());
             args.push(format!("{}={}", self.name, peer));
@@ -342,7 +365,20 @@ impl Server {
             .open(&self.log_path)
             .expect("open server log");
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut cmd = Command::new(self.kind.binary());
+        let mut cmd = match (&self.host, &self.image) {
+            (None, _) => Command::new(self.kind.binary()),
+            (Some(h), image) => {
+                // `ip netns exec` and `oci-image.py run` both exec, so the child's pid is the
+                // server's: kill -9 and SIGSTOP reach it.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &h.ns]);
+                match image {
+                    None => c.arg(self.kind.binary()),
+                    Some(dir) => c.arg("python3").arg(OCI_IMAGE_PY).arg("run").arg(dir),
+                };
+                c
+            }
+        };
         cmd.args(self.args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
@@ -474,6 +510,20 @@ impl Server {
     ) -> Result<Client, etcd_client::Error> {
         self.connect(ConnectOptions::new().with_user(user, password))
             .await
+    }
+
+    /// SIGSTOP: the process stays, answering nothing, until `resume`.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+        }
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+        }
     }
 
     /// SIGKILL, like a power cut as far as the process is concerned.
@@ -872,6 +922,50 @@ pub struct Cluster {
     removed: Vec<bool>,
     /// Flags every member gets (Raft timing plus the caller's).
     extra_args: Vec<String>,
+    /// The members' hosts, when each runs on one of its own (`start_on_hosts`).
+    pub net: Option<hosts::Net>,
+}
+
+/// How the members of a cluster run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Placement {
+    /// Processes on loopback ports.
+    Loopback,
+    /// Each member on a host of its own (a network namespace), by name, as pods are.
+    Hosts,
+    /// Like `Hosts`, each member run from the server's container image
+    /// (`scripts/build-image.sh`), unpacked and chrooted as its user.
+    Image,
+}
+
+pub const OCI_IMAGE_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/oci-image.py");
+
+/// The server image built once per test process from the binary under test, with the
+/// project's own script: (archive path, the temp dir holding it).
+static SERVER_IMAGE: std::sync::OnceLock<(PathBuf, tempfile::TempDir)> =
+    std::sync::OnceLock::new();
+
+pub fn server_image() -> PathBuf {
+    SERVER_IMAGE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let out = dir.path().join("oxcd-test.oci.tar");
+            let build = Command::new("bash")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-image.sh"))
+                .arg("oxcd:test")
+                .env("OXCD", Kind::Oxcd.binary())
+                .env("OUT", &out)
+                .output()
+                .expect("run scripts/build-image.sh");
+            assert!(
+                build.status.success(),
+                "image build failed: {}",
+                String::from_utf8_lossy(&build.stderr)
+            );
+            (out, dir)
+        })
+        .0
+        .clone()
 }
 
 impl Cluster {
@@ -883,12 +977,18 @@ impl Cluster {
 
     /// Like `start`, with extra flags for every member (e.g. `--snapshot-count`).
     pub async fn start_with(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
-        Self::start_inner(kind, n, extra, None, TlsClient::default()).await
+        Self::start_inner(kind, n, extra, None, TlsClient::default(), Placement::Loopback).await
+    }
+
+    /// `n` members, each on a host of its own (or from the image), so the test can cut
+    /// members off each other (`net`), pause and kill them.
+    pub async fn start_on_hosts(kind: Kind, n: usize, extra: &[&str], placement: Placement) -> Cluster {
+        Self::start_inner(kind, n, extra, None, TlsClient::default(), placement).await
     }
 
     /// Like `start_with`, with https:// URLs as `tls` says (the TLS flags go in `extra`).
     pub async fn start_tls(kind: Kind, n: usize, extra: &[&str], tls: TlsClient) -> Cluster {
-        Self::start_inner(kind, n, extra, None, tls).await
+        Self::start_inner(kind, n, extra, None, tls, Placement::Loopback).await
     }
 
     /// Starts `n` members whose data dirs are first restored from an etcd-format backup
@@ -905,7 +1005,15 @@ impl Cluster {
         backup: &Path,
         tool: Kind,
     ) -> Cluster {
-        Self::start_inner(kind, n, &[], Some((backup, tool)), TlsClient::default()).await
+        Self::start_inner(
+            kind,
+            n,
+            &[],
+            Some((backup, tool)),
+            TlsClient::default(),
+            Placement::Loopback,
+        )
+        .await
     }
 
     /// Stops every member cleanly and starts `kind`'s binary on the same data dirs, ports and
@@ -930,6 +1038,7 @@ impl Cluster {
         extra: &[&str],
         backup: Option<(&Path, Kind)>,
         tls: TlsClient,
+        placement: Placement,
     ) -> Cluster {
         assert!(n >= 1);
         let seq = CLUSTER_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -952,10 +1061,40 @@ impl Cluster {
                 m
             })
             .collect();
+        let net = (placement != Placement::Loopback).then(|| {
+            let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+            hosts::Net::create(&names)
+        });
+        if let Some(net) = &net {
+            let image = (placement == Placement::Image).then(server_image);
+            for (m, h) in members.iter_mut().zip(&net.hosts) {
+                m.host = Some(h.clone());
+                // The ports a pod's container has.
+                (m.client_port, m.peer_port) = (2379, 2380);
+                if let Some(archive) = &image {
+                    let dir = m.root.join("image");
+                    let out = Command::new("python3")
+                        .arg(OCI_IMAGE_PY)
+                        .arg("unpack")
+                        .arg(archive)
+                        .arg(&dir)
+                        .output()
+                        .expect("run oci-image.py unpack");
+                    assert!(
+                        out.status.success(),
+                        "unpacking the image failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    m.image = Some(dir);
+                }
+            }
+        }
         for attempt in 0..3 {
-            for m in members.iter_mut() {
-                m.client_port = free_port();
-                m.peer_port = free_port();
+            if net.is_none() {
+                for m in members.iter_mut() {
+                    m.client_port = free_port();
+                    m.peer_port = free_port();
+                }
             }
             let initial = members
                 .iter()
@@ -1040,6 +1179,7 @@ impl Cluster {
             removed: vec![false; members.len()],
             members,
             extra_args,
+            net,
         };
         for i in 0..n {
             let st = cluster.members[i]
@@ -1557,7 +1697,7 @@ impl Drop for Cluster {
     }
 }
 
-pub mod docker;
+
 pub mod linearizability;
 
 /// An HTTP/1.1 response as a test sees it: status, headers (lower-case names) and body.

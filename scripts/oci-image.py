@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""OCI images without a Docker engine: build, unpack and run them (python3 stdlib only).
+
+  oci-image.py build --binary PATH --tag NAME:TAG --out ARCHIVE [--operator]
+      Writes an OCI image archive (an OCI layout in a tar, plus Docker's manifest.json so
+      `docker load`, `kind load image-archive` and `ctr images import` all take it): one layer
+      FROM scratch holding the binary, every shared library `ldd` lists at the same path, and
+      for the server the data volume owned by the image's user. Deterministic: the same binary
+      gives the same digests.
+  oci-image.py unpack ARCHIVE DIR
+      Extracts the layers into DIR/rootfs and the image config into DIR/config.json.
+  oci-image.py run DIR [ARGS...]
+      Runs the unpacked image's entrypoint (with ARGS, or its CMD) as a container runtime
+      would, minus the isolation a runtime adds: chrooted into DIR/rootfs, as the image's user,
+      with only the image's environment. The process replaces this one (same pid), so a caller
+      may signal it. Put `ip netns exec NS` in front to give it a host of its own.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+# What differs between the two images; everything else is shared.
+IMAGES = {
+    "server": {
+        "bin": "oxcd",
+        "user": "65532:65532",
+        "env": ["ETCD_DATA_DIR=/var/lib/oxcd/data"],
+        "ports": ["2379/tcp", "2380/tcp"],
+        "volumes": ["/var/lib/oxcd"],
+        "cmd": None,
+        "ca_roots": False,
+    },
+    "operator": {
+        "bin": "oxcd-operator",
+        "user": "65532:65532",
+        "env": [],
+        "ports": ["8080/tcp"],
+        "volumes": [],
+        "cmd": ["run"],
+        # The operator calls the Kubernetes API and object stores over HTTPS.
+        "ca_roots": True,
+    },
+}
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def linked_libraries(binary):
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True)
+    if out.returncode != 0:
+        # A static binary links nothing (ldd says "not a dynamic executable").
+        return []
+    libs = []
+    for line in out.stdout.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                libs.append(word)
+    return libs
+
+
+def layer_tar(kind, binary):
+    spec = IMAGES[kind]
+    uid, gid = (int(x) for x in spec["user"].split(":"))
+    buf = io.BytesIO()
+    dirs_done = set()
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add_dir(path, mode=0o755, owner=(0, 0)):
+            path = path.strip("/")
+            if not path or path in dirs_done:
+                return
+            add_dir(os.path.dirname(path))
+            info = tarfile.TarInfo(path)
+            info.type = tarfile.DIRTYPE
+            info.mode = mode
+            info.uid, info.gid = owner
+            info.mtime = 0
+            tar.addfile(info)
+            dirs_done.add(path)
+
+        def add_file(path, src, mode):
+            add_dir(os.path.dirname(path))
+            with open(src, "rb") as f:
+                data = f.read()
+            info = tarfile.TarInfo(path.strip("/"))
+            info.size = len(data)
+            info.mode = mode
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+        files = [(f"/usr/local/bin/{spec['bin']}", binary, 0o755)]
+        for lib in linked_libraries(binary):
+            files.append((lib, os.path.realpath(lib), 0o755))
+        if spec["ca_roots"] and os.path.exists("/etc/ssl/certs/ca-certificates.crt"):
+            files.append(("/etc/ssl/certs/ca-certificates.crt",
+                          "/etc/ssl/certs/ca-certificates.crt", 0o644))
+        add_dir("/tmp", 0o1777)
+        for vol in spec["volumes"]:
+            # The data volume belongs to the image's user (numeric: scratch has no passwd).
+            add_dir(vol, 0o755, (uid, gid))
+        for path, src, mode in sorted(set(files)):
+            add_file(path, src, mode)
+    return buf.getvalue()
+
+
+def build(kind, binary, tag, out):
+    spec = IMAGES[kind]
+    name, _, version = tag.rpartition(":")
+    if not name:
+        name, version = tag, "latest"
+    tar_bytes = layer_tar(kind, binary)
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=6) as g:
+        g.write(tar_bytes)
+    layer = gz.getvalue()
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": {
+            "User": spec["user"],
+            "Env": [PATH_ENV] + spec["env"],
+            "Entrypoint": [f"/usr/local/bin/{spec['bin']}"],
+            "ExposedPorts": {p: {} for p in spec["ports"]},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [sha256(tar_bytes)]},
+        "history": [{"created": "1970-01-01T00:00:00Z",
+                     "created_by": "scripts/build-image.sh"}],
+    }
+    if spec["cmd"]:
+        config["config"]["Cmd"] = spec["cmd"]
+    if spec["volumes"]:
+        config["config"]["Volumes"] = {v: {} for v in spec["volumes"]}
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha256(config_bytes), "size": len(config_bytes)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha256(layer), "size": len(layer)}],
+    }
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    full_name = name if "/" in name else f"docker.io/library/{name}"
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": sha256(manifest_bytes), "size": len(manifest_bytes),
+            "annotations": {
+                # containerd (ctr import, kind) reads the first, OCI tools the second.
+                "io.containerd.image.name": f"{full_name}:{version}",
+                "org.opencontainers.image.ref.name": version,
+            },
+        }],
+    }
+    blob = lambda d: "blobs/sha256/" + d.split(":", 1)[1]
+    # Docker's own archive format, which `docker load` of every version reads.
+    docker_manifest = [{
+        "Config": blob(sha256(config_bytes)),
+        "RepoTags": [f"{name}:{version}"],
+        "Layers": [blob(sha256(layer))],
+    }]
+    entries = [
+        ("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
+        ("index.json", json.dumps(index, sort_keys=True).encode()),
+        ("manifest.json", json.dumps(docker_manifest).encode()),
+        (blob(sha256(config_bytes)), config_bytes),
+        (blob(sha256(manifest_bytes)), manifest_bytes),
+        (blob(sha256(layer)), layer),
+    ]
+    tmp = out + ".tmp"
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ["blobs", "blobs/sha256"]:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for path, data in entries:
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, out)
+    print(f"built {name}:{version} -> {out} ({len(layer)} bytes compressed, "
+          f"manifest {sha256(manifest_bytes)})")
+
+
+def unpack(archive, dest):
+    with tarfile.open(archive) as tar:
+        read = lambda p: tar.extractfile(p).read()
+        index = json.loads(read("index.json"))
+        manifest = json.loads(read("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
+        config = read("blobs/sha256/" + manifest["config"]["digest"].split(":")[1])
+        rootfs = os.path.join(dest, "rootfs")
+        os.makedirs(rootfs, exist_ok=True)
+        for layer in manifest["layers"]:
+            data = read("blobs/sha256/" + layer["digest"].split(":")[1])
+            if sha256(data) != layer["digest"]:
+                sys.exit(f"layer {layer['digest']} does not match its digest")
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as lt:
+                # numeric_owner: the owners are the image's numeric ids, not this host's names.
+                lt.extractall(rootfs, numeric_owner=True, filter="fully_trusted")
+    with open(os.path.join(dest, "config.json"), "wb") as f:
+        f.write(config)
+
+
+def run(dest, args):
+    with open(os.path.join(dest, "config.json")) as f:
+        cfg = json.load(f)["config"]
+    argv = cfg.get("Entrypoint") or []
+    argv = argv + (args if args else (cfg.get("Cmd") or []))
+    env = dict(e.split("=", 1) for e in cfg.get("Env") or [])
+    uid, _, gid = (cfg.get("User") or "0:0").partition(":")
+    rootfs = os.path.join(dest, "rootfs")
+    # As a runtime does: the container sees its host's /etc/hosts (under `ip netns exec`, the
+    # namespace's own), so member names resolve inside it.
+    os.makedirs(os.path.join(rootfs, "etc"), exist_ok=True)
+    with open("/etc/hosts", "rb") as src, open(os.path.join(rootfs, "etc/hosts"), "wb") as dst:
+        dst.write(src.read())
+    os.chroot(rootfs)
+    os.chdir(cfg.get("WorkingDir") or "/")
+    os.setgroups([])
+    os.setgid(int(gid or uid))
+    os.setuid(int(uid))
+    os.execve(argv[0], argv, env)
+
+
+def main():
+    a = sys.argv[1:]
+    if not a:
+        sys.exit(__doc__)
+    if a[0] == "build":
+        opts = {"--operator": False}
+        i = 1
+        while i < len(a):
+            if a[i] == "--operator":
+                opts["--operator"] = True
+                i += 1
+            else:
+                opts[a[i]] = a[i + 1]
+                i += 2
+        kind = "operator" if opts["--operator"] else "server"
+        build(kind, opts["--binary"], opts["--tag"], opts["--out"])
+    elif a[0] == "unpack" and len(a) == 3:
+        unpack(a[1], a[2])
+    elif a[0] == "run" and len(a) >= 2:
+        run(a[1], a[2:])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
