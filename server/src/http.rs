@@ -148,8 +148,7 @@ async fn gateway(server: &Arc<EtcdServer>, req: Request<hyper::body::Incoming>) 
         token: req
             .headers()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+            .map(|v| crate::auth::Caller::token_text(v.as_bytes())),
         // etcd ignores a client certificate's name on gateway requests.
         common_name: None,
     };

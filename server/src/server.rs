@@ -1634,6 +1634,8 @@ impl Applier {
                 .write(g, index, |t| apply::delete_range(t, &d))
                 .map(Applied::DeleteRange),
             Request::Txn(t) => {
+                // etcd 3.4's capped applier refuses a Txn with puts under NOSPACE (3.5 refuses
+                // every Txn that is not read-only; see maintenance.rs).
                 if self.no_space() && apply::txn_has_puts(&t) {
                     return Err(EtcdError::NoSpace);
                 }

@@ -224,7 +224,9 @@ impl<C: WatchContext> WatchStream<C> {
         }
     }
 
-    /// A create request refused: created and canceled at once, with the reason.
+    /// A create request refused: created and canceled at once, with the reason, and watch ID
+    /// -1 as etcd 3.4 answers (etcd 3.5 answers a permission refusal with the requested ID;
+    /// the auth matrix compares this with etcd 3.4).
     async fn refuse(&self, rev: i64, reason: String) -> Result<(), ()> {
         self.send(WatchResponse {
             header: Some(self.ctx.header(rev)),

@@ -230,7 +230,8 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
                 let first = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
                 Outcome::Ok(match first {
                     Ok(Ok(Some(r))) => format!(
-                        "created={} canceled={} reason={:?}",
+                        "watch_id={} created={} canceled={} reason={:?}",
+                        r.watch_id(),
                         r.created(),
                         r.canceled(),
                         r.cancel_reason()
@@ -765,4 +766,42 @@ async fn backups_carry_the_auth_store_both_ways() {
             "{what}"
         );
     }
+}
+
+/// A Range sent with raw metadata `token` = `bytes` over a bare tonic client.
+async fn range_with_raw_token(server: &Server, bytes: &[u8]) -> Outcome {
+    use oxcd::pb::etcdserverpb::{kv_client::KvClient, RangeRequest};
+    let mut kv = KvClient::connect(server.endpoint()).await.expect("connect");
+    let mut req = tonic::Request::new(RangeRequest {
+        key: b"k".to_vec(),
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "token",
+        tonic::metadata::MetadataValue::try_from(bytes).expect("a header value"),
+    );
+    match kv.range(req).await {
+        Ok(r) => Outcome::Ok(format!("count={}", r.into_inner().count)),
+        Err(s) => Outcome::Err(s.code(), s.message().to_string()),
+    }
+}
+
+/// A token that is not UTF-8 is a token all the same: with auth on it is an invalid one (it
+/// was read as no token at all), with auth off it is ignored. Side by side with etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_that_is_not_utf8_is_an_invalid_token() {
+    let raw = [b'a', 0xff, 0xfe, b'.', 0x80];
+    let mut seen = Vec::new();
+    for server in &support::both(&[]).await {
+        let off = range_with_raw_token(server, &raw).await;
+        enable_with_reader(server).await;
+        let on = range_with_raw_token(server, &raw).await;
+        seen.push((server.kind.label(), off, on));
+    }
+    assert_eq!(
+        seen[1].2,
+        Outcome::Err(tonic::Code::Unauthenticated, "etcdserver: invalid auth token".into()),
+        "{seen:?}"
+    );
+    assert_eq!((&seen[0].1, &seen[0].2), (&seen[1].1, &seen[1].2), "{seen:?}");
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use support::Server;
 
 /// POSTs `body` to `path` with curl; (HTTP status, body).
-async fn curl(server: &Server, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+async fn curl(server: &Server, path: &str, body: &str, token: Option<&[u8]>) -> (u16, String) {
     let mut cmd = tokio::process::Command::new("curl");
     cmd.args([
         "-sS",
@@ -20,7 +20,10 @@ async fn curl(server: &Server, path: &str, body: &str, token: Option<&str>) -> (
         "\n%{http_code}",
     ]);
     if let Some(t) = token {
-        cmd.arg("-H").arg(format!("Authorization: {t}"));
+        // Bytes, not text: a client may send a token that is not UTF-8.
+        use std::os::unix::ffi::OsStringExt;
+        let header = [b"Authorization: ".as_slice(), t].concat();
+        cmd.arg("-H").arg(std::ffi::OsString::from_vec(header));
     }
     let out = cmd
         .arg("-d")
@@ -148,12 +151,20 @@ async fn run(server: &Server) -> Vec<(String, u16, Value)> {
         server,
         "/v3/kv/put",
         r#"{"key": "Zm9v", "value": "YmFy"}"#,
-        token.as_deref(),
+        token.as_deref().map(str::as_bytes),
     )
     .await;
     out.push(("put with the token".into(), code, parsed(&text)));
-    let (code, text) = curl(server, "/v3/kv/range", r#"{"key": "Zm9v"}"#, Some("bad")).await;
+    let (code, text) = curl(server, "/v3/kv/range", r#"{"key": "Zm9v"}"#, Some(b"bad")).await;
     out.push(("range with a bad token".into(), code, parsed(&text)));
+    let (code, text) = curl(
+        server,
+        "/v3/kv/range",
+        r#"{"key": "Zm9v"}"#,
+        Some(b"a\xff\xfe.\x80"),
+    )
+    .await;
+    out.push(("range with a token that is not UTF-8".into(), code, parsed(&text)));
     out
 }
 

@@ -80,6 +80,16 @@ async fn database_space_exceeded_then_recovered_by_compaction_defragment_and_dis
             Code::ResourceExhausted,
             NO_SPACE,
         );
+        // A Txn that only deletes: etcd 3.4's capped applier refuses only Txns with puts, so
+        // it applies (etcd 3.5 and later refuse every Txn that is not read-only).
+        let txn = Txn::new().and_then([TxnOp::delete("absent", None)]);
+        c.txn(txn)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: delete-only txn under NOSPACE: {e}"));
+        let txn = Txn::new().and_then([TxnOp::get("keep", None)]);
+        c.txn(txn)
+            .await
+            .unwrap_or_else(|e| panic!("{l}: read-only txn under NOSPACE: {e}"));
 
         // Reads and deletes still work.
         let r = c

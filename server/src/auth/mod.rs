@@ -45,6 +45,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A token as sent (gRPC metadata or the gateway's `Authorization`). A token is bytes to
+    /// etcd: one that is not text is an invalid token, never no token.
+    pub fn token_text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
     pub fn of<T>(req: &tonic::Request<T>) -> Caller {
         // Calls made inside the server for a client (lock, election) carry that client's.
         if let Some(c) = req.extensions().get::<Caller>() {
@@ -54,8 +60,7 @@ impl Caller {
         let token = md
             .get("token")
             .or_else(|| md.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+            .map(|v| Caller::token_text(v.as_bytes()));
         let common_name = req
             .extensions()
             .get::<crate::tls::ClientInfo>()
