@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -47,6 +48,24 @@ IMAGES = {
     },
 }
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# OCI's names for the machines a binary built here runs on.
+ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+def split_tag(tag):
+    """Docker's reading of a reference: the tag follows the last ':' of the last path part
+    (`localhost:5000/oxcd` has none); a name without a registry is on docker.io, and a
+    single-part one under library/."""
+    last = tag.rsplit("/", 1)[-1]
+    name, version = (tag.rsplit(":", 1) if ":" in last else (tag, "latest"))
+    first = name.split("/", 1)[0]
+    if "/" not in name:
+        full = f"docker.io/library/{name}"
+    elif "." in first or ":" in first or first == "localhost":
+        full = name
+    else:
+        full = f"docker.io/{name}"
+    return name, version, full
 
 
 def sha256(data):
@@ -114,16 +133,14 @@ def layer_tar(kind, binary):
 
 def build(kind, binary, tag, out):
     spec = IMAGES[kind]
-    name, _, version = tag.rpartition(":")
-    if not name:
-        name, version = tag, "latest"
+    name, version, full_name = split_tag(tag)
     tar_bytes = layer_tar(kind, binary)
     gz = io.BytesIO()
     with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=6) as g:
         g.write(tar_bytes)
     layer = gz.getvalue()
     config = {
-        "architecture": "amd64",
+        "architecture": ARCH,
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
         "config": {
@@ -150,7 +167,6 @@ def build(kind, binary, tag, out):
                     "digest": sha256(layer), "size": len(layer)}],
     }
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    full_name = name if "/" in name else f"docker.io/library/{name}"
     index = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -210,7 +226,9 @@ def unpack(archive, dest):
                 sys.exit(f"layer {layer['digest']} does not match its digest")
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as lt:
                 # numeric_owner: the owners are the image's numeric ids, not this host's names.
-                lt.extractall(rootfs, numeric_owner=True, filter="fully_trusted")
+                # (Python's extraction filters, where it has them, would drop the owners.)
+                kw = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
+                lt.extractall(rootfs, numeric_owner=True, **kw)
     with open(os.path.join(dest, "config.json"), "wb") as f:
         f.write(config)
 

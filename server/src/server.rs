@@ -196,9 +196,7 @@ fn repair_wal(
     ))
 }
 
-pub(crate) use crate::mvcc::{META_CLUSTER_ID, META_MEMBER_ID};
-/// The Raft configuration at the applied index, beside the replicated state.
-pub(crate) const META_CONF_STATE: &[u8] = b"m/conf_state";
+use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 
 fn read_id(store: &Store, key: &[u8]) -> anyhow::Result<u64> {
     let v = store.get_record(key)?.ok_or_else(|| {
@@ -1328,11 +1326,16 @@ impl Applier {
     fn apply_entry(&mut self, g: &mut Group<'_>, index: u64, data: &[u8]) {
         let req = match RaftRequest::decode(data) {
             Ok(r) => r,
-            Err(e) => {
-                // Never proposed by this version (propose_raft checks the round trip); an older
-                // leader's entry is skipped by every member alike rather than stopping them all.
-                tracing::error!(index, error = %e, "skipping an undecodable log entry");
+            // A Txn nested too deep is never proposed by this version (propose_raft checks the
+            // round trip); one an older leader committed is skipped by every member alike
+            // rather than stopping them all. Anything else undecodable is damage: stop.
+            Err(e) if e.to_string().contains("recursion limit reached") => {
+                tracing::error!(index, error = %e, "skipping a log entry nested too deep to decode");
                 return;
+            }
+            Err(e) => {
+                tracing::error!(index, error = %e, "undecodable log entry");
+                std::process::exit(1);
             }
         };
         let Some(request) = req.request else { return };

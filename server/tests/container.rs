@@ -75,7 +75,15 @@ fn image_archive_holds_what_a_runtime_needs() {
         serde_json::json!({"2379/tcp": {}, "2380/tcp": {}})
     );
     assert_eq!(c["Volumes"], serde_json::json!({"/var/lib/oxcd": {}}));
-    assert_eq!((config["os"].as_str(), config["architecture"].as_str()), (Some("linux"), Some("amd64")));
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    assert_eq!(
+        (config["os"].as_str(), config["architecture"].as_str()),
+        (Some("linux"), Some(arch))
+    );
 
     // `docker load` reads Docker's own manifest beside the OCI one.
     let docker = json(&archive_file(&archive, "manifest.json"));

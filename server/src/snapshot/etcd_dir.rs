@@ -24,7 +24,7 @@ use crate::pb::oxcdpb::{
     raft_request::Request, Authenticate, ConfChangeContext, MemberAttributes, RaftRequest, UserAdd,
     UserChangePassword,
 };
-use crate::server::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
+use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 use crate::wal::Wal;
 use prost::Message as _;
 use protobuf::Message as _;

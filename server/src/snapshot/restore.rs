@@ -10,7 +10,7 @@
 use super::{bolt, extract_db, Result, SnapshotError};
 use crate::membership::{self, Member, MEMBER_PREFIX};
 use crate::mvcc::{self, Store};
-use crate::server::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
+use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 use crate::wal::Wal;
 use prost::Message as _;
 use protobuf::Message as _;

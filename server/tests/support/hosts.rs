@@ -82,6 +82,12 @@ fn remove_stale() {
             continue;
         };
         if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // Its servers outlived it: kill them before their namespace goes.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", p]).output();
+                }
+            }
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
@@ -129,9 +135,9 @@ impl Net {
         // The test's own way in: a veth from the machine's namespace onto the bridge.
         let sw_end = format!("oxt{tag}s");
         sh(&[
-            "ip", "link", "add", &net.host_link, "type", "veth", "peer", "name", &sw_end,
+            "ip", "link", "add", &net.host_link, "type", "veth", "peer", "name", &sw_end, "netns",
+            &net.switch,
         ]);
-        sh(&["ip", "link", "set", &sw_end, "netns", &net.switch]);
         ns_sh(&net.switch, &["ip", "link", "set", &sw_end, "master", "br0"]);
         ns_sh(&net.switch, &["ip", "link", "set", &sw_end, "up"]);
         sh(&[
@@ -156,15 +162,14 @@ impl Net {
         }
         for (i, h) in net.hosts.clone().iter().enumerate() {
             sh(&["ip", "netns", "add", &h.ns]);
-            let (inside, outside) = (format!("oxt{tag}{i}"), format!("oxt{tag}{i}p"));
+            // Made in place: nothing of it ever sits in the machine's own namespace.
+            let outside = format!("oxt{tag}{i}p");
             sh(&[
-                "ip", "link", "add", &inside, "type", "veth", "peer", "name", &outside,
+                "ip", "link", "add", "eth0", "netns", &h.ns, "type", "veth", "peer", "name",
+                &outside, "netns", &net.switch,
             ]);
-            sh(&["ip", "link", "set", &outside, "netns", &net.switch]);
             ns_sh(&net.switch, &["ip", "link", "set", &outside, "master", "br0"]);
             ns_sh(&net.switch, &["ip", "link", "set", &outside, "up"]);
-            sh(&["ip", "link", "set", &inside, "netns", &h.ns]);
-            ns_sh(&h.ns, &["ip", "link", "set", &inside, "name", "eth0"]);
             ns_sh(
                 &h.ns,
                 &["ip", "addr", "add", &format!("{}/24", h.ip), "dev", "eth0"],

@@ -941,15 +941,14 @@ pub enum Placement {
 pub const OCI_IMAGE_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/oci-image.py");
 
 /// The server image built once per test process from the binary under test, with the
-/// project's own script: (archive path, the temp dir holding it).
-static SERVER_IMAGE: std::sync::OnceLock<(PathBuf, tempfile::TempDir)> =
-    std::sync::OnceLock::new();
+/// project's own script, into cargo's temp dir for tests (one file, rewritten by each run: a
+/// static is never dropped, so a temp dir here would outlive the process).
+static SERVER_IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 pub fn server_image() -> PathBuf {
     SERVER_IMAGE
         .get_or_init(|| {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let out = dir.path().join("oxcd-test.oci.tar");
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oxcd-test-image.oci.tar");
             let build = Command::new("bash")
                 .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-image.sh"))
                 .arg("oxcd:test")
@@ -962,9 +961,8 @@ pub fn server_image() -> PathBuf {
                 "image build failed: {}",
                 String::from_utf8_lossy(&build.stderr)
             );
-            (out, dir)
+            out
         })
-        .0
         .clone()
 }
 
