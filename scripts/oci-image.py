@@ -8,12 +8,13 @@
       for the server the data volume owned by the image's user. Deterministic: the same binary
       gives the same digests.
   oci-image.py unpack ARCHIVE DIR
-      Extracts the layers into DIR/rootfs and the image config into DIR/config.json.
-  oci-image.py run DIR [ARGS...]
-      Runs the unpacked image's entrypoint (with ARGS, or its CMD) as a container runtime
-      would, minus the isolation a runtime adds: chrooted into DIR/rootfs, as the image's user,
-      with only the image's environment. The process replaces this one (same pid), so a caller
-      may signal it. Put `ip netns exec NS` in front to give it a host of its own.
+      Extracts the layers into DIR/rootfs and the image config into DIR/image.json.
+  oci-image.py run --runc NETNS ID DIR [ARGS...]
+      Runs the unpacked image's entrypoint (with ARGS, or its CMD) with runc, as container ID,
+      in the network namespace NETNS (`ip netns` name; "" for a new, empty one): DIR becomes
+      the OCI bundle. runc
+      replaces this process, stays in the foreground, forwards signals and exits with the
+      container; `runc kill ID KILL` is a kill -9 of the container.
 """
 import gzip
 import hashlib
@@ -229,29 +230,51 @@ def unpack(archive, dest):
                 # (Python's extraction filters, where it has them, would drop the owners.)
                 kw = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
                 lt.extractall(rootfs, numeric_owner=True, **kw)
-    with open(os.path.join(dest, "config.json"), "wb") as f:
+    with open(os.path.join(dest, "image.json"), "wb") as f:
         f.write(config)
 
 
-def run(dest, args):
-    with open(os.path.join(dest, "config.json")) as f:
-        cfg = json.load(f)["config"]
-    argv = cfg.get("Entrypoint") or []
-    argv = argv + (args if args else (cfg.get("Cmd") or []))
-    env = dict(e.split("=", 1) for e in cfg.get("Env") or [])
+def image_config(dest):
+    with open(os.path.join(dest, "image.json")) as f:
+        return json.load(f)["config"]
+
+
+def run_runc(dest, netns, cid, args):
+    """As a container runtime runs it: DIR becomes an OCI bundle (rootfs/ plus a runtime
+    config.json made from `runc spec` and the image's config), and `runc run` starts it in the
+    network namespace NETNS (its `/etc/netns/NETNS/hosts` mounted as /etc/hosts, as runtimes
+    mount the pod's hosts file), with pid, ipc, uts and mount namespaces of its own."""
+    cfg = image_config(dest)
+    argv = (cfg.get("Entrypoint") or []) + (args if args else (cfg.get("Cmd") or []))
     uid, _, gid = (cfg.get("User") or "0:0").partition(":")
-    rootfs = os.path.join(dest, "rootfs")
-    # As a runtime does: the container sees its host's /etc/hosts (under `ip netns exec`, the
-    # namespace's own), so member names resolve inside it.
-    os.makedirs(os.path.join(rootfs, "etc"), exist_ok=True)
-    with open("/etc/hosts", "rb") as src, open(os.path.join(rootfs, "etc/hosts"), "wb") as dst:
-        dst.write(src.read())
-    os.chroot(rootfs)
-    os.chdir(cfg.get("WorkingDir") or "/")
-    os.setgroups([])
-    os.setgid(int(gid or uid))
-    os.setuid(int(uid))
-    os.execve(argv[0], argv, env)
+    spec_path = os.path.join(dest, "config.json")
+    if os.path.exists(spec_path):
+        os.remove(spec_path)
+    subprocess.run(["runc", "spec", "--bundle", dest], check=True)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    proc = spec["process"]
+    proc["terminal"] = False
+    proc["args"] = argv
+    proc["env"] = cfg.get("Env") or []
+    proc["cwd"] = cfg.get("WorkingDir") or "/"
+    proc["user"] = {"uid": int(uid), "gid": int(gid or uid)}
+    spec["root"] = {"path": "rootfs", "readonly": False}
+    spec["hostname"] = cid
+    for ns in spec["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            if netns:
+                ns["path"] = f"/var/run/netns/{netns}"
+    if netns and os.path.exists(f"/etc/netns/{netns}/hosts"):
+        os.makedirs(os.path.join(dest, "rootfs/etc"), exist_ok=True)
+        open(os.path.join(dest, "rootfs/etc/hosts"), "a").close()
+        spec["mounts"].append({"destination": "/etc/hosts", "type": "bind",
+                               "source": f"/etc/netns/{netns}/hosts",
+                               "options": ["rbind", "ro"]})
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    # runc stays in the foreground, forwards signals to the container and exits with it.
+    os.execvp("runc", ["runc", "run", "--bundle", dest, cid])
 
 
 def main():
@@ -273,7 +296,11 @@ def main():
     elif a[0] == "unpack" and len(a) == 3:
         unpack(a[1], a[2])
     elif a[0] == "run" and len(a) >= 2:
-        run(a[1], a[2:])
+        # run --runc NETNS ID DIR [ARGS...]
+        if a[1] == "--runc" and len(a) >= 5:
+            run_runc(a[4], a[2], a[3], a[5:])
+        else:
+            sys.exit(__doc__)
     else:
         sys.exit(__doc__)
 

@@ -31,11 +31,11 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # The operator's manifest checks render deploy/ with kubectl kustomize.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
 # Hosts of the tests' own (server/tests/support/hosts.rs): network namespaces, veths and a
-# bridge (iproute2), partitions as drop rules (nftables); `unshare` runs an image with no
-# network (util-linux). No container engine is needed.
+# bridge (iproute2), partitions as drop rules (nftables); the images run with runc. No
+# container engine (no Docker daemon) is needed.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
-command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v runc >/dev/null 2>&1 || missing+=(runc)
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
     # The Debian package may start an etcd service listening on 2379; the

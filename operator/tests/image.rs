@@ -1,8 +1,8 @@
 //! The operator's container image, built FROM scratch as an OCI archive by
-//! `scripts/build-image.sh --operator` from the binary under test, runs: unpacked and run as
-//! its user by `scripts/oci-image.py run` (chrooted, with no network: `unshare --net`), it
-//! executes the binary with the libraries the script copied and prints the same CRD as
-//! `crds/`. No container engine is needed.
+//! `scripts/build-image.sh --operator` from the binary under test, runs: unpacked and run by
+//! runc (`scripts/oci-image.py run --runc`, as its user, with no network), it executes the
+//! binary with the libraries the script copied and prints the same CRD as `crds/`. No
+//! container engine is needed.
 
 use std::process::Command;
 
@@ -33,11 +33,11 @@ fn operator_image_runs_and_prints_the_crd() {
         .output()
         .unwrap();
     assert!(unpack.status.success(), "{}", String::from_utf8_lossy(&unpack.stderr));
-    let run = Command::new("unshare")
-        .arg("--net")
-        .arg("python3")
+    // With runc, in a network namespace of its own with nothing in it (--network none).
+    let id = format!("oxcd-operator-test-{}", std::process::id());
+    let run = Command::new("python3")
         .arg(&script)
-        .arg("run")
+        .args(["run", "--runc", "", &id])
         .arg(&unpacked)
         .arg("crd")
         .output()

@@ -1,7 +1,7 @@
 //! The server image, as Kubernetes will run it, with no container engine: the archive
 //! `scripts/build-image.sh` writes holds what a runtime needs (entrypoint, user, env, ports,
 //! volume, a layer with the binary and its libraries), and a 3-member cluster runs from it,
-//! each member unpacked, chrooted as the image's user and on a host of its own (a network
+//! each member unpacked and run by runc as the image's user, on a host of its own (a network
 //! namespace) addressed by name. One test stops a member; one cuts a member off its peers
 //! (a partition) and checks that the majority serves, the minority refuses what it must, and
 //! everyone converges afterwards.
@@ -151,7 +151,7 @@ async fn three_member_cluster_from_the_image_survives_a_stopped_member() {
             "{n} is not listed by name: {members:?}"
         );
         // The container runs as the image's user, on its volume.
-        let pid = m.pid().expect("running");
+        let pid = m.server_pid().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
         assert!(

@@ -88,6 +88,9 @@ fn remove_stale() {
                     let _ = Command::new("kill").args(["-9", p]).output();
                 }
             }
+            // A container of its (named after its namespace) is gone with the process; runc
+            // keeps its state until deleted.
+            let _ = Command::new("runc").args(["delete", "--force", ns]).output();
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }

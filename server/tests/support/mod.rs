@@ -367,15 +367,19 @@ impl Server {
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let mut cmd = match (&self.host, &self.image) {
             (None, _) => Command::new(self.kind.binary()),
-            (Some(h), image) => {
-                // `ip netns exec` and `oci-image.py run` both exec, so the child's pid is the
-                // server's: kill -9 and SIGSTOP reach it.
+            // `ip netns exec` execs, so the child's pid is the server's.
+            (Some(h), None) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &h.ns]);
-                match image {
-                    None => c.arg(self.kind.binary()),
-                    Some(dir) => c.arg("python3").arg(OCI_IMAGE_PY).arg("run").arg(dir),
-                };
+                c.args(["netns", "exec", &h.ns, self.kind.binary()]);
+                c
+            }
+            // runc in the foreground (the child), the server in its container; signals go
+            // through `runc kill` (see `signal`).
+            (Some(h), Some(dir)) => {
+                let mut c = Command::new("python3");
+                c.arg(OCI_IMAGE_PY)
+                    .args(["run", "--runc", &h.ns, &h.ns])
+                    .arg(dir);
                 c
             }
         };
@@ -512,25 +516,65 @@ impl Server {
             .await
     }
 
+    /// The runc container ID of a server run from the image.
+    fn container(&self) -> Option<&str> {
+        self.image.as_ref().and(self.host.as_ref().map(|h| h.ns.as_str()))
+    }
+
+    /// Sends `sig` (KILL, TERM, STOP, CONT) to the server process: to a container through
+    /// `runc kill` (runc cannot forward SIGKILL or SIGSTOP sent to itself).
+    fn signal(&self, sig: &str) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        match self.container() {
+            Some(id) => {
+                let _ = Command::new("runc").args(["kill", id, sig]).output();
+            }
+            None => {
+                let _ = Command::new("kill")
+                    .args([&format!("-{sig}"), &child.id().to_string()])
+                    .output();
+            }
+        }
+    }
+
+    /// The server's own pid (in a container: its init, as `runc state` reports it).
+    pub fn server_pid(&self) -> Option<u32> {
+        let Some(id) = self.container() else {
+            return self.pid();
+        };
+        let out = Command::new("runc").args(["state", id]).output().ok()?;
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        state["pid"].as_u64().map(|p| p as u32)
+    }
+
     /// SIGSTOP: the process stays, answering nothing, until `resume`.
     pub fn pause(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
-        }
+        self.signal("STOP");
     }
 
     /// SIGCONT after `pause`.
     pub fn resume(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
-        }
+        self.signal("CONT");
     }
 
     /// SIGKILL, like a power cut as far as the process is concerned.
     pub fn kill9(&mut self) {
+        self.signal("KILL");
         if let Some(mut child) = self.child.take() {
+            if self.container().is_some() {
+                // runc exits with its container; if it never started one, end runc itself.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(id) = self.container() {
+                let _ = Command::new("runc").args(["delete", "--force", id]).output();
+            }
         }
     }
 
@@ -538,20 +582,18 @@ impl Server {
     /// Returns the exit status if the process exited by itself after SIGTERM
     /// (None if it had to be killed or was not running).
     pub fn stop(&mut self) -> Option<ExitStatus> {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+        self.signal("TERM");
+        if let Some(child) = self.child.as_mut() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
                     return Some(status);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
+        self.kill9();
         None
     }
 
@@ -934,7 +976,7 @@ pub enum Placement {
     /// Each member on a host of its own (a network namespace), by name, as pods are.
     Hosts,
     /// Like `Hosts`, each member run from the server's container image
-    /// (`scripts/build-image.sh`), unpacked and chrooted as its user.
+    /// (`scripts/build-image.sh`) by runc, in its host's network namespace.
     Image,
 }
 
