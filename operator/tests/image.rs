@@ -32,7 +32,11 @@ fn operator_image_runs_and_prints_the_crd() {
         .arg(&unpacked)
         .output()
         .unwrap();
-    assert!(unpack.status.success(), "{}", String::from_utf8_lossy(&unpack.stderr));
+    assert!(
+        unpack.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unpack.stderr)
+    );
     // With runc, in a network namespace of its own with nothing in it (--network none).
     let id = format!("oxcd-operator-test-{}", std::process::id());
     let run = Command::new("python3")

@@ -800,8 +800,15 @@ async fn a_token_that_is_not_utf8_is_an_invalid_token() {
     }
     assert_eq!(
         seen[1].2,
-        Outcome::Err(tonic::Code::Unauthenticated, "etcdserver: invalid auth token".into()),
+        Outcome::Err(
+            tonic::Code::Unauthenticated,
+            "etcdserver: invalid auth token".into()
+        ),
         "{seen:?}"
     );
-    assert_eq!((&seen[0].1, &seen[0].2), (&seen[1].1, &seen[1].2), "{seen:?}");
+    assert_eq!(
+        (&seen[0].1, &seen[0].2),
+        (&seen[1].1, &seen[1].2),
+        "{seen:?}"
+    );
 }

@@ -478,12 +478,15 @@ async fn nested_txns_of_any_depth_are_applied_or_refused_never_crash() {
         let ours = o.txn(nested_txn(depth, &key)).await;
         // The answer to a deep Txn nests as deep; this client's decoder (prost) stops at 100
         // levels, so an answer it cannot read is checked by reading the key back.
-        let client_limit = |r: &Result<etcd_client::TxnResponse, etcd_client::Error>| {
-            matches!(r, Err(err) if err.to_string().contains("failed to decode"))
-        };
+        let client_limit = |r: &Result<etcd_client::TxnResponse, etcd_client::Error>| matches!(r, Err(err) if err.to_string().contains("failed to decode"));
         // etcd's rule (max-txn-ops 128, one op per level): 128 levels apply, 129 do not.
         if depth > 128 {
-            assert_grpc_err(&format!("etcd depth {depth}"), theirs, Code::InvalidArgument, TOO_MANY_OPS);
+            assert_grpc_err(
+                &format!("etcd depth {depth}"),
+                theirs,
+                Code::InvalidArgument,
+                TOO_MANY_OPS,
+            );
         } else if !client_limit(&theirs) {
             theirs.unwrap_or_else(|err| panic!("etcd refused depth {depth}: {err}"));
         }
@@ -505,7 +508,9 @@ async fn nested_txns_of_any_depth_are_applied_or_refused_never_crash() {
     assert!(deepest_applied >= 16, "only {deepest_applied} levels apply");
     let got = o.get("intact", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"1");
-    o.put("after", "1", None).await.expect("still serving writes");
+    o.put("after", "1", None)
+        .await
+        .expect("still serving writes");
 }
 
 /// The same against a 3-member cluster: the depth-50 Txn (the one that stopped every member)
@@ -526,12 +531,18 @@ async fn a_deep_nested_txn_leaves_a_cluster_running() {
             ),
         }
     }
-    c.put("after", "1", None).await.expect("the cluster serves writes");
-    cluster.wait_converged(std::time::Duration::from_secs(20)).await;
+    c.put("after", "1", None)
+        .await
+        .expect("the cluster serves writes");
+    cluster
+        .wait_converged(std::time::Duration::from_secs(20))
+        .await;
     let mut cluster = cluster;
     // A restart replays the log: nothing in it stops a member.
     cluster.restart_all().await;
-    cluster.wait_converged(std::time::Duration::from_secs(20)).await;
+    cluster
+        .wait_converged(std::time::Duration::from_secs(20))
+        .await;
     // Nothing undecodable was committed, so nothing was skipped.
     for m in &cluster.members {
         assert!(!m.log().contains("undecodable") && !m.log().contains("too deep to decode"));

@@ -1836,7 +1836,12 @@ async fn assert_serves_as_itself(cluster: &Cluster, i: usize) {
         "{} answers as another member",
         cluster.members[i].name
     );
-    assert_ne!(st.leader(), 0, "{} knows no leader", cluster.members[i].name);
+    assert_ne!(
+        st.leader(),
+        0,
+        "{} knows no leader",
+        cluster.members[i].name
+    );
     let mut c = cluster.member_client(i).await;
     tokio::time::timeout(Duration::from_secs(10), c.get("x", None))
         .await
@@ -1982,9 +1987,11 @@ async fn kill_restart_nemesis_with_snapshot_catch_ups_keeps_every_identity() {
         kills += 1;
         // Long enough for more than 20 entries to be written without it.
         let before = load.acked_count();
-        load.wait_until("writes while a member is down", Duration::from_secs(30), |l| {
-            l.acked_count() >= before + 60
-        })
+        load.wait_until(
+            "writes while a member is down",
+            Duration::from_secs(30),
+            |l| l.acked_count() >= before + 60,
+        )
         .await;
         cluster.restart(victim).await;
         // Its counter started again with the process: any snapshot it counts is this catch-up.
@@ -2015,7 +2022,10 @@ async fn kill_restart_nemesis_with_snapshot_catch_ups_keeps_every_identity() {
         assert_serves_as_itself(&cluster, i).await;
     }
     if cluster.kind == Kind::Oxcd {
-        assert!(catch_ups >= 3, "only {catch_ups} of {kills} restarts caught up by snapshot");
+        assert!(
+            catch_ups >= 3,
+            "only {catch_ups} of {kills} restarts caught up by snapshot"
+        );
     }
     let ids: BTreeSet<u64> = (0..3).map(|i| cluster.id(i)).collect();
     assert_eq!(ids.len(), 3);

@@ -114,7 +114,10 @@ fn image_archive_holds_what_a_runtime_needs() {
     );
     let has = |path: &str| listing.lines().any(|l| l.ends_with(&format!(" {path}")));
     assert!(has("usr/local/bin/oxcd"), "no binary in:\n{listing}");
-    let ldd = Command::new("ldd").arg(Kind::Oxcd.binary()).output().unwrap();
+    let ldd = Command::new("ldd")
+        .arg(Kind::Oxcd.binary())
+        .output()
+        .unwrap();
     for lib in String::from_utf8_lossy(&ldd.stdout)
         .split_whitespace()
         .filter(|w| w.starts_with('/'))

@@ -164,7 +164,11 @@ async fn run(server: &Server) -> Vec<(String, u16, Value)> {
         Some(b"a\xff\xfe.\x80"),
     )
     .await;
-    out.push(("range with a token that is not UTF-8".into(), code, parsed(&text)));
+    out.push((
+        "range with a token that is not UTF-8".into(),
+        code,
+        parsed(&text),
+    ));
     out
 }
 

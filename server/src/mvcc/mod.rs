@@ -1212,10 +1212,18 @@ mod snapshot_identity_tests {
         let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (leader, _) = Store::open(a_dir.path()).unwrap();
         let (follower, _) = Store::open(b_dir.path()).unwrap();
-        leader.put_record_durable(META_MEMBER_ID, &1u64.to_be_bytes()).unwrap();
-        leader.put_record_durable(META_CLUSTER_ID, &9u64.to_be_bytes()).unwrap();
-        follower.put_record_durable(META_MEMBER_ID, &2u64.to_be_bytes()).unwrap();
-        follower.put_record_durable(META_CLUSTER_ID, &8u64.to_be_bytes()).unwrap();
+        leader
+            .put_record_durable(META_MEMBER_ID, &1u64.to_be_bytes())
+            .unwrap();
+        leader
+            .put_record_durable(META_CLUSTER_ID, &9u64.to_be_bytes())
+            .unwrap();
+        follower
+            .put_record_durable(META_MEMBER_ID, &2u64.to_be_bytes())
+            .unwrap();
+        follower
+            .put_record_durable(META_CLUSTER_ID, &8u64.to_be_bytes())
+            .unwrap();
         let mut t = leader.write();
         t.put(b"k", b"v".to_vec(), 0);
         t.end_entry();
@@ -1247,7 +1255,15 @@ mod snapshot_identity_tests {
             follower.get_record(META_CLUSTER_ID).unwrap(),
             Some(8u64.to_be_bytes().to_vec())
         );
-        assert_eq!(follower.read().range(b"k", RangeEnd::Key, RangeOptions::default()).unwrap().kvs.len(), 1);
+        assert_eq!(
+            follower
+                .read()
+                .range(b"k", RangeEnd::Key, RangeOptions::default())
+                .unwrap()
+                .kvs
+                .len(),
+            1
+        );
         // And after a restart on the installed state.
         drop(follower);
         let (reopened, _) = Store::open(b_dir.path()).unwrap();

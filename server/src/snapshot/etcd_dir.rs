@@ -19,12 +19,12 @@ use super::restore::sync_parent;
 use super::{bolt, Result, SnapshotError};
 use crate::membership::{self, MEMBER_PREFIX, REMOVED_PREFIX};
 use crate::mvcc::{self, Crc32c, Store};
+use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 use crate::pb::etcdserverpb::{Member, MemberUpdateRequest};
 use crate::pb::oxcdpb::{
     raft_request::Request, Authenticate, ConfChangeContext, MemberAttributes, RaftRequest, UserAdd,
     UserChangePassword,
 };
-use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 use crate::wal::Wal;
 use prost::Message as _;
 use protobuf::Message as _;

@@ -90,7 +90,9 @@ fn remove_stale() {
             }
             // A container of its (named after its namespace) is gone with the process; runc
             // keeps its state until deleted.
-            let _ = Command::new("runc").args(["delete", "--force", ns]).output();
+            let _ = Command::new("runc")
+                .args(["delete", "--force", ns])
+                .output();
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
             let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
@@ -138,10 +140,22 @@ impl Net {
         // The test's own way in: a veth from the machine's namespace onto the bridge.
         let sw_end = format!("oxt{tag}s");
         sh(&[
-            "ip", "link", "add", &net.host_link, "type", "veth", "peer", "name", &sw_end, "netns",
+            "ip",
+            "link",
+            "add",
+            &net.host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &sw_end,
+            "netns",
             &net.switch,
         ]);
-        ns_sh(&net.switch, &["ip", "link", "set", &sw_end, "master", "br0"]);
+        ns_sh(
+            &net.switch,
+            &["ip", "link", "set", &sw_end, "master", "br0"],
+        );
         ns_sh(&net.switch, &["ip", "link", "set", &sw_end, "up"]);
         sh(&[
             "ip",
@@ -168,10 +182,24 @@ impl Net {
             // Made in place: nothing of it ever sits in the machine's own namespace.
             let outside = format!("oxt{tag}{i}p");
             sh(&[
-                "ip", "link", "add", "eth0", "netns", &h.ns, "type", "veth", "peer", "name",
-                &outside, "netns", &net.switch,
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &h.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &outside,
+                "netns",
+                &net.switch,
             ]);
-            ns_sh(&net.switch, &["ip", "link", "set", &outside, "master", "br0"]);
+            ns_sh(
+                &net.switch,
+                &["ip", "link", "set", &outside, "master", "br0"],
+            );
             ns_sh(&net.switch, &["ip", "link", "set", &outside, "up"]);
             ns_sh(
                 &h.ns,
@@ -202,7 +230,10 @@ impl Net {
     /// Drops every packet host `from` sends to host `to` (one direction: `to`'s answers to
     /// `from` still leave, but TCP between them stalls either way).
     pub fn drop_packets(&self, from: usize, to: usize) {
-        let rule = format!("add rule inet oxt input ip saddr {} drop", self.hosts[from].ip);
+        let rule = format!(
+            "add rule inet oxt input ip saddr {} drop",
+            self.hosts[from].ip
+        );
         ns_sh(&self.hosts[to].ns, &["nft", &rule]);
     }
 

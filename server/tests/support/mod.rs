@@ -518,7 +518,9 @@ impl Server {
 
     /// The runc container ID of a server run from the image.
     fn container(&self) -> Option<&str> {
-        self.image.as_ref().and(self.host.as_ref().map(|h| h.ns.as_str()))
+        self.image
+            .as_ref()
+            .and(self.host.as_ref().map(|h| h.ns.as_str()))
     }
 
     /// Sends `sig` (KILL, TERM, STOP, CONT) to the server process: to a container through
@@ -573,7 +575,9 @@ impl Server {
             let _ = child.kill();
             let _ = child.wait();
             if let Some(id) = self.container() {
-                let _ = Command::new("runc").args(["delete", "--force", id]).output();
+                let _ = Command::new("runc")
+                    .args(["delete", "--force", id])
+                    .output();
             }
         }
     }
@@ -992,7 +996,10 @@ pub fn server_image() -> PathBuf {
         .get_or_init(|| {
             let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oxcd-test-image.oci.tar");
             let build = Command::new("bash")
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-image.sh"))
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../scripts/build-image.sh"
+                ))
                 .arg("oxcd:test")
                 .env("OXCD", Kind::Oxcd.binary())
                 .env("OUT", &out)
@@ -1017,12 +1024,25 @@ impl Cluster {
 
     /// Like `start`, with extra flags for every member (e.g. `--snapshot-count`).
     pub async fn start_with(kind: Kind, n: usize, extra: &[&str]) -> Cluster {
-        Self::start_inner(kind, n, extra, None, TlsClient::default(), Placement::Loopback).await
+        Self::start_inner(
+            kind,
+            n,
+            extra,
+            None,
+            TlsClient::default(),
+            Placement::Loopback,
+        )
+        .await
     }
 
     /// `n` members, each on a host of its own (or from the image), so the test can cut
     /// members off each other (`net`), pause and kill them.
-    pub async fn start_on_hosts(kind: Kind, n: usize, extra: &[&str], placement: Placement) -> Cluster {
+    pub async fn start_on_hosts(
+        kind: Kind,
+        n: usize,
+        extra: &[&str],
+        placement: Placement,
+    ) -> Cluster {
         Self::start_inner(kind, n, extra, None, TlsClient::default(), placement).await
     }
 
@@ -1736,7 +1756,6 @@ impl Drop for Cluster {
         }
     }
 }
-
 
 pub mod linearizability;
 
