@@ -6,52 +6,50 @@
 
 use std::process::Command;
 
+/// Runs `cmd`, failing the test with `what` and its stderr unless it succeeds; its stdout.
+fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 #[test]
 fn operator_image_runs_and_prints_the_crd() {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("operator.oci.tar");
-    let build = Command::new("bash")
-        .arg(format!("{repo}/scripts/build-image.sh"))
-        .args(["--operator", "oxcd-operator:test"])
-        .env("OXCD", env!("CARGO_BIN_EXE_oxcd-operator"))
-        .env("OUT", &archive)
-        .output()
-        .expect("run scripts/build-image.sh");
-    assert!(
-        build.status.success(),
-        "image build failed: {}",
-        String::from_utf8_lossy(&build.stderr)
+    run_ok(
+        "the image build",
+        Command::new("bash")
+            .arg(format!("{repo}/scripts/build-image.sh"))
+            .args(["--operator", "oxcd-operator:test"])
+            .env("OXCD", env!("CARGO_BIN_EXE_oxcd-operator"))
+            .env("OUT", &archive),
     );
     let script = format!("{repo}/scripts/oci-image.py");
     let unpacked = dir.path().join("image");
-    let unpack = Command::new("python3")
-        .arg(&script)
-        .arg("unpack")
-        .arg(&archive)
-        .arg(&unpacked)
-        .output()
-        .unwrap();
-    assert!(
-        unpack.status.success(),
-        "{}",
-        String::from_utf8_lossy(&unpack.stderr)
+    run_ok(
+        "unpacking the image",
+        Command::new("python3")
+            .arg(&script)
+            .arg("unpack")
+            .arg(&archive)
+            .arg(&unpacked),
     );
     // With runc, in a network namespace of its own with nothing in it (--network none).
     let id = format!("oxcd-operator-test-{}", std::process::id());
-    let run = Command::new("python3")
-        .arg(&script)
-        .args(["run", "--runc", "", &id])
-        .arg(&unpacked)
-        .arg("crd")
-        .output()
-        .expect("run the image");
-    assert!(
-        run.status.success(),
-        "the image did not run `oxcd-operator crd`: {}",
-        String::from_utf8_lossy(&run.stderr)
+    let printed = run_ok(
+        "running `oxcd-operator crd` in the image",
+        Command::new("python3")
+            .arg(&script)
+            .args(["run", "--runc", "", &id])
+            .arg(&unpacked)
+            .arg("crd"),
     );
-    let printed = String::from_utf8(run.stdout).unwrap();
     let shipped = std::fs::read_to_string(format!("{repo}/crds/etcdcluster.yaml")).unwrap();
     assert_eq!(
         printed, shipped,

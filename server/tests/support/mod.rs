@@ -991,24 +991,31 @@ pub const OCI_IMAGE_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/
 /// static is never dropped, so a temp dir here would outlive the process).
 static SERVER_IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
+/// Runs `cmd`, panicking with `what` and its stderr unless it succeeds; returns its stdout.
+pub fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn server_image() -> PathBuf {
     SERVER_IMAGE
         .get_or_init(|| {
             let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oxcd-test-image.oci.tar");
-            let build = Command::new("bash")
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../scripts/build-image.sh"
-                ))
-                .arg("oxcd:test")
-                .env("OXCD", Kind::Oxcd.binary())
-                .env("OUT", &out)
-                .output()
-                .expect("run scripts/build-image.sh");
-            assert!(
-                build.status.success(),
-                "image build failed: {}",
-                String::from_utf8_lossy(&build.stderr)
+            run_ok(
+                "the image build",
+                Command::new("bash")
+                    .arg(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/../scripts/build-image.sh"
+                    ))
+                    .arg("oxcd:test")
+                    .env("OXCD", Kind::Oxcd.binary())
+                    .env("OUT", &out),
             );
             out
         })
@@ -1133,17 +1140,13 @@ impl Cluster {
                 (m.client_port, m.peer_port) = (2379, 2380);
                 if let Some(archive) = &image {
                     let dir = m.root.join("image");
-                    let out = Command::new("python3")
-                        .arg(OCI_IMAGE_PY)
-                        .arg("unpack")
-                        .arg(archive)
-                        .arg(&dir)
-                        .output()
-                        .expect("run oci-image.py unpack");
-                    assert!(
-                        out.status.success(),
-                        "unpacking the image failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
+                    run_ok(
+                        "unpacking the image",
+                        Command::new("python3")
+                            .arg(OCI_IMAGE_PY)
+                            .arg("unpack")
+                            .arg(archive)
+                            .arg(&dir),
                     );
                     m.image = Some(dir);
                 }
