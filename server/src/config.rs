@@ -19,6 +19,8 @@ pub enum ConfigError {
     Tls(String),
     #[error("--{0} is not supported yet by oxcd")]
     Unsupported(&'static str),
+    #[error("{0}")]
+    Conflict(String),
     #[error("config file {path}: {why}")]
     File { path: String, why: String },
 }
@@ -109,7 +111,8 @@ pub struct Flags {
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     pub election_timeout: u64,
     /// Number of committed transactions to trigger a snapshot (and release the WAL before it).
-    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
+    /// etcd 3.6's default (3.4: 100,000).
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
     pub snapshot_count: u64,
     /// Raise alarms when backend size exceeds the given quota (0 defaults to low space quota).
     #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
@@ -126,13 +129,22 @@ pub struct Flags {
     /// Auto compaction retention (0 disables): hours or a duration for periodic, revisions for revision.
     #[arg(long, env = "ETCD_AUTO_COMPACTION_RETENTION", default_value = "0")]
     pub auto_compaction_retention: String,
-    /// Duration of periodic watch progress notifications.
+    /// Duration of periodic watch progress notifications (default 10m).
+    #[arg(long, env = "ETCD_WATCH_PROGRESS_NOTIFY_INTERVAL")]
+    pub watch_progress_notify_interval: Option<String>,
+    /// Deprecated in etcd 3.6: --watch-progress-notify-interval.
     #[arg(
         long,
         env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
-        default_value = "10m"
+        hide = true
     )]
-    pub experimental_watch_progress_notify_interval: String,
+    pub experimental_watch_progress_notify_interval: Option<String>,
+    /// Comma-separated feature gates, `Name=true|false` (etcd 3.6's gates; see `features`).
+    #[arg(long, env = "ETCD_FEATURE_GATES", action = clap::ArgAction::Append)]
+    pub feature_gates: Vec<String>,
+    /// The most learners a cluster may have (etcd 3.6).
+    #[arg(long, env = "ETCD_MAX_LEARNERS", default_value_t = 1)]
+    pub max_learners: usize,
     /// Reject reconfiguration requests that would cause quorum loss.
     #[arg(
         long,
@@ -156,23 +168,22 @@ pub struct Flags {
     pub force_new_cluster: bool,
     /// Before serving clients, compare this member's HashKV with its peers' and refuse to
     /// start on a mismatch.
+    /// Deprecated in etcd 3.6: --feature-gates=InitialCorruptCheck=true.
     #[arg(
         long,
         env = "ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK",
-        default_value_t = false,
         num_args = 0..=1,
         default_missing_value = "true",
         action = clap::ArgAction::Set
     )]
-    pub experimental_initial_corrupt_check: bool,
+    pub experimental_initial_corrupt_check: Option<bool>,
     /// Duration between the leader's checks of the members' HashKV (0s disables); a member
     /// whose hash differs gets the CORRUPT alarm.
-    #[arg(
-        long,
-        env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME",
-        default_value = "0s"
-    )]
-    pub experimental_corrupt_check_time: String,
+    #[arg(long, env = "ETCD_CORRUPT_CHECK_TIME")]
+    pub corrupt_check_time: Option<String>,
+    /// Deprecated in etcd 3.6: --corrupt-check-time.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME", hide = true)]
+    pub experimental_corrupt_check_time: Option<String>,
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -339,10 +350,16 @@ pub struct Config {
     pub strict_reconfig_check: bool,
     /// `--force-new-cluster`: see `server::force_new_cluster`.
     pub force_new_cluster: bool,
-    /// `--experimental-initial-corrupt-check`: see `corrupt::initial_check`.
+    /// `--feature-gates=InitialCorruptCheck=true` (or the old experimental flag): see
+    /// `corrupt::initial_check`.
     pub initial_corrupt_check: bool,
-    /// `--experimental-corrupt-check-time`, when not zero: see `corrupt::periodic_check`.
+    /// `--corrupt-check-time`, when not zero: see `corrupt::periodic_check`.
     pub corrupt_check_interval: Option<Duration>,
+    pub feature_gates: crate::features::FeatureGates,
+    /// `--max-learners`.
+    pub max_learners: usize,
+    /// Warnings for deprecated spellings, logged once logging is set up.
+    pub deprecations: Vec<String>,
     pub log_level: String,
     /// `--logger zap` (or `--log-format json`): etcd's zap JSON lines.
     pub log_json: bool,
@@ -359,6 +376,28 @@ pub struct Config {
     pub auth_token: String,
     pub bcrypt_cost: u32,
     pub auth_token_ttl: Duration,
+}
+
+/// A flag etcd 3.6 promoted from `--experimental-<name>`: the new spelling, or the old one with
+/// etcd's deprecation warning; both at once is etcd's error.
+fn promoted(
+    name: &str,
+    new: Option<String>,
+    old: Option<String>,
+    deprecations: &mut Vec<String>,
+) -> Result<Option<String>, ConfigError> {
+    match (new, old) {
+        (Some(_), Some(_)) => Err(ConfigError::Conflict(format!(
+            "cannot set --experimental-{name} and --{name} at the same time, please use --{name} only"
+        ))),
+        (None, Some(v)) => {
+            deprecations.push(format!(
+                "--experimental-{name} is deprecated in v3.6 and will be decommissioned in v3.7. Use '--{name}' instead."
+            ));
+            Ok(Some(v))
+        }
+        (new, None) => Ok(new),
+    }
 }
 
 fn invalid(flag: &'static str, value: &str, why: impl Into<String>) -> ConfigError {
@@ -931,24 +970,57 @@ impl Flags {
                 ))
             }
         };
-        let watch_progress_interval =
-            parse_go_duration(&self.experimental_watch_progress_notify_interval)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    invalid(
-                        "experimental-watch-progress-notify-interval",
-                        &self.experimental_watch_progress_notify_interval,
-                        "not a positive duration",
-                    )
-                })?;
-        let corrupt_check_interval = parse_go_duration(&self.experimental_corrupt_check_time)
+        let mut deprecations = Vec::new();
+        let watch_progress = promoted(
+            "watch-progress-notify-interval",
+            self.watch_progress_notify_interval.clone(),
+            self.experimental_watch_progress_notify_interval.clone(),
+            &mut deprecations,
+        )?
+        .unwrap_or_else(|| "10m".to_string());
+        let watch_progress_interval = parse_go_duration(&watch_progress)
+            .filter(|d| !d.is_zero())
             .ok_or_else(|| {
                 invalid(
-                    "experimental-corrupt-check-time",
-                    &self.experimental_corrupt_check_time,
-                    "not a duration",
+                    "watch-progress-notify-interval",
+                    &watch_progress,
+                    "not a positive duration",
                 )
             })?;
+        let corrupt_check = promoted(
+            "corrupt-check-time",
+            self.corrupt_check_time.clone(),
+            self.experimental_corrupt_check_time.clone(),
+            &mut deprecations,
+        )?
+        .unwrap_or_else(|| "0s".to_string());
+        let corrupt_check_interval = parse_go_duration(&corrupt_check)
+            .ok_or_else(|| invalid("corrupt-check-time", &corrupt_check, "not a duration"))?;
+        let gates = crate::features::FeatureGates::parse(&self.feature_gates).map_err(|e| {
+            ConfigError::Invalid {
+                flag: "feature-gates",
+                value: self.feature_gates.join(","),
+                why: e.to_string(),
+            }
+        })?;
+        // etcd 3.6 maps the old boolean flag to its gate and refuses both at once.
+        let initial_corrupt_check = match self.experimental_initial_corrupt_check {
+            Some(v)
+                if crate::features::FeatureGates::named_in(
+                    &self.feature_gates,
+                    "InitialCorruptCheck",
+                ) =>
+            {
+                let gate = gates.enabled("InitialCorruptCheck");
+                return Err(ConfigError::Conflict(format!(
+                    "cannot specify both flags: --experimental-initial-corrupt-check={v} and \
+                     --feature-gates=InitialCorruptCheck={gate} at the same time, please just \
+                     use --feature-gates=InitialCorruptCheck={gate}"
+                )));
+            }
+            Some(v) => v,
+            None => gates.enabled("InitialCorruptCheck"),
+        };
         let log_level = match self.log_level.as_str() {
             "debug" | "info" | "warn" | "error" => self.log_level.clone(),
             "panic" | "fatal" | "dpanic" => "error".to_string(),
@@ -1003,7 +1075,10 @@ impl Flags {
             watch_progress_interval,
             strict_reconfig_check: self.strict_reconfig_check,
             force_new_cluster: self.force_new_cluster,
-            initial_corrupt_check: self.experimental_initial_corrupt_check,
+            initial_corrupt_check,
+            feature_gates: gates,
+            max_learners: self.max_learners,
+            deprecations,
             corrupt_check_interval: Some(corrupt_check_interval).filter(|d| !d.is_zero()),
             log_level,
             log_json,

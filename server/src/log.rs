@@ -95,10 +95,10 @@ fn zap_level(l: &tracing::Level) -> &'static str {
     }
 }
 
-/// zap's ISO 8601 time with milliseconds, in UTC: `2026-12-02T08:42:35.001Z`.
+/// etcd 3.6's zap time: ISO 8601 with microseconds, in UTC: `2026-12-02T08:42:35.001000Z`.
 fn zap_time(now: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
     );
     now.format(&format).unwrap_or_default()
 }
@@ -159,8 +159,8 @@ impl Drain for SlogToTracing {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn zap_time_has_milliseconds_and_z() {
-        let t = time::OffsetDateTime::from_unix_timestamp_nanos(1_764_664_955_001_000_000).unwrap();
-        assert_eq!(super::zap_time(t), "2025-12-02T08:42:35.001Z");
+    fn zap_time_has_microseconds_and_z() {
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(1_764_664_955_001_002_000).unwrap();
+        assert_eq!(super::zap_time(t), "2025-12-02T08:42:35.001002Z");
     }
 }

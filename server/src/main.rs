@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     if flags.version {
         // Same shape as `etcd --version`.
         println!("oxcd Version: {}", env!("CARGO_PKG_VERSION"));
-        println!("etcd API Version: {}", oxcd::api::ETCD_API_VERSION);
+        println!("etcd API Version: {}", oxcd::version::SERVER_VERSION);
         return Ok(());
     }
     let cfg = match flags.into_config() {
@@ -48,6 +48,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     oxcd::log::init(&cfg.log_level, cfg.log_json, cfg.log_output);
+    for warning in &cfg.deprecations {
+        tracing::warn!("{warning}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
