@@ -207,6 +207,35 @@ pub fn check_txn_auth(auth: &AuthStore, ai: &AuthInfo, t: &TxnRequest) -> Result
 
 // ---- execution ----
 
+/// Range's sort: a target other than KEY with order NONE sorts ascending (etcd's rule).
+pub fn sort_kvs(kvs: &mut [KeyValue], target: i32, mut order: i32) {
+    if target != range_request::SortTarget::Key as i32
+        && order == range_request::SortOrder::None as i32
+    {
+        order = range_request::SortOrder::Ascend as i32;
+    }
+    if order != range_request::SortOrder::None as i32 {
+        let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
+            match range_request::SortTarget::try_from(target)
+                .unwrap_or(range_request::SortTarget::Key)
+            {
+                range_request::SortTarget::Key => a.key.cmp(&b.key),
+                range_request::SortTarget::Version => a.version.cmp(&b.version),
+                range_request::SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                range_request::SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                range_request::SortTarget::Value => a.value.cmp(&b.value),
+            }
+        };
+        if order == range_request::SortOrder::Descend as i32 {
+            // Go's sort.Sort(sort.Reverse(..)) is not stable; equal elements keep key order
+            // in practice only for distinct values, so sort stably on the reversed order.
+            kvs.sort_by(|a, b| cmp(b, a));
+        } else {
+            kvs.sort_by(cmp);
+        }
+    }
+}
+
 pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     let filtered = r.sort_order != range_request::SortOrder::None as i32
         || r.min_mod_revision != 0
@@ -239,32 +268,7 @@ pub fn range(view: &impl ReadView, r: &RangeRequest) -> Result<RangeResponse> {
     if r.min_create_revision != 0 {
         kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
     }
-    let mut order = r.sort_order;
-    if r.sort_target != range_request::SortTarget::Key as i32
-        && order == range_request::SortOrder::None as i32
-    {
-        order = range_request::SortOrder::Ascend as i32;
-    }
-    if order != range_request::SortOrder::None as i32 {
-        let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
-            match range_request::SortTarget::try_from(r.sort_target)
-                .unwrap_or(range_request::SortTarget::Key)
-            {
-                range_request::SortTarget::Key => a.key.cmp(&b.key),
-                range_request::SortTarget::Version => a.version.cmp(&b.version),
-                range_request::SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-                range_request::SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-                range_request::SortTarget::Value => a.value.cmp(&b.value),
-            }
-        };
-        if order == range_request::SortOrder::Descend as i32 {
-            // Go's sort.Sort(sort.Reverse(..)) is not stable; equal elements keep key order
-            // in practice only for distinct values, so sort stably on the reversed order.
-            kvs.sort_by(|a, b| cmp(b, a));
-        } else {
-            kvs.sort_by(cmp);
-        }
-    }
+    sort_kvs(&mut kvs, r.sort_target, r.sort_order);
     let mut more = false;
     if r.limit > 0 && kvs.len() as i64 > r.limit {
         kvs.truncate(r.limit as usize);

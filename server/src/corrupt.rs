@@ -32,6 +32,8 @@ pub async fn hash_kv(server: &EtcdServer, rev: i64) -> Result<HashKvResponse, Et
         }),
         hash,
         compact_revision: compact,
+        // The revision hashed: the one asked for, or the current one for 0 (etcd 3.6).
+        hash_revision: if rev == 0 { current } else { rev },
     };
     server.fill(&mut resp.header);
     Ok(resp)

@@ -57,6 +57,8 @@ pub enum EtcdError {
     MemberNotLearner,
     #[error("etcdserver: can only promote a learner member which is in sync with leader")]
     LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
     #[error("etcdserver: rpc not supported for learner")]
     NotSupportedForLearner,
     #[error("etcdserver: request timed out")]
@@ -101,6 +103,19 @@ pub enum EtcdError {
     InvalidAuthMgmt,
     #[error("etcdserver: revision of auth store is old")]
     AuthOldRevision,
+    #[error("etcdserver: wrong downgrade target version format")]
+    WrongDowngradeVersionFormat,
+    #[error("etcdserver: invalid downgrade target version")]
+    InvalidDowngradeTargetVersion,
+    #[error("etcdserver: cluster has a downgrade job in progress")]
+    DowngradeInProcess,
+    #[error("etcdserver: unknown method")]
+    UnknownMethod,
+    /// etcd 3.7's RangeStream streams only in key order, without revision filters.
+    #[error("RangeStream does not support custom sort orders")]
+    RangeStreamSort,
+    #[error("RangeStream does not support revision filters")]
+    RangeStreamFilter,
     #[error("etcdserver: {0}")]
     Internal(String),
 }

@@ -1,10 +1,11 @@
-//! etcd's HTTP endpoints on the client URLs (etcd's `etcdhttp`): `/health`, `/version`, and the
-//! Kubernetes probe endpoints `/livez` and `/readyz` that etcd 3.5 added, and `/metrics`
-//! (Prometheus, see `metrics.rs`).
+//! etcd's HTTP endpoints on the client URLs (etcd's `etcdhttp`): `/health`, `/version`, the
+//! Kubernetes probe endpoints `/livez` and `/readyz` with etcd 3.6's named checks (each also at
+//! `/livez/<check>`, `/readyz/<check>`), and `/metrics` (Prometheus, see `metrics.rs`).
 //!
 //! etcd serves HTTP/1.1 and gRPC on the same port (cmux). `api::serve` looks at the first bytes
 //! of each connection: the HTTP/2 preface goes to gRPC, anything else comes here.
 
+use crate::error::EtcdError;
 use crate::metrics::METRICS;
 use crate::pb::etcdserverpb::AlarmType;
 use crate::server::EtcdServer;
@@ -14,9 +15,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The cluster version etcd 3.4 reports (major.minor.0).
-pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
 
 /// etcd gives the health check's linearizable read one second.
 const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
@@ -80,17 +78,14 @@ async fn handle(
     {
         return gateway(server, req).await;
     }
-    let known = match endpoints {
-        Endpoints::Client => {
-            matches!(
-                path,
-                "/health" | "/version" | "/livez" | "/readyz" | "/metrics"
-            )
-        }
-        // etcd 3.4's metrics listener has /metrics and /health; the probe endpoints are
-        // added so that kubelets can probe a member whose client port requires TLS.
-        Endpoints::Metrics => matches!(path, "/health" | "/metrics" | "/livez" | "/readyz"),
-    };
+    let probe_path = Probe::of_path(path);
+    let known = probe_path.is_some()
+        || match endpoints {
+            Endpoints::Client => matches!(path, "/health" | "/version" | "/metrics"),
+            // etcd 3.6's metrics listener: /metrics and the health endpoints, so that kubelets
+            // can probe a member whose client port requires TLS.
+            Endpoints::Metrics => matches!(path, "/health" | "/metrics"),
+        };
     if !known {
         return text(StatusCode::NOT_FOUND, "404 page not found\n");
     }
@@ -100,18 +95,31 @@ async fn handle(
             .insert("Allow", hyper::header::HeaderValue::from_static("GET"));
         return r;
     }
+    if let Some((probe, only)) = probe_path {
+        return run_probe(server, probe, only, &query).await;
+    }
     match path {
-        "/version" => json(
-            StatusCode::OK,
-            format!(
-                r#"{{"etcdserver":"{}","etcdcluster":"{}"}}"#,
-                crate::api::ETCD_API_VERSION,
-                ETCD_CLUSTER_VERSION
-            ),
-        ),
+        "/version" => {
+            // etcd 3.6's shape: the cluster and storage versions follow a downgrade job.
+            let downgrade = server.downgrade_info();
+            json(
+                StatusCode::OK,
+                format!(
+                    r#"{{"etcdserver":"{}","etcdcluster":"{}","storage":"{}"}}"#,
+                    crate::version::SERVER_VERSION,
+                    downgrade.cluster_version().full(),
+                    downgrade.storage_version()
+                ),
+            )
+        }
         "/health" => {
             let check = check_health(server, &query.exclude, query.serializable).await;
-            let body = format!(r#"{{"health":"{}"}}"#, check.is_ok());
+            // etcd 3.6's body: the health and why not.
+            let body = serde_json::json!({
+                "health": check.is_ok().to_string(),
+                "reason": check.as_ref().err().cloned().unwrap_or_default(),
+            })
+            .to_string();
             match check {
                 Ok(()) => {
                     METRICS.health_success.inc();
@@ -132,8 +140,6 @@ async fn handle(
             "text/plain; version=0.0.4; charset=utf-8",
             METRICS.render(server),
         ),
-        "/livez" => probe(Ok(())),
-        "/readyz" => probe(check_health(server, &query.exclude, query.serializable).await),
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
     }
 }
@@ -144,6 +150,14 @@ async fn gateway(server: &Arc<EtcdServer>, req: Request<hyper::body::Incoming>) 
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
     }
     let path = req.uri().path().to_string();
+    // grpc-gateway v2 refuses a header gRPC metadata cannot carry.
+    if let Some(v) = req.headers().get("authorization") {
+        if v.as_bytes().iter().any(|b| !(0x20..=0x7e).contains(b)) {
+            return crate::api::gateway::error_response(tonic::Status::internal(
+                "header key \"authorization\" contains value with non-printable ASCII characters",
+            ));
+        }
+    }
     let caller = crate::auth::Caller {
         token: req
             .headers()
@@ -177,37 +191,155 @@ async fn check_health(
         .map(|a| a.as_str_name().to_string())
         .filter(|name| !exclude.contains(name))
         .collect();
+    // etcd 3.6's reasons, as /health reports them.
     if let Some(name) = alarms.first() {
-        return Err(format!("alarm activated: {name}"));
+        return Err(match name.as_str() {
+            "NOSPACE" | "CORRUPT" => format!("ALARM {name}"),
+            _ => "ALARM UNKNOWN".to_string(),
+        });
     }
     let status = server.node_status().await.map_err(|e| e.to_string())?;
-    if status.leader == 0 {
-        return Err("no leader".to_string());
+    if status.leader == 0 && !serializable {
+        return Err("RAFT NO LEADER".to_string());
     }
     if !serializable {
         match tokio::time::timeout(HEALTH_READ_TIMEOUT, server.read_barrier()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("linearizable read failed: {e}")),
-            Err(_) => return Err("linearizable read timed out".to_string()),
+            Ok(Err(e)) => return Err(format!("RANGE ERROR:{e}")),
+            Err(_) => return Err(format!("RANGE ERROR:{}", EtcdError::Timeout)),
         }
     }
     Ok(())
 }
 
-fn probe(check: Result<(), String>) -> Response<Body> {
-    match check {
-        Ok(()) => text(StatusCode::OK, "ok\n"),
-        Err(reason) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ok: {reason}\n"),
-        ),
+/// etcd 3.6's probes: `/livez` (the process serves local reads) and `/readyz` (it also serves
+/// linearizable reads, holds no CORRUPT alarm and is a voting member).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Probe {
+    Livez,
+    Readyz,
+}
+
+impl Probe {
+    /// The checks of each probe. etcd runs them in Go's map order, which changes from request
+    /// to request; oxcd keeps one fixed order.
+    fn checks(self) -> &'static [&'static str] {
+        match self {
+            Probe::Livez => &["serializable_read"],
+            Probe::Readyz => &[
+                "data_corruption",
+                "serializable_read",
+                "linearizable_read",
+                "non_learner",
+            ],
+        }
     }
+
+    /// `/livez`, `/readyz`, or one check of theirs (`/readyz/non_learner`).
+    fn of_path(path: &str) -> Option<(Probe, Option<&'static str>)> {
+        let (root, rest) = match path.get(1..)?.split_once('/') {
+            Some((root, rest)) => (root, Some(rest)),
+            None => (path.get(1..)?, None),
+        };
+        let probe = match root {
+            "livez" => Probe::Livez,
+            "readyz" => Probe::Readyz,
+            _ => return None,
+        };
+        match rest {
+            None => Some((probe, None)),
+            Some(name) => {
+                let check = probe.checks().iter().find(|c| **c == name)?;
+                Some((probe, Some(*check)))
+            }
+        }
+    }
+}
+
+async fn run_check(server: &EtcdServer, check: &str) -> Result<(), String> {
+    let local_read = || {
+        let r = crate::pb::etcdserverpb::RangeRequest {
+            keys_only: true,
+            limit: 1,
+            ..Default::default()
+        };
+        crate::apply::range(&server.store.read(), &r)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    match check {
+        "data_corruption" => {
+            let corrupt = AlarmType::Corrupt as i32;
+            if server.alarms.lock().iter().any(|(_, a)| *a == corrupt) {
+                return Err("alarm activated: CORRUPT".to_string());
+            }
+            Ok(())
+        }
+        "serializable_read" => local_read(),
+        "linearizable_read" => {
+            server.read_barrier().await.map_err(|e| e.to_string())?;
+            local_read()
+        }
+        "non_learner" => match server.check_not_learner() {
+            Ok(()) => Ok(()),
+            Err(_) => Err("not supported for learner".to_string()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// etcd 3.6's `runHealthChecks`: one line per check, `ok\n` on success (after the lines when
+/// `verbose` is asked for), the lines as the error otherwise. `exclude` drops checks of the
+/// whole probe by name.
+async fn run_probe(
+    server: &EtcdServer,
+    probe: Probe,
+    only: Option<&'static str>,
+    query: &Query,
+) -> Response<Body> {
+    let checks: Vec<&str> = match only {
+        Some(c) => vec![c],
+        None => probe
+            .checks()
+            .iter()
+            .copied()
+            .filter(|c| !query.exclude.contains(*c))
+            .collect(),
+    };
+    let mut lines = String::new();
+    let mut failed = false;
+    for check in checks {
+        match run_check(server, check).await {
+            Ok(()) => lines.push_str(&format!("[+]{check} ok\n")),
+            Err(e) => {
+                failed = true;
+                lines.push_str(&format!("[-]{check} failed: {e}\n"));
+            }
+        }
+    }
+    if failed {
+        tracing::error!(?probe, reason = %lines, "Health check error");
+        // Go's http.Error: the text plus a newline.
+        return text(StatusCode::SERVICE_UNAVAILABLE, format!("{lines}\n"));
+    }
+    let body = if query.verbose {
+        format!("{lines}ok\n")
+    } else {
+        "ok\n".to_string()
+    };
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        "X-Content-Type-Options",
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 #[derive(Default, Debug, PartialEq)]
 struct Query {
     exclude: HashSet<String>,
     serializable: bool,
+    verbose: bool,
 }
 
 impl Query {
@@ -220,6 +352,7 @@ impl Query {
                     out.exclude.insert(v.to_string());
                 }
                 "serializable" => out.serializable = v == "true",
+                "verbose" => out.verbose = true,
                 _ => {}
             }
         }
@@ -277,5 +410,19 @@ mod tests {
         assert!(q.exclude.contains("NOSPACE") && q.exclude.contains("CORRUPT"));
         assert_eq!(Query::parse(""), Query::default());
         assert!(!Query::parse("serializable=1").serializable);
+        assert!(Query::parse("verbose").verbose);
+    }
+
+    #[test]
+    fn probe_paths_are_the_probes_and_their_checks() {
+        assert_eq!(Probe::of_path("/livez"), Some((Probe::Livez, None)));
+        assert_eq!(
+            Probe::of_path("/readyz/non_learner"),
+            Some((Probe::Readyz, Some("non_learner")))
+        );
+        assert_eq!(Probe::of_path("/livez/non_learner"), None);
+        assert_eq!(Probe::of_path("/readyz/"), None);
+        assert_eq!(Probe::of_path("/health"), None);
+        assert_eq!(Probe::of_path(""), None);
     }
 }

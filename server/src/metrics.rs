@@ -247,10 +247,10 @@ impl Metrics {
             registry: r,
         };
         m.server_version
-            .with_label_values(&[crate::api::ETCD_API_VERSION])
+            .with_label_values(&[crate::version::SERVER_VERSION])
             .set(1);
         m.cluster_version
-            .with_label_values(&[crate::http::ETCD_CLUSTER_VERSION.trim_end_matches(".0")])
+            .with_label_values(&[crate::version::CLUSTER_VERSION.short().as_str()])
             .set(1);
         crate::api::grpc_metrics::preregister(&m);
         m

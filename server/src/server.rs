@@ -55,6 +55,8 @@ pub enum Applied {
     MemberUpdated,
     /// An auth store change; Authenticate also gives the token.
     Auth(Option<String>),
+    /// The downgrade job was set or cancelled.
+    Downgrade,
 }
 
 type Waiter = oneshot::Sender<Result<Applied>>;
@@ -663,6 +665,14 @@ impl EtcdServer {
         dir.join(format!("backup-{:016x}.db.tmp", rand::random::<u64>()))
     }
 
+    /// The cluster's downgrade job as the applied log has it.
+    pub fn downgrade_info(&self) -> crate::version::Downgrade {
+        match self.store.get_record(mvcc::META_DOWNGRADE) {
+            Ok(Some(b)) => crate::version::Downgrade::decode(&b),
+            _ => crate::version::Downgrade::default(),
+        }
+    }
+
     /// This member as the member list has it.
     pub fn member(&self) -> Member {
         self.membership
@@ -700,7 +710,10 @@ impl EtcdServer {
         tokio::spawn(async move {
             self.publish().await;
             // oxcd speaks the 3.4 API from the first entry on (no cluster version negotiation).
-            tracing::info!(cluster_version = "3.4", "enabled capabilities for version");
+            tracing::info!(
+                cluster_version = %crate::version::CLUSTER_VERSION.short(),
+                "enabled capabilities for version"
+            );
             self.ready_tx.send_replace(true);
         });
     }
@@ -951,6 +964,10 @@ impl EtcdServer {
 
     /// `auth_info` without waiting for a simple token's entry to apply.
     pub fn auth_info_now(&self, caller: &Caller) -> Result<Option<AuthInfo>> {
+        // With auth off a token is ignored, whatever it holds (etcd 3.5+).
+        if !self.auth.is_enabled() {
+            return Ok(None);
+        }
         if let Some(token) = &caller.token {
             return self
                 .auth
@@ -989,6 +1006,14 @@ impl EtcdServer {
 
     /// Refuses a caller that is not root when auth is enabled (maintenance and membership
     /// calls, etcd's `IsAdminPermitted` at the API layer).
+    /// etcd 3.6's `requireAuthInfo`: with auth on, some user must be named (any user).
+    pub async fn require_auth_info(&self, caller: &Caller) -> Result<()> {
+        if self.auth.is_enabled() && self.auth_info(caller).await?.is_none() {
+            return Err(EtcdError::UserEmpty);
+        }
+        Ok(())
+    }
+
     pub async fn check_admin(&self, caller: &Caller) -> Result<()> {
         let ai = self.auth_info(caller).await?;
         self.auth.is_admin_permitted(ai.as_ref())
@@ -1473,7 +1498,8 @@ impl Applier {
             | Request::RoleAdd(_)
             | Request::RoleDelete(_)
             | Request::RoleGrantPermission(_)
-            | Request::RoleRevokePermission(_) => auth.is_admin_permitted(Some(ai)),
+            | Request::RoleRevokePermission(_)
+            | Request::DowngradeInfoSet(_) => auth.is_admin_permitted(Some(ai)),
             Request::Put(p) => {
                 auth.is_put_permitted(ai, &p.key)?;
                 lease_puts(p.lease)?;
@@ -1737,6 +1763,21 @@ impl Applier {
                 }
                 Ok(Applied::Members(self.membership.read().members()))
             }
+            Request::DowngradeInfoSet(d) => {
+                let info = crate::version::Downgrade {
+                    enabled: d.enabled,
+                    target: if d.enabled { d.ver } else { String::new() },
+                };
+                tracing::info!(enabled = info.enabled, target = %info.target, "downgrade info set");
+                self.write(g, index, |t| {
+                    match info.enabled {
+                        true => t.put_record(mvcc::META_DOWNGRADE.to_vec(), info.encode()),
+                        false => t.remove_record(mvcc::META_DOWNGRADE.to_vec()),
+                    }
+                    Ok(())
+                })?;
+                Ok(Applied::Downgrade)
+            }
             auth_request => self.apply_auth(g, index, auth_request),
         }
     }
@@ -1752,15 +1793,16 @@ impl Applier {
         match action {
             AlarmAction::Get => {}
             AlarmAction::Activate => {
-                if a.alarm != AlarmType::None as i32
-                    && self.alarms.lock().insert((a.member_id, a.alarm))
-                {
-                    tracing::warn!(member = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm raised");
+                // An alarm already active is answered as it is (etcd's alarm store).
+                if a.alarm != AlarmType::None as i32 {
                     changed.push((a.member_id, a.alarm));
-                    self.write(g, index, |t| {
-                        t.put_record(alarm_key(a.member_id, a.alarm), vec![]);
-                        Ok(())
-                    })?;
+                    if self.alarms.lock().insert((a.member_id, a.alarm)) {
+                        tracing::warn!(member = %format!("{:x}", a.member_id), alarm = a.alarm, "alarm raised");
+                        self.write(g, index, |t| {
+                            t.put_record(alarm_key(a.member_id, a.alarm), vec![]);
+                            Ok(())
+                        })?;
+                    }
                 }
             }
             AlarmAction::Deactivate => {

@@ -10,11 +10,12 @@ use crate::pb::etcdserverpb::{
     AuthRoleDeleteResponse, AuthRoleGetRequest, AuthRoleGetResponse,
     AuthRoleGrantPermissionRequest, AuthRoleGrantPermissionResponse, AuthRoleListRequest,
     AuthRoleListResponse, AuthRoleRevokePermissionRequest, AuthRoleRevokePermissionResponse,
-    AuthUserAddRequest, AuthUserAddResponse, AuthUserChangePasswordRequest,
-    AuthUserChangePasswordResponse, AuthUserDeleteRequest, AuthUserDeleteResponse,
-    AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest, AuthUserGrantRoleResponse,
-    AuthUserListRequest, AuthUserListResponse, AuthUserRevokeRoleRequest,
-    AuthUserRevokeRoleResponse, AuthenticateRequest, AuthenticateResponse, ResponseHeader,
+    AuthStatusRequest, AuthStatusResponse, AuthUserAddRequest, AuthUserAddResponse,
+    AuthUserChangePasswordRequest, AuthUserChangePasswordResponse, AuthUserDeleteRequest,
+    AuthUserDeleteResponse, AuthUserGetRequest, AuthUserGetResponse, AuthUserGrantRoleRequest,
+    AuthUserGrantRoleResponse, AuthUserListRequest, AuthUserListResponse,
+    AuthUserRevokeRoleRequest, AuthUserRevokeRoleResponse, AuthenticateRequest,
+    AuthenticateResponse, ResponseHeader,
 };
 use crate::pb::oxcdpb::{self, raft_request::Request as Raft};
 use crate::server::{Applied, EtcdServer};
@@ -67,6 +68,20 @@ impl AuthService {
 
 #[tonic::async_trait]
 impl Auth for AuthService {
+    /// Whether auth is on and the auth store's revision (etcd 3.6 asks for root).
+    async fn auth_status(
+        &self,
+        req: Request<AuthStatusRequest>,
+    ) -> Result<Response<AuthStatusResponse>, Status> {
+        self.barrier().await?;
+        self.0.check_admin(&Caller::of(&req)).await?;
+        Ok(Response::new(AuthStatusResponse {
+            header: self.header(),
+            enabled: self.0.auth.is_enabled(),
+            auth_revision: self.0.auth.revision(),
+        }))
+    }
+
     async fn auth_enable(
         &self,
         req: Request<AuthEnableRequest>,
@@ -204,9 +219,19 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
+        // etcd 3.5+: a password is hashed here; without one, the client's own bcrypt hash
+        // (base64, as etcdctl sends it) is stored as given.
+        let hashed_password = if !r.password.is_empty() {
+            self.hash(r.password).await?
+        } else {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(r.hashed_password.as_bytes())
+                .map_err(|_| EtcdError::NoPasswordUser)?
+        };
         let internal = oxcdpb::UserChangePassword {
             name: r.name,
-            hashed_password: self.hash(r.password).await?,
+            hashed_password,
         };
         let (header, _) = self
             .change(&caller, Raft::UserChangePassword(internal))

@@ -170,6 +170,20 @@ impl Cluster for ClusterService {
         {
             return Err(EtcdError::PeerUrlExist.into());
         }
+        // etcd 3.6's --max-learners (etcd checks as the change applies; here before proposing).
+        if r.is_learner {
+            let learners = self
+                .0
+                .membership
+                .read()
+                .members()
+                .iter()
+                .filter(|m| m.is_learner)
+                .count();
+            if learners >= self.0.cfg.max_learners {
+                return Err(EtcdError::TooManyLearners.into());
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -305,9 +319,14 @@ impl Cluster for ClusterService {
 
     async fn member_list(
         &self,
-        _: Request<MemberListRequest>,
+        req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         self.0.check_not_learner()?;
+        self.0.require_auth_info(&Caller::of(&req)).await?;
+        // etcd 3.6: a linearizable list waits until this member applied the leader's index.
+        if req.get_ref().linearizable {
+            self.0.read_barrier().await?;
+        }
         let members = self.0.membership.read().members();
         Ok(Response::new(MemberListResponse {
             header: self.header(),

@@ -111,12 +111,10 @@ fn http_status(code: Code) -> StatusCode {
 }
 
 /// grpc-gateway's error object, fields in its order (clients match the text).
+/// grpc-gateway v2's error body (etcd 3.5+): code and message.
 fn error_json(s: &Status) -> String {
     let msg = serde_json::Value::String(s.message().to_string());
-    format!(
-        r#"{{"error":{msg},"message":{msg},"code":{}}}"#,
-        s.code() as i32
-    )
+    format!(r#"{{"code":{},"message":{msg}}}"#, s.code() as i32)
 }
 
 pub fn error_response(s: Status) -> Response<Body> {
@@ -353,7 +351,31 @@ async fn call(
             c,
             body
         ),
-        // Hash and HashKV share this path in etcd 3.4; the gateway's first match, Hash, wins.
+        // etcd 3.5+ gives HashKV a path of its own (in 3.4 it shared Hash's, which won).
+        "maintenance/hashkv" => unary!(
+            mnt,
+            hash_kv,
+            "etcdserverpb.HashKVRequest",
+            "etcdserverpb.HashKVResponse",
+            c,
+            body
+        ),
+        "maintenance/downgrade" => unary!(
+            mnt,
+            downgrade,
+            "etcdserverpb.DowngradeRequest",
+            "etcdserverpb.DowngradeResponse",
+            c,
+            body
+        ),
+        "auth/status" => unary!(
+            auth,
+            auth_status,
+            "etcdserverpb.AuthStatusRequest",
+            "etcdserverpb.AuthStatusResponse",
+            c,
+            body
+        ),
         "maintenance/hash" => unary!(
             mnt,
             hash,
@@ -583,13 +605,7 @@ async fn call(
             let stream = super::lease::keep_alive(s.clone(), Box::pin(inbound));
             stream_response("etcdserverpb.LeaseKeepAliveResponse", stream, ())
         }
-        _ => {
-            return Ok(super::super::http::response(
-                StatusCode::NOT_FOUND,
-                "text/plain; charset=utf-8",
-                "Not Found\n".into(),
-            ))
-        }
+        _ => return Err(Status::not_found("Not Found")),
     })
 }
 

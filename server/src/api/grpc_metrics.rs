@@ -15,7 +15,14 @@ use std::task::{Context, Poll};
 const METHODS: &[(&str, &[&str])] = &[
     (
         "etcdserverpb.KV",
-        &["Range", "Put", "DeleteRange", "Txn", "Compact"],
+        &[
+            "Range",
+            "RangeStream",
+            "Put",
+            "DeleteRange",
+            "Txn",
+            "Compact",
+        ],
     ),
     ("etcdserverpb.Watch", &["Watch"]),
     (
@@ -48,6 +55,7 @@ const METHODS: &[(&str, &[&str])] = &[
             "HashKV",
             "Snapshot",
             "MoveLeader",
+            "Downgrade",
         ],
     ),
     ("v3lockpb.Lock", &["Lock", "Unlock"]),
@@ -81,9 +89,9 @@ const CODES: [&str; 17] = [
 fn grpc_type(service: &str, method: &str) -> &'static str {
     match (service, method) {
         ("etcdserverpb.Watch", "Watch") | ("etcdserverpb.Lease", "LeaseKeepAlive") => "bidi_stream",
-        ("etcdserverpb.Maintenance", "Snapshot") | ("v3electionpb.Election", "Observe") => {
-            "server_stream"
-        }
+        ("etcdserverpb.Maintenance", "Snapshot")
+        | ("etcdserverpb.KV", "RangeStream")
+        | ("v3electionpb.Election", "Observe") => "server_stream",
         _ => "unary",
     }
 }

@@ -24,6 +24,8 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
+        // etcd 3.6 names a user for grants, revokes and TTL queries when auth is on.
+        self.0.require_auth_info(&caller).await?;
         let mut r = req.into_inner();
         self.0.check_quota(r.encoded_len()).await?;
         if r.id == 0 {
@@ -46,6 +48,7 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
+        self.0.require_auth_info(&caller).await?;
         match self
             .0
             .propose_as(Raft::LeaseRevoke(req.into_inner()), &caller)
@@ -76,6 +79,7 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.0.check_not_learner()?;
+        self.0.require_auth_info(&Caller::of(&req)).await?;
         let mut resp = self.0.time_to_live(req.into_inner()).await?;
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))

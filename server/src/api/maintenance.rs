@@ -1,15 +1,17 @@
-use super::ETCD_API_VERSION;
 use crate::auth::Caller;
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::{
-    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmRequest, AlarmResponse,
-    AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
-    HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse,
-    StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, downgrade_request::DowngradeAction,
+    maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
+    DefragmentResponse, DowngradeInfo, DowngradeRequest, DowngradeResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
+use crate::pb::oxcdpb::DowngradeInfoSet;
 use crate::raft_node::RaftInput;
 use crate::server::{Applied, EtcdServer};
+use crate::version::{self, Version};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +20,10 @@ use tonic::{Request, Response, Status};
 
 pub struct MaintenanceService(pub Arc<EtcdServer>);
 
-/// Only root may defragment, hash or back up when auth is on. etcd 3.4 returns these refusals
-/// as the auth store's raw errors: codes.Unknown with texts like "auth: permission denied".
+/// Only root may defragment, hash, back up or raise alarms when auth is on (etcd 3.5+ answers
+/// with its usual codes: PermissionDenied, or InvalidArgument for no user).
 async fn check_admin<T>(server: &EtcdServer, req: &Request<T>) -> Result<(), Status> {
-    server
-        .check_admin(&Caller::of(req))
-        .await
-        .map_err(|e| match e.auth_store_text() {
-            Some(text) => Status::unknown(text),
-            None => e.into(),
-        })
+    Ok(server.check_admin(&Caller::of(req)).await?)
 }
 
 #[tonic::async_trait]
@@ -35,30 +31,38 @@ impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
-        let mut r = req.into_inner();
+        if req.get_ref().action == AlarmAction::Get as i32 {
+            self.0.require_auth_info(&caller).await?;
+        } else {
+            check_admin(&self.0, &req).await?;
+        }
+        let r = req.into_inner();
         if r.action == AlarmAction::Get as i32 {
+            // etcd 3.6 answers GET from the applied alarms with a full header; NONE lists all,
+            // another type only its own alarms.
+            self.0.read_barrier().await?;
             let alarms = self
                 .0
                 .alarms
                 .lock()
                 .iter()
+                .filter(|(_, a)| r.alarm == AlarmType::None as i32 || *a == r.alarm)
                 .map(|(m, a)| crate::pb::etcdserverpb::AlarmMember {
                     member_id: *m,
                     alarm: *a,
                 })
                 .collect();
-            // etcd 3.4 answers alarm calls without a header.
-            return Ok(Response::new(AlarmResponse {
+            let mut resp = AlarmResponse {
                 header: None,
                 alarms,
-            }));
+            };
+            self.0.fill(&mut resp.header);
+            return Ok(Response::new(resp));
         }
-        if r.member_id == 0 {
-            r.member_id = self.0.id;
-        }
+        // member_id 0 is stored as 0, as etcd does (it is not this member).
         match self.0.propose_as(Raft::Alarm(r), &caller).await? {
             Applied::Alarm(mut resp) => {
-                resp.header = None;
+                self.0.fill(&mut resp.header);
                 Ok(Response::new(resp))
             }
             other => Err(Status::internal(format!(
@@ -67,34 +71,113 @@ impl Maintenance for MaintenanceService {
         }
     }
 
-    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let s = &self.0;
+        // etcd 3.6 asks for a valid user when auth is on (any user, not only root).
+        s.require_auth_info(&Caller::of(&req)).await?;
         let size = s.store.size_on_disk() as i64;
-        let errors = s
-            .alarms
-            .lock()
-            .iter()
-            .map(|(m, a)| {
-                let name = AlarmType::try_from(*a)
-                    .map(|t| t.as_str_name())
-                    .unwrap_or("UNKNOWN");
-                format!("memberID:{m} alarm:{name} ")
-            })
-            .collect();
+        let leader = s.raft_status.leader.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        if leader == 0 {
+            errors.push(EtcdError::NoLeader.to_string());
+        }
+        errors.extend(s.alarms.lock().iter().map(|(m, a)| {
+            let name = AlarmType::try_from(*a)
+                .map(|t| t.as_str_name())
+                .unwrap_or("UNKNOWN");
+            format!("memberID:{m} alarm:{name} ")
+        }));
+        let downgrade = s.downgrade_info();
         let mut resp = StatusResponse {
             header: None,
-            version: ETCD_API_VERSION.to_string(),
+            version: version::SERVER_VERSION.to_string(),
             db_size: size,
-            leader: s.raft_status.leader.load(Ordering::Relaxed),
+            leader,
             raft_index: s.raft_status.commit.load(Ordering::Relaxed),
             raft_term: s.raft_status.term.load(Ordering::Relaxed),
             raft_applied_index: s.applied_index(),
             errors,
+            // sled keeps no free-page list: the whole file counts as in use.
             db_size_in_use: size,
             is_learner: s.member().is_learner,
+            storage_version: downgrade.storage_version(),
+            db_size_quota: s.cfg.quota_backend_bytes as i64,
+            downgrade_info: Some(DowngradeInfo {
+                enabled: downgrade.enabled,
+                target_version: downgrade.target,
+            }),
         };
         s.fill(&mut resp.header);
         Ok(Response::new(resp))
+    }
+
+    /// etcd 3.6's downgrade job: VALIDATE checks a target, ENABLE starts the job (the cluster
+    /// and storage versions drop to the target at once), CANCEL ends it. oxcd members cannot
+    /// be replaced by older oxcd binaries, so a job ends only by CANCEL.
+    async fn downgrade(
+        &self,
+        req: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        self.0.check_not_learner()?;
+        check_admin(&self.0, &req).await?;
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let action = DowngradeAction::try_from(r.action).map_err(|_| EtcdError::UnknownMethod)?;
+        let answer = |v: Version| {
+            let mut resp = DowngradeResponse {
+                header: None,
+                version: v.short(),
+            };
+            self.0.fill(&mut resp.header);
+            Ok(Response::new(resp))
+        };
+        match action {
+            DowngradeAction::Validate | DowngradeAction::Enable => {
+                let target = Version::parse_target(&r.version)
+                    .ok_or(EtcdError::WrongDowngradeVersionFormat)?;
+                self.0.read_barrier().await?;
+                let info = self.0.downgrade_info();
+                let cluster = info.cluster_version();
+                if cluster.allowed_downgrade() != Some(target) {
+                    return Err(EtcdError::InvalidDowngradeTargetVersion.into());
+                }
+                if info.enabled {
+                    return Err(EtcdError::DowngradeInProcess.into());
+                }
+                if action == DowngradeAction::Enable {
+                    let set = DowngradeInfoSet {
+                        enabled: true,
+                        ver: target.full(),
+                    };
+                    self.0
+                        .propose_as(Raft::DowngradeInfoSet(set), &caller)
+                        .await?;
+                }
+                // etcd answers the cluster version as it was before the job.
+                answer(cluster)
+            }
+            DowngradeAction::Cancel => {
+                // etcd never fails a cancel: without a job it only logs. It answers the
+                // cluster version as it is before the version monitor raises it again.
+                self.0.read_barrier().await?;
+                let before = self.0.downgrade_info();
+                if before.enabled {
+                    let set = DowngradeInfoSet {
+                        enabled: false,
+                        ver: String::new(),
+                    };
+                    self.0
+                        .propose_as(Raft::DowngradeInfoSet(set), &caller)
+                        .await?;
+                } else {
+                    tracing::warn!("etcdserver: no inflight downgrade job");
+                }
+                answer(before.cluster_version())
+            }
+        }
     }
 
     /// Rewrites this member's backend without the space compaction freed (not replicated:
@@ -179,9 +262,16 @@ impl Maintenance for MaintenanceService {
             }
         };
         tracing::info!(size = total, "sending database snapshot to client");
+        // Every message carries the stored storage version (etcd 3.6); a backend downgraded
+        // to 3.5 has none.
+        let info = server.downgrade_info();
+        let storage_version = match info.enabled {
+            false => info.storage_version(),
+            true => String::new(),
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            let r = send_backup(&path, total, &tx).await;
+            let r = send_backup(&path, total, storage_version, &tx).await;
             let _ = tokio::fs::remove_file(&path).await;
             if let Err(e) = r {
                 let _ = tx
@@ -232,6 +322,7 @@ impl Maintenance for MaintenanceService {
 async fn send_backup(
     path: &std::path::Path,
     total: u64,
+    version: String,
     tx: &tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
 ) -> std::io::Result<()> {
     use sha2::Digest;
@@ -250,6 +341,7 @@ async fn send_backup(
             header: None,
             remaining_bytes: total - sent,
             blob: buf,
+            version: version.clone(),
         };
         if tx.send(Ok(msg)).await.is_err() {
             return Ok(());
@@ -260,6 +352,7 @@ async fn send_backup(
             header: None,
             remaining_bytes: 0,
             blob: h.finalize().to_vec(),
+            version,
         }))
         .await;
     Ok(())

@@ -26,9 +26,6 @@ use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::server::EtcdServer;
 use std::sync::Arc;
 
-/// The etcd version whose API and behaviour oxcd implements; clients gate features on it.
-pub const ETCD_API_VERSION: &str = "3.4.23";
-
 /// gRPC allows this much framing beyond --max-request-bytes, as etcd does.
 pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 

@@ -43,6 +43,7 @@ impl From<EtcdError> for Status {
             | EtcdError::MemberExist
             | EtcdError::PeerUrlExist
             | EtcdError::MemberNotLearner
+            | EtcdError::TooManyLearners
             | EtcdError::LearnerNotReady => (Code::FailedPrecondition, e.to_string()),
             EtcdError::MemberBadUrls => (Code::InvalidArgument, e.to_string()),
             EtcdError::MemberNotFound => (Code::NotFound, e.to_string()),
@@ -68,6 +69,14 @@ impl From<EtcdError> for Status {
             | EtcdError::InvalidAuthMgmt
             | EtcdError::AuthOldRevision => (Code::InvalidArgument, e.to_string()),
             EtcdError::PermissionDenied => (Code::PermissionDenied, e.to_string()),
+            EtcdError::WrongDowngradeVersionFormat | EtcdError::InvalidDowngradeTargetVersion => {
+                (Code::InvalidArgument, e.to_string())
+            }
+            EtcdError::DowngradeInProcess => (Code::FailedPrecondition, e.to_string()),
+            EtcdError::UnknownMethod => (Code::Unknown, e.to_string()),
+            EtcdError::RangeStreamSort | EtcdError::RangeStreamFilter => {
+                (Code::Unimplemented, e.to_string())
+            }
             EtcdError::InvalidAuthToken => (Code::Unauthenticated, e.to_string()),
             // etcd 3.4 has no gRPC mapping for these: clients see codes.Unknown.
             EtcdError::MemberNotEnoughStarted

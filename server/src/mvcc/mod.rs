@@ -57,6 +57,8 @@ pub const LOCAL_RECORDS: [&[u8]; 2] = [META_MEMBER_ID, META_CLUSTER_ID];
 
 /// The Raft configuration at the applied index (replicated state).
 pub const META_CONF_STATE: &[u8] = b"m/conf_state";
+/// The cluster's downgrade job (`version::Downgrade`), replicated like the key space.
+pub const META_DOWNGRADE: &[u8] = b"m/downgrade";
 pub const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
 /// The Raft point of the last snapshot installed from the leader.
 pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
