@@ -551,7 +551,10 @@ pub fn pod_template(ec: &EtcdCluster, names: &Names) -> Result<PodTemplateSpec, 
         // need a while to receive its snapshot, so liveness starts only after that.
         startup_probe: Some(probe("/livez", 5, 120)),
         liveness_probe: Some(probe("/livez", 10, 3)),
-        readiness_probe: Some(probe("/readyz", 5, 3)),
+        // A learner is not ready by etcd 3.6's /readyz (non_learner): the operator promotes a
+        // learner once it has caught up, which it reads from the member list, not from pod
+        // readiness, so the check would only hold the StatefulSet's rollout back.
+        readiness_probe: Some(probe("/readyz?exclude=non_learner", 5, 3)),
         resources: spec.resources.clone(),
         volume_mounts: Some(mounts),
         // The server's last log lines become the termination message, which is how the
@@ -871,7 +874,7 @@ mod tests {
         // Probes go to the plain metrics listener, which client TLS does not cover.
         assert_eq!(
             (ready.path.as_deref(), &ready.port),
-            (Some("/readyz"), &IntOrString::Int(2381))
+            (Some("/readyz?exclude=non_learner"), &IntOrString::Int(2381))
         );
         assert_eq!(env["ETCD_LISTEN_METRICS_URLS"], "http://0.0.0.0:2381");
         let live = c
