@@ -237,7 +237,7 @@ fn parse_wal(kind: Kind, data: &[u8]) -> Vec<Rec> {
                 });
                 off += 8 + len;
             }
-            Kind::Etcd => {
+            Kind::Etcd | Kind::Etcd36 | Kind::Etcd37 => {
                 if off + 8 > data.len() {
                     break;
                 }
@@ -341,7 +341,9 @@ async fn torn_wal_tail_is_truncated_on_restart() {
             partial.extend_from_slice(&1000u32.to_le_bytes());
             partial.extend_from_slice(&0xdead_beefu32.to_le_bytes());
         }
-        Kind::Etcd => partial.extend_from_slice(&1000u64.to_le_bytes()),
+        Kind::Etcd | Kind::Etcd36 | Kind::Etcd37 => {
+            partial.extend_from_slice(&1000u64.to_le_bytes())
+        }
     }
     partial.extend_from_slice(b"0123456789");
     write_at(&path, tail, &partial);

@@ -1,4 +1,4 @@
-//! `/metrics` against real etcd 3.4: the same workload on both, then the families etcd's
+//! `/metrics` against the reference etcd (3.6): the same workload on both, then the families etcd's
 //! Grafana dashboard and alerts use must exist with etcd's type and label names, and the
 //! counters that describe the workload must have etcd's values.
 
@@ -287,6 +287,8 @@ async fn next_watch_response(w: &mut etcd_client::WatchStream) -> etcd_client::W
 
 #[tokio::test]
 async fn metrics_match_etcd_after_the_same_workload() {
+    // Compared with etcd 3.4: etcd 3.6 counts some calls differently (not yet explained: see
+    // docs/CONFORMANCE.md); the version gauges carry the version each claims.
     support::require_etcd();
     let (etcd, subject) = tokio::join!(Server::start(Kind::Etcd), Server::start(Kind::subject()));
     let _watches = tokio::join!(workload(&etcd), workload(&subject));
@@ -312,7 +314,27 @@ async fn metrics_match_etcd_after_the_same_workload() {
             }
         }
     }
+    for (fam, label, version) in [
+        (
+            "etcd_server_version",
+            "server_version",
+            oxcd::version::SERVER_VERSION.to_string(),
+        ),
+        (
+            "etcd_cluster_version",
+            "cluster_version",
+            oxcd::version::CLUSTER_VERSION.short(),
+        ),
+    ] {
+        let key = format!("{fam}{{{label}=\"{version}}}");
+        if got.samples.get(&key) != Some(&1.0) {
+            problems.push(format!("{key}: {:?}, expected 1", got.samples.get(&key)));
+        }
+    }
     for (key, w) in &want.samples {
+        if key.starts_with("etcd_server_version{") || key.starts_with("etcd_cluster_version{") {
+            continue;
+        }
         let fam = family_of(key.split('{').next().unwrap_or(""), &want.types);
         let compared = SAME_VALUE.contains(&fam.as_str())
             // Every call of the client API, by method and code.
@@ -381,7 +403,7 @@ async fn listen_metrics_urls_serve_metrics_and_health_only() {
     let (etcd_flag, subject_flag) = (flag(ep), flag(sp));
     let (etcd_args, subject_args) = ([etcd_flag.as_str()], [subject_flag.as_str()]);
     let (etcd, subject) = tokio::join!(
-        Server::start_with(Kind::Etcd, &etcd_args),
+        Server::start_with(support::REFERENCE, &etcd_args),
         Server::start_with(Kind::subject(), &subject_args)
     );
     let _keep = (&etcd, &subject);
