@@ -79,6 +79,8 @@ struct Watcher {
     key: Vec<u8>,
     range_end: Vec<u8>,
     next_rev: i64,
+    /// The requested start revision (0: from now on).
+    start_rev: i64,
     no_put: bool,
     no_delete: bool,
     prev_kv: bool,
@@ -93,6 +95,12 @@ impl Watcher {
     fn end(&self) -> RangeEnd<'_> {
         // etcd: an empty end watches one key, "\0" every key from `key` on.
         RangeEnd::from_request(&self.range_end)
+    }
+
+    /// etcd's synced watcher at store revision `rev`: nothing up to `rev` is left to send,
+    /// and it does not wait for a future start revision. Only such watchers hear progress.
+    fn synced(&self, rev: i64) -> bool {
+        self.next_rev > rev && rev >= self.start_rev
     }
 
     fn wants(&self, ev: &Event) -> bool {
@@ -162,7 +170,7 @@ impl<C: WatchContext> WatchStream<C> {
                 req = inbound.next(), if requests_open => {
                     match req {
                         Some(Ok(req)) => {
-                            if self.on_request(req).await.is_err() {
+                            if self.on_request(req, &mut events).await.is_err() {
                                 return;
                             }
                         }
@@ -195,7 +203,11 @@ impl<C: WatchContext> WatchStream<C> {
         self.out.send(Ok(resp)).await.map_err(|_| ())
     }
 
-    async fn on_request(&mut self, req: WatchRequest) -> Result<(), ()> {
+    async fn on_request(
+        &mut self,
+        req: WatchRequest,
+        events: &mut broadcast::Receiver<Arc<RevisionEvents>>,
+    ) -> Result<(), ()> {
         match req.request_union {
             Some(watch_request::RequestUnion::CreateRequest(c)) => self.create(c).await,
             Some(watch_request::RequestUnion::CancelRequest(c)) => {
@@ -212,16 +224,41 @@ impl<C: WatchContext> WatchStream<C> {
                 Ok(())
             }
             Some(watch_request::RequestUnion::ProgressRequest(_)) => {
-                let rev = self.ctx.store().current_rev();
-                self.send(WatchResponse {
-                    header: Some(self.ctx.header(rev)),
-                    watch_id: -1,
-                    ..Default::default()
-                })
-                .await
+                self.on_progress_request(events).await
             }
             None => Ok(()),
         }
+    }
+
+    /// A requested progress notification, as etcd sends it since 3.4.31/3.5.13 (etcd issues
+    /// 15220 and 17507): the store's current revision, on behalf of every watcher of the
+    /// stream (watch ID -1), and only when every watcher has been sent everything up to that
+    /// revision; otherwise (and on a stream with no watchers) nothing, and the client asks
+    /// again. A notification must never claim a revision whose events are still to come.
+    async fn on_progress_request(
+        &mut self,
+        events: &mut broadcast::Receiver<Arc<RevisionEvents>>,
+    ) -> Result<(), ()> {
+        // Revisions already queued for this stream are sent first: in etcd a watcher is
+        // synced once its events are in its channel, ahead of the notification.
+        loop {
+            match events.try_recv() {
+                Ok(batch) if batch.resync => self.catch_up_all().await?,
+                Ok(batch) => self.on_events(&batch).await?,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.catch_up_all().await?,
+                Err(_) => break,
+            }
+        }
+        let rev = self.ctx.store().current_rev();
+        if self.watchers.is_empty() || !self.watchers.values().all(|w| w.synced(rev)) {
+            return Ok(());
+        }
+        self.send(WatchResponse {
+            header: Some(self.ctx.header(rev)),
+            watch_id: -1,
+            ..Default::default()
+        })
+        .await
     }
 
     /// A create request refused: created and canceled at once, with the reason, and watch ID
@@ -281,6 +318,7 @@ impl<C: WatchContext> WatchStream<C> {
             key: c.key,
             range_end: c.range_end,
             next_rev: start,
+            start_rev: c.start_revision,
             no_put: filters.contains(&(FilterType::Noput as i32)),
             no_delete: filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
@@ -462,12 +500,13 @@ impl<C: WatchContext> WatchStream<C> {
         Ok(())
     }
 
-    /// Periodic progress for watchers that asked for it and heard nothing lately.
+    /// Periodic progress (`--watch-progress-notify-interval`) for each synced watcher that
+    /// asked for it and was sent no events since the last tick, with its own watch ID.
     async fn on_progress_tick(&mut self) -> Result<(), ()> {
         let rev = self.ctx.store().current_rev();
         let mut ids = Vec::new();
         for (id, w) in self.watchers.iter_mut() {
-            if w.progress_notify && !std::mem::take(&mut w.active) && w.next_rev > rev {
+            if w.progress_notify && !std::mem::take(&mut w.active) && w.synced(rev) {
                 ids.push(*id);
             }
         }

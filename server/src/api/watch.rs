@@ -26,7 +26,16 @@ impl WatchContext for EtcdServer {
         self.cfg.max_request_bytes
     }
     fn progress_interval(&self) -> Duration {
-        self.cfg.watch_progress_interval
+        // etcd adds up to a tenth as jitter, so that watchers created together (a client
+        // restarting) are not all notified at once.
+        let interval = self.cfg.watch_progress_interval;
+        let tenth = (interval.as_nanos() / 10) as u64;
+        let jitter = if tenth > 0 {
+            rand::random_range(0..tenth)
+        } else {
+            0
+        };
+        interval + Duration::from_nanos(jitter)
     }
     fn watch_permitted(
         &self,
