@@ -643,8 +643,44 @@ const IGNORED_FILE_KEYS: &[&str] = &[
     "proxy-read-timeout",
 ];
 
-/// Keys oxcd lacks, at the value etcd gives them by default (etcd's sample file sets them).
-const ETCD_FILE_DEFAULTS: &[(&str, &str)] = &[("discovery-fallback", "proxy")];
+/// Keys oxcd lacks, at the value etcd gives them by default (etcd's sample file sets them;
+/// etcd 3.6 writes durations as nanoseconds).
+const ETCD_FILE_DEFAULTS: &[(&str, &str)] = &[
+    ("discovery-fallback", "proxy"),
+    ("compact-hash-check-time", "60000000000ns"),
+    ("experimental-compact-hash-check-time", "60000000000ns"),
+    ("compaction-sleep-interval", "10000000ns"),
+    ("experimental-compaction-sleep-interval", "10000000ns"),
+    ("warning-apply-duration", "100000000ns"),
+    ("experimental-warning-apply-duration", "100000000ns"),
+    ("warning-unary-request-duration", "300000000ns"),
+    ("experimental-warning-unary-request-duration", "300000000ns"),
+    ("downgrade-check-time", "5000000000ns"),
+    ("experimental-downgrade-check-time", "5000000000ns"),
+];
+
+/// Configuration-file keys that are Go `time.Duration`s in etcd's `embed.Config`: in a file
+/// etcd reads them as JSON numbers, in nanoseconds.
+const DURATION_FILE_KEYS: &[&str] = &[
+    "backend-batch-interval",
+    "grpc-keepalive-min-time",
+    "grpc-keepalive-interval",
+    "grpc-keepalive-timeout",
+    "corrupt-check-time",
+    "experimental-corrupt-check-time",
+    "compact-hash-check-time",
+    "experimental-compact-hash-check-time",
+    "compaction-sleep-interval",
+    "experimental-compaction-sleep-interval",
+    "watch-progress-notify-interval",
+    "experimental-watch-progress-notify-interval",
+    "warning-apply-duration",
+    "experimental-warning-apply-duration",
+    "warning-unary-request-duration",
+    "experimental-warning-unary-request-duration",
+    "downgrade-check-time",
+    "experimental-downgrade-check-time",
+];
 
 /// A value that means "not set" for a flag oxcd lacks (etcd's sample file lists every key).
 fn is_unset(v: &str) -> bool {
@@ -742,10 +778,20 @@ impl Flags {
             .collect();
         let mut args = vec!["oxcd".to_string()];
         for (flag, value) in entries {
+            let nanos = match &value {
+                serde_yaml::Value::Number(n) if DURATION_FILE_KEYS.contains(&flag.as_str()) => {
+                    n.as_u64()
+                }
+                _ => None,
+            };
             let Some(value) = yaml_scalar(&value) else {
                 continue;
             };
             let value = value.map_err(|why| file_err(format!("{flag}: {why}")))?;
+            let value = match nanos {
+                Some(ns) => format!("{ns}ns"),
+                None => value,
+            };
             if flag == "config-file" || flag == "version" {
                 continue;
             }
@@ -1175,6 +1221,25 @@ mod tests {
         );
         assert_eq!(c.quota_backend_bytes, 1_048_576);
         assert!(!c.strict_reconfig_check);
+    }
+
+    #[test]
+    fn etcd_3_6_config_files_write_durations_in_nanoseconds() {
+        let c = from_file(
+            "feature-gates: InitialCorruptCheck=true\n\
+             watch-progress-notify-interval: 5000000000\n\
+             corrupt-check-time: 120000000000\n\
+             grpc-keepalive-min-time: 5000000000\n\
+             warning-apply-duration: 100000000\n\
+             max-learners: 2\n",
+        )
+        .unwrap();
+        assert_eq!(c.watch_progress_interval, Duration::from_secs(5));
+        assert_eq!(c.corrupt_check_interval, Some(Duration::from_secs(120)));
+        assert_eq!(c.max_learners, 2);
+        // A knob oxcd lacks is taken at etcd's default only.
+        let e = from_file("warning-apply-duration: 200000000\n").unwrap_err();
+        assert!(e.to_string().contains("not supported by oxcd"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ struct Started {
     metrics: String,
 }
 
-async fn start_from_file(kind: Kind) -> Started {
+async fn start_from_file(kind: Kind, extra_yaml: &str) -> Started {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client, peer, metrics) = (
         support::free_port(),
@@ -51,7 +51,8 @@ async fn start_from_file(kind: Kind) -> Started {
          logger: zap\n\
          log-outputs: [stderr]\n\
          auto-compaction-mode: periodic\n\
-         auto-compaction-retention: \"1\"\n",
+         auto-compaction-retention: \"1\"\n\
+         {extra_yaml}",
         data = dir.path().join("data").display(),
     );
     let file = dir.path().join("etcd.conf.yml");
@@ -110,10 +111,31 @@ async fn observed(s: &Started) -> Vec<String> {
 async fn the_same_config_file_starts_etcd_and_oxcd_alike() {
     support::require_etcd();
     let (etcd, subject) = tokio::join!(
-        start_from_file(Kind::Etcd),
-        start_from_file(Kind::subject())
+        start_from_file(Kind::Etcd, ""),
+        start_from_file(Kind::subject(), "")
     );
-    let (want, got) = tokio::join!(observed(&etcd), observed(&subject));
+    same_member(&etcd, &subject).await;
+}
+
+/// etcd 3.6's keys: feature gates, promoted flag names, `max-learners`, and durations written
+/// as Go's `time.Duration` is in JSON (nanoseconds); compared with etcd 3.6 itself.
+#[tokio::test]
+async fn an_etcd_3_6_config_file_starts_oxcd_as_it_starts_etcd_3_6() {
+    let extra = "feature-gates: InitialCorruptCheck=true\n\
+                 watch-progress-notify-interval: 5000000000\n\
+                 corrupt-check-time: 300000000000\n\
+                 grpc-keepalive-min-time: 5000000000\n\
+                 compact-hash-check-time: 60000000000\n\
+                 max-learners: 1\n";
+    let (etcd, subject) = tokio::join!(
+        start_from_file(support::REFERENCE, extra),
+        start_from_file(Kind::subject(), extra)
+    );
+    same_member(&etcd, &subject).await;
+}
+
+async fn same_member(etcd: &Started, subject: &Started) {
+    let (want, got) = tokio::join!(observed(etcd), observed(subject));
     // Sanity on etcd itself: the file's name and URLs, not the environment's.
     assert_eq!(want[1], "from-file", "etcd's own view: {want:?}");
     assert_eq!(

@@ -584,3 +584,101 @@ async fn next_value(events: &mut etcd_client::WatchStream) -> Result<Vec<u8>, St
         .await
         .unwrap_or_else(|_| Err("no event in 10 s".to_string()))
 }
+
+/// The flags kubeadm 1.36 writes into its etcd manifest (`--feature-gates=InitialCorruptCheck=true`,
+/// `--watch-progress-notify-interval=5s`, `--snapshot-count=10000`, a metrics listener; the TLS
+/// flags are the tls tests'), and the etcd 3.4 spellings of the same settings: etcd 3.6 and
+/// oxcd both start and serve with either, and both warn about the deprecated spellings.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubeadm_flags_and_the_3_4_spellings_start_the_server() {
+    let metrics = |port: u16| format!("--listen-metrics-urls=http://127.0.0.1:{port}");
+    for kind in [support::REFERENCE, Kind::subject()] {
+        let l = kind.label();
+        let kubeadm = [
+            "--feature-gates=InitialCorruptCheck=true",
+            "--watch-progress-notify-interval=5s",
+            "--snapshot-count=10000",
+            &metrics(support::free_port()),
+        ];
+        let server = Server::start_with(kind, &kubeadm).await;
+        server.client().await.put("k", "v", None).await.expect(l);
+        drop(server);
+
+        let old = [
+            "--experimental-initial-corrupt-check=true",
+            "--experimental-watch-progress-notify-interval=5s",
+            "--experimental-corrupt-check-time=2m",
+        ];
+        let server = Server::start_with(kind, &old).await;
+        server.client().await.put("k", "v", None).await.expect(l);
+        let log = server.log();
+        for flag in ["watch-progress-notify-interval", "corrupt-check-time"] {
+            let warning = format!(
+                "--experimental-{flag} is deprecated in v3.6 and will be decommissioned in v3.7. Use '--{flag}' instead."
+            );
+            assert!(
+                log.contains(&warning),
+                "{l}: no {warning:?} in\n{}",
+                support::tail(&log, 30)
+            );
+        }
+    }
+}
+
+/// Feature gates and promoted flags that etcd 3.6 refuses, refused by oxcd with etcd's
+/// words (etcd prefixes Go's flag package text `invalid value "…" for flag -feature-gates: `).
+#[test]
+fn refused_gates_and_flag_pairs_get_etcd_3_6s_error() {
+    let run = |kind: Kind, args: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(kind.binary())
+            .arg(format!("--data-dir={}", dir.path().join("d").display()))
+            .arg(format!(
+                "--listen-client-urls=http://127.0.0.1:{}",
+                support::free_port()
+            ))
+            .arg(format!(
+                "--listen-peer-urls=http://127.0.0.1:{}",
+                support::free_port()
+            ))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{}: {args:?} started", kind.label());
+        err
+    };
+    let cases: &[&[&str]] = &[
+        &["--feature-gates=NoSuchGate=true"],
+        &["--feature-gates=InitialCorruptCheck=maybe"],
+        &["--feature-gates=InitialCorruptCheck"],
+        &[
+            "--experimental-watch-progress-notify-interval=5s",
+            "--watch-progress-notify-interval=5s",
+        ],
+        &[
+            "--experimental-corrupt-check-time=1m",
+            "--corrupt-check-time=1m",
+        ],
+    ];
+    for args in cases {
+        let etcd = run(support::REFERENCE, args);
+        let oxcd = run(Kind::Oxcd, args);
+        // etcd's reason: after Go's flag prefix, or the "error" field of its zap line.
+        let reason = match etcd.split_once("-feature-gates: ") {
+            Some((_, rest)) => rest.lines().next().unwrap_or("").to_string(),
+            None => {
+                let line = etcd
+                    .lines()
+                    .find(|l| l.contains("failed to verify flags"))
+                    .unwrap_or_else(|| panic!("etcd: {args:?}: {etcd}"));
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                v["error"].as_str().unwrap().to_string()
+            }
+        };
+        assert!(
+            oxcd.contains(&reason),
+            "{args:?}: etcd says {reason:?}, oxcd:\n{oxcd}"
+        );
+    }
+}
