@@ -399,15 +399,6 @@ fn compare_to_path(view: &impl ReadView, t: &TxnRequest, path: &mut Vec<bool>) {
     }
 }
 
-/// Which of etcd's `checkRequests` passes to run over the chosen branches.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// Puts need their lease and, with ignore flags, an existing key.
-    Puts,
-    /// Ranges at a revision must be readable.
-    Ranges,
-}
-
 /// Checks the ops of the chosen branches against the state before the txn (etcd's
 /// `checkRequests`): all puts first (write txns only), then all ranges, as etcd orders them.
 /// What a txn's earlier ops on its path put (true) or deleted (false), in order, so that a
@@ -431,14 +422,15 @@ fn check_path(
     t: &TxnRequest,
     path: &[bool],
     pos: &mut usize,
-    check: Check,
     written: &mut Written,
 ) -> Result<()> {
     let ok = path[*pos];
     *pos += 1;
     for op in if ok { &t.success } else { &t.failure } {
         match &op.request {
-            Some(request_op::Request::RequestPut(p)) if check == Check::Puts => {
+            // etcd 3.6's checkTxn: one pass over the chosen branches in op order, so the first
+            // op that cannot run names the error (etcd 3.4 checked every put, then every range).
+            Some(request_op::Request::RequestPut(p)) => {
                 // etcd's checkRequestPut: the key first, then the lease. The key is looked up
                 // as the txn's earlier ops leave it: etcd 3.4 checks the state before the txn
                 // only, and panics at apply when an earlier op deleted the key.
@@ -459,12 +451,10 @@ fn check_path(
                 }
                 written.0.push((p.key.clone(), Vec::new(), true));
             }
-            Some(request_op::Request::RequestDeleteRange(d)) if check == Check::Puts => {
+            Some(request_op::Request::RequestDeleteRange(d)) => {
                 written.0.push((d.key.clone(), d.range_end.clone(), false));
             }
-            Some(request_op::Request::RequestRange(r))
-                if check == Check::Ranges && r.revision != 0 =>
-            {
+            Some(request_op::Request::RequestRange(r)) if r.revision != 0 => {
                 if r.revision > view.rev() {
                     return Err(EtcdError::FutureRev);
                 }
@@ -473,7 +463,7 @@ fn check_path(
                 }
             }
             Some(request_op::Request::RequestTxn(inner)) => {
-                check_path(view, lessor, inner, path, pos, check, written)?
+                check_path(view, lessor, inner, path, pos, written)?
             }
             _ => {}
         }
@@ -520,26 +510,7 @@ fn apply_txn_ops(
 pub fn txn(txn: &mut WriteTxn, lessor: &Lessor, t: &TxnRequest) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_to_path(txn, t, &mut path);
-    if !is_txn_read_only(t) {
-        check_path(
-            txn,
-            lessor,
-            t,
-            &path,
-            &mut 0,
-            Check::Puts,
-            &mut Written::default(),
-        )?;
-    }
-    check_path(
-        txn,
-        lessor,
-        t,
-        &path,
-        &mut 0,
-        Check::Ranges,
-        &mut Written::default(),
-    )?;
+    check_path(txn, lessor, t, &path, &mut 0, &mut Written::default())?;
     if !is_txn_read_only(t) {
         // etcd compares and checks in a read transaction of its own, then writes in another:
         // its metrics count them as two.
@@ -602,15 +573,7 @@ fn read_only_txn_in(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse>
     let mut path = Vec::new();
     compare_to_path(view, t, &mut path);
     let lessor = Lessor::new(1);
-    check_path(
-        view,
-        &lessor,
-        t,
-        &path,
-        &mut 0,
-        Check::Ranges,
-        &mut Written::default(),
-    )?;
+    check_path(view, &lessor, t, &path, &mut 0, &mut Written::default())?;
     fn run(
         view: &impl ReadView,
         t: &TxnRequest,
