@@ -1,10 +1,11 @@
-//! etcd 3.4's backend file: a bbolt database with etcd's buckets and encodings. A backup
+//! etcd's backend file: a bbolt database with etcd's buckets and encodings. A backup
 //! (`etcdctl snapshot save`) is this file followed by the sha256 of its bytes.
 //!
-//! Buckets, as etcd 3.4 writes them:
+//! Buckets, as etcd 3.4 writes them, with etcd 3.6's `storageVersion`:
 //! - `key`: revision (`main` big-endian, `_`, `sub` big-endian, `t` on tombstones) -> KeyValue
 //! - `meta`: `consistent_index` (u64 big-endian), `scheduledCompactRev` and
-//!   `finishedCompactRev` (revision bytes)
+//!   `finishedCompactRev` (revision bytes), `storageVersion` (`3.6.0`; etcd 3.5 and older
+//!   write none)
 //! - `lease`: lease ID (big-endian) -> leasepb.Lease
 //! - `members`: member ID in hex -> JSON; `members_removed`: member ID in hex -> "removed"
 //! - `alarm`: AlarmMember -> empty; `cluster`: `clusterVersion`
@@ -41,6 +42,7 @@ const CONSISTENT_INDEX: &[u8] = b"consistent_index";
 const SCHEDULED_COMPACT: &[u8] = b"scheduledCompactRev";
 const FINISHED_COMPACT: &[u8] = b"finishedCompactRev";
 const CLUSTER_VERSION: &[u8] = b"clusterVersion";
+const STORAGE_VERSION: &[u8] = b"storageVersion";
 const AUTH_REVISION: &[u8] = b"authRevision";
 const AUTH_ENABLED: &[u8] = b"authEnabled";
 
@@ -139,6 +141,9 @@ pub fn write(path: &Path, backup: &Backup) -> Result<()> {
             if let Some(r) = backup.finished_compact {
                 b.put(FINISHED_COMPACT, revision_key(Revision::new(r, 0), false))
                     .map_err(bolt)?;
+            }
+            if let Some(v) = &backup.storage_version {
+                b.put(STORAGE_VERSION, v.as_bytes()).map_err(bolt)?;
             }
         }
         {
@@ -249,6 +254,9 @@ pub fn read(path: &Path) -> Result<Backup> {
                 }
                 SCHEDULED_COMPACT => out.scheduled_compact = Some(rev()?),
                 FINISHED_COMPACT => out.finished_compact = Some(rev()?),
+                STORAGE_VERSION => {
+                    out.storage_version = Some(String::from_utf8_lossy(v).into_owned())
+                }
                 _ => {}
             }
             Ok(())
@@ -318,20 +326,23 @@ pub fn read(path: &Path) -> Result<Backup> {
     Ok(out)
 }
 
-/// What `etcdctl snapshot status` reports about a backend file.
+/// What etcd 3.6's `etcdutl snapshot status` reports about a backend file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStatus {
     /// crc32c over every bucket name, key and value, in order.
     pub hash: u32,
     /// Main revision of the last record in the `key` bucket.
     pub revision: i64,
-    /// Records in all buckets.
+    /// Keys alive at that revision (etcd 3.4's etcdctl counted every record of every bucket).
     pub total_keys: u64,
     /// Size of the database as bbolt sees it (pages in use times page size).
     pub total_size: u64,
+    /// The storage version in `meta` (`3.6.0`), empty when there is none (etcd 3.5 and older).
+    pub version: String,
 }
 
-/// etcd's `snapshot status`: hashes every bucket name, key and value in order.
+/// etcd's `snapshot status`: hashes every bucket name, key and value in order, and counts the
+/// keys the last revision holds.
 pub fn status(path: &Path) -> Result<FileStatus> {
     let file = BoltFile::open(path)?;
     let mut st = FileStatus {
@@ -339,23 +350,42 @@ pub fn status(path: &Path) -> Result<FileStatus> {
         revision: 0,
         total_keys: 0,
         total_size: file.size(),
+        version: String::new(),
     };
     let mut h = crate::mvcc::Crc32c::default();
+    let mut alive = std::collections::HashSet::new();
     for (name, bucket) in file.buckets()? {
         h.update(&name);
         let is_key = name == KEY.as_bytes();
+        let is_meta = name == META.as_bytes();
         file.for_each(&bucket, |k, v| {
             h.update(k);
             h.update(v);
             if is_key {
-                if let Some((rev, _)) = parse_revision_key(k) {
-                    st.revision = rev.main;
+                let (rev, tomb) = parse_revision_key(k).ok_or_else(|| {
+                    SnapshotError::Corrupt(format!("cannot parse revision key: {k:?}"))
+                })?;
+                st.revision = rev.main;
+                let kv = crate::pb::mvccpb::KeyValue::decode(v).map_err(|e| {
+                    SnapshotError::Corrupt(format!("cannot unmarshal value, key {k:?}: {e}"))
+                })?;
+                if tomb {
+                    alive.remove(&kv.key);
+                } else {
+                    alive.insert(kv.key);
                 }
             }
-            st.total_keys += 1;
+            if is_meta && k == STORAGE_VERSION {
+                // etcd shows the version only when it parses as semver.
+                let v = String::from_utf8_lossy(v);
+                if crate::version::is_semver(&v) {
+                    st.version = v.into_owned();
+                }
+            }
             Ok(())
         })?;
     }
+    st.total_keys = alive.len() as u64;
     st.hash = h.finish();
     Ok(st)
 }

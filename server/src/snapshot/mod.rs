@@ -20,9 +20,6 @@ use std::io::{Read, Write};
 use std::path::Path;
 use thiserror::Error;
 
-/// The cluster version a backup declares (what etcd 3.4 writes).
-pub const CLUSTER_VERSION: &str = "3.4.0";
-
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error("bolt: {0}")]
@@ -57,7 +54,10 @@ pub struct Backup {
     pub removed: Vec<u64>,
     /// (member ID, alarm type).
     pub alarms: Vec<(u64, i32)>,
+    /// `3.6.0`, or the downgrade target while a downgrade is enabled (etcd's cluster bucket).
     pub cluster_version: String,
+    /// etcd 3.6's storage schema version (`3.6.0`); none at a 3.5 cluster version.
+    pub storage_version: Option<String>,
     /// The auth store, as the backend records `auth` keeps (`au/...`): carried by backups and
     /// restores like etcd's `auth*` buckets.
     pub auth: Records,
@@ -76,9 +76,17 @@ impl Backup {
 
     fn from_records(consistent_index: u64, records: &Records) -> Result<Backup> {
         let corrupt = |what: &str| SnapshotError::Corrupt(format!("backend record {what}"));
+        let downgrade = records
+            .iter()
+            .find(|(k, _)| k.as_slice() == mvcc::META_DOWNGRADE)
+            .map(|(_, v)| crate::version::Downgrade::decode(v))
+            .unwrap_or_default();
+        let cluster = downgrade.cluster_version();
         let mut b = Backup {
             consistent_index,
-            cluster_version: CLUSTER_VERSION.to_string(),
+            cluster_version: cluster.full(),
+            storage_version: (cluster == crate::version::CLUSTER_VERSION)
+                .then(|| crate::version::STORAGE_VERSION.to_string()),
             ..Default::default()
         };
         for (k, v) in records {
@@ -226,11 +234,12 @@ pub fn human_bytes(n: u64) -> String {
 pub fn format_status(st: &bolt::FileStatus, format: &str) -> Result<String> {
     match format {
         "simple" => Ok(format!(
-            "{:x}, {}, {}, {}\n",
+            "{:x}, {}, {}, {}, {}\n",
             st.hash,
             st.revision,
             st.total_keys,
-            human_bytes(st.total_size)
+            human_bytes(st.total_size),
+            st.version
         )),
         "json" => Ok(format!(
             "{}\n",
@@ -239,15 +248,17 @@ pub fn format_status(st: &bolt::FileStatus, format: &str) -> Result<String> {
                 "revision": st.revision,
                 "totalKey": st.total_keys,
                 "totalSize": st.total_size,
+                "version": st.version,
             })
         )),
         "table" => Ok(table(
-            &["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"],
+            &["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE", "VERSION"],
             &[
                 format!("{:x}", st.hash),
                 st.revision.to_string(),
                 st.total_keys.to_string(),
                 human_bytes(st.total_size),
+                st.version.clone(),
             ],
         )),
         other => Err(SnapshotError::Invalid(format!(
@@ -328,12 +339,20 @@ mod tests {
 
     #[test]
     fn backup_file_round_trips() {
+        let kv = |key: &[u8]| {
+            crate::pb::mvccpb::KeyValue {
+                key: key.to_vec(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.db");
         let b = Backup {
             revisions: vec![
-                (Revision::new(2, 0), false, vec![1, 2, 3]),
-                (Revision::new(3, 0), true, vec![4]),
+                (Revision::new(2, 0), false, kv(b"a")),
+                (Revision::new(3, 0), false, kv(b"b")),
+                (Revision::new(4, 0), true, kv(b"a")),
             ],
             leases: vec![(7, 60)],
             consistent_index: 42,
@@ -348,7 +367,8 @@ mod tests {
             }],
             removed: vec![9],
             alarms: vec![(1, 1)],
-            cluster_version: CLUSTER_VERSION.into(),
+            cluster_version: "3.6.0".into(),
+            storage_version: Some("3.6.0".into()),
             auth: vec![
                 (crate::auth::ENABLED_KEY.to_vec(), vec![1]),
                 (
@@ -377,16 +397,16 @@ mod tests {
         assert_eq!(r.members, b.members);
         assert_eq!(r.removed, b.removed);
         assert_eq!(r.alarms, b.alarms);
-        assert_eq!(r.cluster_version, CLUSTER_VERSION);
+        assert_eq!(r.cluster_version, "3.6.0");
+        assert_eq!(r.storage_version.as_deref(), Some("3.6.0"));
         let mut auth = r.auth.clone();
         auth.sort();
         let mut want = b.auth.clone();
         want.sort();
         assert_eq!(auth, want);
         let st = bolt::status(&path).unwrap();
-        assert_eq!(st.revision, 3);
-        // 2 revisions + 3 meta + 1 lease + 1 member + 1 removed + 1 alarm + cluster
-        // + 2 auth + 1 user + 1 role.
-        assert_eq!(st.total_keys, 14);
+        assert_eq!(st.revision, 4);
+        // "a" was deleted at 4: only "b" is alive.
+        assert_eq!((st.total_keys, st.version.as_str()), (1, "3.6.0"));
     }
 }
