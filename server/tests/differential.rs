@@ -1,12 +1,13 @@
-//! Differential test: a seeded random sequence of KV / txn / lease / watch /
-//! compaction operations runs against real etcd 3.4 and against the subject
-//! (oxcd, or etcd again with `OXCD_TEST_SERVER=etcd`). Every response (header
-//! revision included; cluster_id, member_id and raft_term ignored), every
-//! error (gRPC code + message) and every watch event must be identical.
+//! Differential test: seeded random sequences of KV / txn / lease / watch /
+//! compaction / alarm operations run against real etcd 3.6 (the tests' reference)
+//! and against the subject (oxcd, or etcd 3.4 with `OXCD_TEST_SERVER=etcd`). Every
+//! response (header revision included; cluster_id, member_id and raft_term ignored),
+//! every error (gRPC code + message) and every watch event must be identical.
 //!
-//! * `OXCD_DIFF_SEED=<u64>` replays a sequence (the seed is printed at start
-//!   and in every failure message).
-//! * `OXCD_DIFF_OPS=<n>` sets the number of operations (default 2000).
+//! * `OXCD_DIFF_SEED=<u64>` replays one sequence (each seed is printed at start
+//!   and in every failure message); `OXCD_DIFF_SEEDS=<n>` runs n random seeds
+//!   (default 3), each on a fresh pair of servers.
+//! * `OXCD_DIFF_OPS=<n>` sets the number of operations per seed (default 2000).
 //! * `OXCD_DIFF_KEEP_GOING=1` records mismatches and continues (still fails
 //!   at the end); `OXCD_DIFF_TRACE=1` prints every operation and etcd's answer.
 //!
@@ -14,8 +15,8 @@
 //! * lease IDs the server picks are mapped by order of creation (most grants
 //!   request an explicit ID, so they are identical anyway);
 //! * remaining lease TTL may differ by one second (wall clock);
-//! * lease lists and a lease's attached keys come in Go map order in etcd, so
-//!   they are sorted;
+//! * lease lists, a lease's attached keys and alarms come in Go map order in
+//!   etcd, so they are sorted; each side's own member ID in an alarm reads "own";
 //! * watch responses may batch events differently, so events are flattened
 //!   per watcher and compared as sequences.
 
@@ -32,9 +33,9 @@ use etcd_client::proto::{
     PbTxnResponse, PbWatchResponse,
 };
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions,
-    LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchFilterType,
-    WatchOptions,
+    AlarmAction, AlarmOptions, AlarmType, Client, CompactionOptions, Compare, CompareOp,
+    DeleteOptions, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -180,6 +181,16 @@ enum Op {
     LeaseKeepAlive(LeaseRef),
     Leases,
     Watch(WatchSpec),
+    Alarm(AlarmSpec),
+}
+
+/// Alarm API calls (NOSPACE only: it refuses writes for a while, which the other operations
+/// then meet). `own`: the side's own member ID; otherwise member 0, which etcd stores as 0.
+#[derive(Debug, Clone, Copy)]
+enum AlarmSpec {
+    Activate { own: bool },
+    Deactivate { own: bool },
+    Get,
 }
 
 // ---------------------------------------------------------------------------
@@ -200,6 +211,9 @@ struct Gen {
     /// earlier delete of the same txn removed the key (seen with a from-key delete in a nested
     /// txn), so such puts come only before any delete.
     txn_deleted: bool,
+    /// NOSPACE alarms activated (for member 0, for the side's own member): soon deactivated,
+    /// so that writes are refused for a few operations at a time.
+    alarms: [bool; 2],
 }
 
 impl Gen {
@@ -464,8 +478,28 @@ impl Gen {
     }
 
     fn next(&mut self) -> Op {
+        if let Some(own) = [false, true]
+            .into_iter()
+            .find(|own| self.alarms[*own as usize])
+        {
+            if self.chance(0.2) {
+                self.alarms[own as usize] = false;
+                return Op::Alarm(AlarmSpec::Deactivate { own });
+            }
+        }
         let p = self.rng.random_range(0..1000);
         match p {
+            955..=964 => {
+                let own = self.chance(0.5);
+                Op::Alarm(match self.rng.random_range(0..10) {
+                    0..=3 => {
+                        self.alarms[own as usize] = true;
+                        AlarmSpec::Activate { own }
+                    }
+                    4..=6 => AlarmSpec::Get,
+                    _ => AlarmSpec::Deactivate { own },
+                })
+            }
             0..=299 => {
                 let key = self.key();
                 Op::Put(self.put(key))
@@ -543,6 +577,8 @@ struct Watcher {
 struct Side {
     label: &'static str,
     client: Client,
+    /// The server's member ID (alarms name it).
+    member_id: u64,
     /// Lease IDs in order of successful creation.
     leases: Vec<i64>,
     watchers: Vec<Watcher>,
@@ -563,6 +599,8 @@ enum Resp {
     KeepAlive(i64, PbLeaseKeepAliveResponse),
     Leases(PbLeaseLeasesResponse),
     WatchCreated(PbWatchResponse),
+    /// Header and (member, alarm type) pairs.
+    Alarm(Option<PbResponseHeader>, Vec<(u64, i32)>),
 }
 
 fn err_string(e: etcd_client::Error) -> String {
@@ -757,6 +795,36 @@ impl Side {
             }
             Op::Leases => self.client.leases().await.map(|r| Resp::Leases(r.0)),
             Op::Watch(w) => return self.watch(w).await,
+            Op::Alarm(a) => {
+                let (action, own) = match *a {
+                    AlarmSpec::Activate { own } => (AlarmAction::Activate, own),
+                    AlarmSpec::Deactivate { own } => (AlarmAction::Deactivate, own),
+                    AlarmSpec::Get => (AlarmAction::Get, false),
+                };
+                let member = if own { self.member_id } else { 0 };
+                let (kind, o) = match a {
+                    AlarmSpec::Get => (AlarmType::None, None),
+                    _ => {
+                        let mut o = AlarmOptions::new();
+                        o.with_member(member);
+                        (AlarmType::Nospace, Some(o))
+                    }
+                };
+                self.client.alarm(action, kind, o).await.map(|r| {
+                    let header = r.header().map(|h| PbResponseHeader {
+                        cluster_id: h.cluster_id(),
+                        member_id: h.member_id(),
+                        revision: h.revision(),
+                        raft_term: h.raft_term(),
+                    });
+                    let alarms = r
+                        .alarms()
+                        .iter()
+                        .map(|m| (m.member_id(), m.alarm() as i32))
+                        .collect();
+                    Resp::Alarm(header, alarms)
+                })
+            }
         };
         r.map_err(err_string)
     }
@@ -836,6 +904,8 @@ fn apply_range_get(o: GetOptions, r: &RangeSpec) -> GetOptions {
 /// Maps a side's lease IDs onto etcd's (by order of creation).
 struct Norm {
     map: HashMap<i64, i64>,
+    /// The side's own member ID, shown as "own" in alarms.
+    own_member: u64,
 }
 
 impl Norm {
@@ -846,7 +916,17 @@ impl Norm {
             .copied()
             .zip(reference.leases.iter().copied())
             .collect();
-        Norm { map }
+        Norm {
+            map,
+            own_member: side.member_id,
+        }
+    }
+
+    fn reference(side: &Side) -> Norm {
+        Norm {
+            map: HashMap::new(),
+            own_member: side.member_id,
+        }
     }
     fn lease(&self, id: i64) -> i64 {
         *self.map.get(&id).unwrap_or(&id)
@@ -976,6 +1056,23 @@ impl Norm {
                 self.header(&mut w.header);
                 format!("{w:?}")
             }
+            Resp::Alarm(mut h, alarms) => {
+                self.header(&mut h);
+                // etcd lists alarms in Go's map order.
+                let mut alarms: Vec<String> = alarms
+                    .into_iter()
+                    .map(|(m, a)| {
+                        let who = if m == self.own_member && m != 0 {
+                            "own".to_string()
+                        } else {
+                            m.to_string()
+                        };
+                        format!("{who}:{a}")
+                    })
+                    .collect();
+                alarms.sort();
+                format!("alarm {h:?} {alarms:?}")
+            }
         };
         (s, ttl)
     }
@@ -1065,6 +1162,7 @@ fn header_rev(r: &Resp) -> Option<i64> {
         Resp::KeepAlive(_, r) => r.header.as_ref(),
         Resp::Leases(r) => r.header.as_ref(),
         Resp::WatchCreated(r) => r.header.as_ref(),
+        Resp::Alarm(h, _) => h.as_ref(),
     };
     h.map(|h| h.revision)
 }
@@ -1125,40 +1223,66 @@ fn op_name(op: &Op) -> &'static str {
         Op::LeaseKeepAlive(_) => "lease_keepalive",
         Op::Leases => "lease_list",
         Op::Watch(_) => "watch",
+        Op::Alarm(_) => "alarm",
     }
 }
 
+/// Several seeds (OXCD_DIFF_SEEDS, default 3; or the one OXCD_DIFF_SEED), each with
+/// OXCD_DIFF_OPS operations (default 2,000) on a fresh pair of servers: the reference etcd
+/// (3.6) and the subject.
 #[tokio::test(flavor = "multi_thread")]
 async fn random_operations_match_etcd() {
-    support::require_etcd();
-    let seed: u64 = match std::env::var("OXCD_DIFF_SEED") {
-        Ok(s) => s.parse().expect("OXCD_DIFF_SEED must be a u64"),
-        Err(_) => rand::rng().random(),
-    };
     let ops: usize = std::env::var("OXCD_DIFF_OPS")
         .ok()
         .map(|s| s.parse().expect("OXCD_DIFF_OPS must be a number"))
         .unwrap_or(2000);
+    let seeds: Vec<u64> = match std::env::var("OXCD_DIFF_SEED") {
+        Ok(s) => vec![s.parse().expect("OXCD_DIFF_SEED must be a u64")],
+        Err(_) => {
+            let n: usize = std::env::var("OXCD_DIFF_SEEDS")
+                .ok()
+                .map(|s| s.parse().expect("OXCD_DIFF_SEEDS must be a number"))
+                .unwrap_or(3);
+            (0..n).map(|_| rand::rng().random()).collect()
+        }
+    };
+    for seed in seeds {
+        run_seed(seed, ops).await;
+    }
+}
+
+async fn side(label: &'static str, server: &Server) -> Side {
+    let mut client = server.client().await;
+    let member_id = client
+        .status()
+        .await
+        .expect("status")
+        .header()
+        .expect("header")
+        .member_id();
+    Side {
+        label,
+        client,
+        member_id,
+        leases: vec![],
+        watchers: vec![],
+    }
+}
+
+async fn run_seed(seed: u64, ops: usize) {
     let subject_kind = Kind::subject();
     eprintln!(
-        "differential: seed={seed} ops={ops} subject={} (replay with OXCD_DIFF_SEED={seed})",
+        "differential: seed={seed} ops={ops} reference={} subject={} (replay with OXCD_DIFF_SEED={seed})",
+        support::REFERENCE.label(),
         subject_kind.label()
     );
 
-    let (ref_server, sub_server) =
-        tokio::join!(Server::start(Kind::Etcd), Server::start(subject_kind));
-    let mut reference = Side {
-        label: "etcd",
-        client: ref_server.client().await,
-        leases: vec![],
-        watchers: vec![],
-    };
-    let mut subject = Side {
-        label: subject_kind.label(),
-        client: sub_server.client().await,
-        leases: vec![],
-        watchers: vec![],
-    };
+    let (ref_server, sub_server) = tokio::join!(
+        Server::start(support::REFERENCE),
+        Server::start(subject_kind)
+    );
+    let mut reference = side("etcd", &ref_server).await;
+    let mut subject = side(subject_kind.label(), &sub_server).await;
 
     let mut gen = Gen {
         rng: StdRng::seed_from_u64(seed),
@@ -1168,6 +1292,7 @@ async fn random_operations_match_etcd() {
         revoked: vec![],
         watches: 0,
         txn_deleted: false,
+        alarms: [false; 2],
     };
     let mut history: Vec<String> = Vec::new();
     let mut stats = Stats::default();
@@ -1249,9 +1374,7 @@ async fn random_operations_match_etcd() {
             watch_since_compact = true;
         }
 
-        let ref_norm = Norm {
-            map: HashMap::new(),
-        };
+        let ref_norm = Norm::reference(&reference);
         let sub_norm = Norm::new(&subject, &reference);
         let (a, b) = match (r_ref, r_sub) {
             (Ok(a), Ok(b)) => {
@@ -1312,13 +1435,7 @@ async fn random_operations_match_etcd() {
         ("final lease list", Op::Leases),
     ] {
         let (a, b) = tokio::join!(reference.exec(&op), subject.exec(&op));
-        let a = a.map(|r| {
-            Norm {
-                map: HashMap::new(),
-            }
-            .resp(&op, r)
-            .0
-        });
+        let a = a.map(|r| Norm::reference(&reference).resp(&op, r).0);
         let b = b.map(|r| Norm::new(&subject, &reference).resp(&op, r).0);
         if a != b {
             fail(
@@ -1352,9 +1469,7 @@ async fn random_operations_match_etcd() {
             break;
         }
     }
-    let ref_norm = Norm {
-        map: HashMap::new(),
-    };
+    let ref_norm = Norm::reference(&reference);
     let sub_norm = Norm::new(&subject, &reference);
     let mut total_events = 0;
     for (idx, (wr, ws)) in reference
