@@ -1,7 +1,8 @@
-//! Backups in etcd's own format, both ways: `etcdctl snapshot save` from etcd 3.4 restored by
-//! `oxcd snapshot restore` into a 3-member oxcd cluster, and from oxcd restored by
-//! `etcdctl snapshot restore` and served by real etcd, with the same keys, values, revisions
-//! and leases. `oxcd snapshot status` prints exactly what `etcdctl snapshot status` prints.
+//! Backups in etcd's own format, both ways: `etcdctl snapshot save` from etcd 3.4 and 3.6
+//! restored by `oxcd snapshot restore` into a 3-member oxcd cluster, and from oxcd restored by
+//! etcd 3.6's `etcdutl snapshot restore` and served by real etcd 3.6, with the same keys,
+//! values, revisions and leases. `oxcd snapshot status` prints exactly what etcd 3.6's
+//! `etcdutl snapshot status` prints.
 //! oxcd also starts on etcd's own data dirs: those `etcdctl snapshot restore` makes, and those
 //! of a stopped etcd cluster (in-place replacement).
 
@@ -185,11 +186,12 @@ async fn source_state(
     (cluster.dump(0).await, rev, history)
 }
 
-/// `oxcd snapshot status` and `etcdctl snapshot status` print the same, in every format.
+/// `oxcd snapshot status` and etcd 3.6's `etcdutl snapshot status` print the same, in every
+/// format.
 fn assert_same_status(backup: &Path) {
     for w in ["simple", "table", "json"] {
         let ours = snapshot_tool(Kind::Oxcd, "status", backup, &["-w", w]);
-        let theirs = snapshot_tool(Kind::Etcd, "status", backup, &["-w", w]);
+        let theirs = snapshot_tool(support::REFERENCE, "status", backup, &["-w", w]);
         assert_eq!(ours.ok(), theirs.ok(), "snapshot status -w {w}");
     }
 }
@@ -198,18 +200,19 @@ fn assert_same_status(backup: &Path) {
 async fn backup_from_etcd_restores_into_an_oxcd_cluster() {
     let _serial = support::serial_cluster_test();
     let dir = tempfile::tempdir().unwrap();
-    let backup = backup_path(&dir, "from-etcd.db");
+    for kind in [Kind::Etcd, support::REFERENCE] {
+        let backup = backup_path(&dir, &format!("from-{}.db", kind.label()));
+        let etcd = Cluster::start(kind, 1).await;
+        let compacted = load(&mut etcd.client().await).await;
+        let (want, want_rev, history) = source_state(&etcd, compacted).await;
+        save(&etcd, 0, &backup).await;
+        drop(etcd);
+        assert_same_status(&backup);
 
-    let etcd = Cluster::start(Kind::Etcd, 1).await;
-    let compacted = load(&mut etcd.client().await).await;
-    let (want, want_rev, history) = source_state(&etcd, compacted).await;
-    save(&etcd, 0, &backup).await;
-    drop(etcd);
-    assert_same_status(&backup);
-
-    let oxcd = Cluster::start_from_backup(Kind::Oxcd, 3, &backup).await;
-    oxcd.wait_converged(Duration::from_secs(30)).await;
-    assert_restored(&oxcd, &want, want_rev, compacted, &history).await;
+        let oxcd = Cluster::start_from_backup(Kind::Oxcd, 3, &backup).await;
+        oxcd.wait_converged(Duration::from_secs(30)).await;
+        assert_restored(&oxcd, &want, want_rev, compacted, &history).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,7 +231,9 @@ async fn backup_from_oxcd_restores_into_etcd_and_into_oxcd() {
     drop(source);
     assert_same_status(&backup);
 
-    let etcd = Cluster::start_from_backup(Kind::Etcd, 1, &backup).await;
+    // A backup of a 3.6 cluster (cluster and storage version 3.6.0) is served by etcd 3.6;
+    // etcd 3.4 refuses 3.6 backups, etcd's and oxcd's alike.
+    let etcd = Cluster::start_from_backup(support::REFERENCE, 1, &backup).await;
     assert_restored(&etcd, &want, want_rev, compacted, &history).await;
     drop(etcd);
 

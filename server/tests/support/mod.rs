@@ -117,6 +117,15 @@ impl Kind {
         }
     }
 
+    /// The etcdctl of the same release (Debian's 3.4 for oxcd and etcd 3.4).
+    pub fn etcdctl(self) -> &'static str {
+        match self {
+            Kind::Oxcd | Kind::Etcd => ETCDCTL_BIN,
+            Kind::Etcd36 => etcd_ref("3.6", "etcdctl"),
+            Kind::Etcd37 => etcd_ref("3.7", "etcdctl"),
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Kind::Oxcd => "oxcd",
@@ -755,7 +764,8 @@ impl Server {
             .map(String::as_str)
             .chain(args.iter().copied())
             .collect();
-        etcdctl_at(&self.endpoint(), &all, stdin).await
+        require_etcd();
+        etcdctl_bin_at(self.kind.etcdctl(), &self.endpoint(), &all, stdin).await
     }
 
     /// Spawns a long-running etcdctl (e.g. `watch`) with piped stdout.
@@ -847,14 +857,40 @@ impl CmdOut {
 /// already has an `--endpoints=` flag, `endpoint` is not added (etcdctl would
 /// otherwise use both).
 pub async fn etcdctl_at(endpoint: &str, args: &[&str], stdin: Option<&str>) -> CmdOut {
-    use tokio::io::AsyncWriteExt;
     require_etcd();
-    let mut cmd = tokio::process::Command::new(ETCDCTL_BIN);
+    etcdctl_bin_at(ETCDCTL_BIN, endpoint, args, stdin).await
+}
+
+/// The etcdctl binaries the etcdctl suite runs: (label, path). etcd 3.6's first (the
+/// reference's own), then 3.7's and Debian's 3.4 for newer and older clients.
+pub fn etcdctls() -> [(&'static str, &'static str); 3] {
+    require_etcd();
+    [
+        ("etcdctl 3.6", etcd_ref("3.6", "etcdctl")),
+        ("etcdctl 3.7", etcd_ref("3.7", "etcdctl")),
+        ("etcdctl 3.4", ETCDCTL_BIN),
+    ]
+}
+
+/// Like `etcdctl_at`, with the etcdctl binary at `bin`.
+pub async fn etcdctl_bin_at(
+    bin: &str,
+    endpoint: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> CmdOut {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(bin);
     if !args.iter().any(|a| a.starts_with("--endpoints=")) {
         cmd.arg(format!("--endpoints={endpoint}"));
     }
+    // etcdctl 3.4 needs ETCDCTL_API=3; 3.6 speaks only v3 and warns about the variable.
+    if bin == ETCDCTL_BIN {
+        cmd.env("ETCDCTL_API", "3");
+    } else {
+        cmd.env_remove("ETCDCTL_API");
+    }
     cmd.args(args)
-        .env("ETCDCTL_API", "3")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
