@@ -59,6 +59,16 @@ if ! command -v cargo >/dev/null 2>&1; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
+# Real etcd 3.6 and 3.7 (etcd, etcdctl, etcdutl), the tests' references, built from etcd's Go
+# modules pinned in e2e/etcd-ref/ with the machine's Go; cached in ~/.cache/oxcd, so only the
+# first run on a machine builds them (about 3 minutes).
+for minor in 3.6 3.7; do
+    for cmd in etcd etcdctl etcdutl; do
+        e2e/etcd-ref/bin.sh "$minor" "$cmd" >/dev/null
+    done
+done
+"$(e2e/etcd-ref/bin.sh 3.6 etcd)" --version | sed -n 1p
+
 etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
 cargo --version

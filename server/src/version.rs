@@ -13,6 +13,12 @@ pub const CLUSTER_VERSION: Version = Version { major: 3, minor: 6 };
 /// `storage`, every SnapshotResponse).
 pub const STORAGE_VERSION: &str = "3.6.0";
 
+/// A full semver (`3.6.0`, `3.5.0-rc.1`), as Go's `semver.NewVersion` accepts it.
+pub fn is_semver(s: &str) -> bool {
+    let core = s.split(['-', '+']).next().unwrap_or("");
+    core.split('.').count() == 3 && Version::parse_target(s).is_some()
+}
+
 /// A `major.minor` version (etcd compares cluster and downgrade versions without the patch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Version {
@@ -133,6 +139,12 @@ impl Downgrade {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn semvers_are_full_versions() {
+        assert!(is_semver("3.6.0") && is_semver("3.5.0-rc.1"));
+        assert!(!is_semver("3.6") && !is_semver("") && !is_semver("v3.6.0"));
+    }
 
     #[test]
     fn targets_parse_as_etcd_converts_them() {
