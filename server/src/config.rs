@@ -70,6 +70,10 @@ pub struct Flags {
         default_value = "http://127.0.0.1:2379"
     )]
     pub listen_client_urls: String,
+    /// URLs to serve HTTP client traffic on (the JSON gateway, /health, /metrics) apart from
+    /// gRPC; when given, --listen-client-urls serve gRPC only (etcd 3.5+).
+    #[arg(long, env = "ETCD_LISTEN_CLIENT_HTTP_URLS")]
+    pub listen_client_http_urls: Option<String>,
     /// Client URLs of this member advertised to the cluster.
     #[arg(
         long,
@@ -321,6 +325,8 @@ pub struct Config {
     pub wal_dir: PathBuf,
     /// Every client listening address, once, in flag order.
     pub listen_client: Vec<ListenAddr>,
+    /// --listen-client-http-urls: HTTP only there, and then gRPC only on `listen_client`.
+    pub listen_client_http: Vec<ListenAddr>,
     /// The client addresses named by an http:// URL, and by an https:// URL (etcd serves both
     /// on one port when both name it).
     pub listen_client_plain: Vec<ListenAddr>,
@@ -854,8 +860,17 @@ impl Flags {
             .clone()
             .unwrap_or_else(|| data_dir.join("member").join("wal"));
         let client_urls = split_urls("listen-client-urls", &self.listen_client_urls)?;
-        let (listen_client, listen_client_plain, listen_client_tls) =
+        let (listen_client, mut listen_client_plain, mut listen_client_tls) =
             listeners("listen-client-urls", &client_urls)?;
+        let client_http_urls = match &self.listen_client_http_urls {
+            Some(urls) if !urls.is_empty() => split_urls("listen-client-http-urls", urls)?,
+            _ => Vec::new(),
+        };
+        let (listen_client_http, http_plain, http_tls) =
+            listeners("listen-client-http-urls", &client_http_urls)?;
+        // Whether a client listener speaks TLS is told by the same lists for both flags.
+        listen_client_plain.extend(http_plain);
+        listen_client_tls.extend(http_tls);
         let mut listen_metrics = Vec::new();
         if let Some(urls) = &self.listen_metrics_urls {
             for u in split_urls("listen-metrics-urls", urls)? {
@@ -888,7 +903,7 @@ impl Flags {
                 auto: self.auto_tls,
             },
             &data_dir,
-            &client_urls,
+            &[client_urls.as_slice(), client_http_urls.as_slice()].concat(),
             !listen_client_tls.is_empty(),
             &cipher_suites,
         )?;
@@ -1094,6 +1109,7 @@ impl Flags {
             data_dir,
             wal_dir,
             listen_client,
+            listen_client_http,
             listen_client_plain,
             listen_client_tls,
             client_tls,

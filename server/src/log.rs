@@ -96,7 +96,7 @@ fn zap_level(l: &tracing::Level) -> &'static str {
 }
 
 /// etcd 3.6's zap time: ISO 8601 with microseconds, in UTC: `2026-12-02T08:42:35.001000Z`.
-fn zap_time(now: time::OffsetDateTime) -> String {
+pub(crate) fn zap_time(now: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
     );

@@ -10,6 +10,15 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    // Started as `etcdutl` (a link to this binary), oxcd is etcd's offline tool.
+    let program = args.first().map(std::path::Path::new);
+    if program.and_then(|p| p.file_name()).is_some_and(|n| n == "etcdutl") {
+        if let Err(e) = oxcd::snapshot::cli::run_etcdutl(args) {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     // Tools: the offline backup tools, the load generator, the TCP gateway and the gRPC proxy.
     let tool: Option<fn(Vec<String>) -> anyhow::Result<()>> = match args.get(1).map(String::as_str)
     {
@@ -77,8 +86,18 @@ fn main() -> anyhow::Result<()> {
         // Like etcd, clients are served once this member is in the member list with its
         // name and client URLs.
         server.ready().await;
+        // etcd serves gRPC and HTTP on each client URL, unless HTTP has URLs of its own.
+        let grpc_serves = if cfg.listen_client_http.is_empty() {
+            oxcd::api::Serves::Both
+        } else {
+            oxcd::api::Serves::GrpcOnly
+        };
         for addr in cfg.listen_client.clone() {
-            tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr)));
+            tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr, grpc_serves)));
+        }
+        for addr in cfg.listen_client_http.clone() {
+            let serves = oxcd::api::Serves::HttpOnly;
+            tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr, serves)));
         }
         if let Some(interval) = cfg.corrupt_check_interval {
             tokio::spawn(oxcd::corrupt::periodic_check(server.clone(), interval));

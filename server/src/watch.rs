@@ -262,8 +262,8 @@ impl<C: WatchContext> WatchStream<C> {
     }
 
     /// A create request refused: created and canceled at once, with the reason, and watch ID
-    /// -1 as etcd 3.4 answers (etcd 3.5 answers a permission refusal with the requested ID;
-    /// the auth matrix compares this with etcd 3.4).
+    /// -1, as etcd 3.4 and 3.6 answer (etcd 3.5 answered a permission refusal with the
+    /// requested ID).
     async fn refuse(&self, rev: i64, reason: String) -> Result<(), ()> {
         self.send(WatchResponse {
             header: Some(self.ctx.header(rev)),
@@ -281,6 +281,11 @@ impl<C: WatchContext> WatchStream<C> {
             c.key = vec![0];
         }
         let cur = self.ctx.store().current_rev();
+        // etcd 3.6 refuses a negative start revision first, as compacted away.
+        if c.start_revision < 0 {
+            let s = tonic::Status::from(crate::error::EtcdError::Compacted);
+            return self.refuse(cur, s.message().to_string()).await;
+        }
         if let Err(e) = self.ctx.watch_permitted(&self.caller, &c.key, &c.range_end) {
             // etcd puts the gRPC error's text in the cancel reason.
             let s = tonic::Status::from(e);

@@ -70,9 +70,21 @@ async fn empty_key_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn request_larger_than_max_request_bytes_is_rejected() {
+    let mut over_grpc_limit = Vec::new();
     for server in &support::both(&["--max-request-bytes=4096"]).await {
         let l = server.kind.label();
         let mut c = server.client().await;
+        // Beyond --max-request-bytes plus gRPC's 512 KiB allowance, grpc-go refuses the
+        // message itself, before etcd reads it.
+        let huge = c.put("huge", vec![b'h'; 600 * 1024], None).await;
+        let (code, msg) = support::grpc_error(&huge.expect_err("a 600 KiB put"));
+        assert_eq!(code, Code::ResourceExhausted, "{l}: {msg}");
+        assert!(
+            msg.starts_with("grpc: received message larger than max (")
+                && msg.ends_with(&format!(" vs. {})", 4096 + 512 * 1024)),
+            "{l}: {msg}"
+        );
+        over_grpc_limit.push(msg);
         let big = vec![b'x'; 8192];
         assert_grpc_err(
             &format!("{l}: big put"),
@@ -97,6 +109,7 @@ async fn request_larger_than_max_request_bytes_is_rejected() {
         let r = c.get("big", None).await.unwrap();
         assert_eq!(r.count(), 0, "{l}: rejected put must not be applied");
     }
+    assert_eq!(over_grpc_limit[0], over_grpc_limit[1], "etcd, then oxcd");
 }
 
 async fn seed(c: &mut Client) {

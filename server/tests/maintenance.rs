@@ -80,8 +80,8 @@ async fn database_space_exceeded_then_recovered_by_compaction_defragment_and_dis
             Code::ResourceExhausted,
             NO_SPACE,
         );
-        // A Txn that only deletes: etcd 3.4's capped applier refuses only Txns with puts, so
-        // it applies (etcd 3.5 and later refuse every Txn that is not read-only).
+        // A Txn that only deletes costs no quota, so it applies: etcd 3.4's and 3.6's capped
+        // appliers refuse only Txns with puts (etcd 3.5.1 was seen refusing it).
         let txn = Txn::new().and_then([TxnOp::delete("absent", None)]);
         c.txn(txn)
             .await

@@ -382,11 +382,17 @@ async fn damaged_backups_are_refused_and_nothing_is_restored() {
     assert!(err.contains("not a bbolt database"), "{err}");
     assert!(!target.exists());
 
-    // An existing data dir is never overwritten.
+    // A data dir with anything in it is never overwritten (etcdutl 3.6's words); an empty
+    // one, as a volume mount or a test's temporary dir gives, is used.
     let existing = dir.path().join("existing.oxcd");
-    std::fs::create_dir_all(&existing).unwrap();
+    std::fs::create_dir_all(existing.join("member")).unwrap();
     let err = restore(&good, &existing, &[]).err().to_string();
-    assert!(err.contains("exists"), "{err}");
+    assert!(err.contains("not empty or could not be read"), "{err}");
+    assert!(existing.join("member").read_dir().unwrap().next().is_none());
+    let empty = dir.path().join("empty.oxcd");
+    std::fs::create_dir_all(&empty).unwrap();
+    restore(&good, &empty, &[]).ok();
+    assert!(empty.join("member").exists(), "nothing restored into an empty dir");
 
     // The good file restores.
     let target = dir.path().join("good.oxcd");

@@ -326,3 +326,57 @@ async fn periodic_progress_goes_to_quiet_watchers_that_asked_for_it() {
         );
     }
 }
+
+/// Watch creates that etcd refuses get its answer: created and canceled at once, watch ID -1
+/// and the reason (an empty range, a watch ID already in use on the stream, a negative start
+/// revision as compacted away); a refused create leaves the stream and its watchers working.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_watch_creates_get_etcds_answer() {
+    let mut answers = Vec::new();
+    for server in &support::both(&[]).await {
+        let mut s = Stream::open(server).await;
+        let create = |key: &str, range_end: &str, watch_id: i64, start_revision: i64| {
+            watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+                key: key.into(),
+                range_end: range_end.into(),
+                watch_id,
+                start_revision,
+                ..Default::default()
+            })
+        };
+        let mut seen = Vec::new();
+        for req in [
+            create("b", "a", 0, 0),
+            create("x", "", 5, 0),
+            create("y", "", 5, 0),
+            create("z", "", 0, -5),
+            create("w", "", 0, 0),
+        ] {
+            s.send(req).await;
+            let r = s.next(Duration::from_secs(5)).await.expect("an answer");
+            seen.push((r.watch_id, r.created, r.canceled, r.cancel_reason));
+        }
+        // Nothing else arrives for the refused ones (no late cancel).
+        let late = s.next(Duration::from_millis(500)).await;
+        assert!(late.is_none(), "{}: {late:?}", server.kind.label());
+        answers.push(seen);
+    }
+    let compacted = "etcdserver: mvcc: required revision has been compacted";
+    assert_eq!(
+        answers[0],
+        [
+            (-1, true, true, "mvcc: watcher range is empty".to_string()),
+            (5, true, false, String::new()),
+            (
+                -1,
+                true,
+                true,
+                "mvcc: duplicate watch ID provided on the WatchStream".to_string()
+            ),
+            (-1, true, true, compacted.to_string()),
+            (0, true, false, String::new()),
+        ],
+        "etcd"
+    );
+    assert_eq!(answers[0], answers[1], "etcd, then oxcd");
+}

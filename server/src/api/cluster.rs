@@ -69,8 +69,10 @@ impl ClusterService {
             .collect()
     }
 
-    /// etcd's `mayAddMember` under `--strict-reconfig-check`: a new voter needs a started
-    /// quorum afterwards, and any new member needs every voter connected for the last 5 s.
+    /// etcd 3.6's `mayAddMember` under `--strict-reconfig-check`: a new voter needs a started
+    /// quorum afterwards, and any new member needs this member connected for the last 5 s to
+    /// a quorum of the voters plus the new member, counted as down (a one-member cluster
+    /// always may add). etcd 3.4 wanted every voter connected.
     fn may_add_member(&self, is_learner: bool) -> Result<(), EtcdError> {
         if !self.0.cfg.strict_reconfig_check {
             return Ok(());
@@ -80,7 +82,7 @@ impl ClusterService {
         }
         let voters = self.voter_ids();
         let since = Instant::now() - HEALTH_INTERVAL;
-        if self.connected_since(since, &voters) < voters.len() {
+        if voters.len() > 1 && self.connected_since(since, &voters) < (voters.len() + 1) / 2 + 1 {
             return Err(EtcdError::Unhealthy);
         }
         Ok(())

@@ -6,6 +6,7 @@ mod authority;
 pub(crate) mod cluster;
 pub(crate) mod election;
 pub(crate) mod gateway;
+mod grpc_errors;
 pub(crate) mod grpc_metrics;
 mod keepalive;
 pub(crate) mod kv;
@@ -29,8 +30,17 @@ use std::sync::Arc;
 /// gRPC allows this much framing beyond --max-request-bytes, as etcd does.
 pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// What a client listener serves: both protocols (etcd's cmux), or one of them when
+/// --listen-client-http-urls gives HTTP its own listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    Both,
+    GrpcOnly,
+    HttpOnly,
+}
+
 /// Serves the client API on one listener until the process ends.
-pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr) -> anyhow::Result<()> {
+pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr, serves: Serves) -> anyhow::Result<()> {
     let max = server.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let cfg = &server.cfg;
     let mode = crate::tls::mode_for(
@@ -58,13 +68,15 @@ pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr) -> anyhow::Result<
             tracing::info!(address = %addr, "serving client traffic securely")
         }
     }
-    let incoming = async_stream_incoming(server.clone(), listener, mode);
+    let incoming = async_stream_incoming(server.clone(), listener, mode, serves);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .http2_keepalive_interval(cfg.keepalive_interval)
         .http2_keepalive_timeout(cfg.keepalive_timeout)
         .layer(grpc_metrics::GrpcMetricsLayer)
+        // Inside the metrics layer, so the counters see the codes clients get.
+        .layer(grpc_errors::GrpcGoErrorsLayer)
         .add_service(
             KvServer::from_arc(Arc::new(kv::KvService(server.clone())))
                 .max_decoding_message_size(max),
@@ -105,6 +117,7 @@ fn async_stream_incoming(
     server: Arc<EtcdServer>,
     listener: Listener,
     mode: crate::tls::Mode,
+    serves: Serves,
 ) -> impl futures::Stream<
     Item = std::io::Result<authority::AuthorityFix<keepalive::KeepaliveEnforced<crate::tls::Conn>>>,
 > {
@@ -133,7 +146,10 @@ fn async_stream_incoming(
                     crate::tls::Conn::Plain(tcp) => starts_with_http2_preface(tcp).await,
                     tls => Ok(tls.negotiated_h2().unwrap_or(false)),
                 };
+                // A connection of the protocol this listener does not serve is closed.
                 match h2 {
+                    Ok(true) if serves == Serves::HttpOnly => {}
+                    Ok(false) if serves == Serves::GrpcOnly => {}
                     Ok(true) => {
                         let conn = keepalive::KeepaliveEnforced::new(conn, min_time);
                         let _ = grpc.send(Ok(authority::AuthorityFix::new(conn))).await;

@@ -5,25 +5,36 @@ use super::restore::{restore, RestoreConfig};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// etcdutl's command line: `oxcd` answers to it when started as `etcdutl` (a link to the
+/// binary), and `oxcd snapshot ...` is its `snapshot` group.
 #[derive(Parser, Debug)]
-#[command(
-    name = "oxcd snapshot",
-    about = "Offline tools for etcd-format backups"
-)]
-struct SnapshotCli {
+#[command(name = "etcdutl", about = "Offline tools for oxcd data dirs and etcd-format backups")]
+struct Etcdutl {
+    /// simple, json or table (etcdutl's global flag).
+    #[arg(short = 'w', long = "write-out", global = true, default_value = "simple")]
+    write_out: String,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: UtlCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum UtlCmd {
+    /// Inspects and restores backups.
+    #[command(subcommand)]
+    Snapshot(Cmd),
+    /// Defragments a stopped member's backend (as the online Defragment does).
+    Defrag {
+        #[arg(long = "data-dir")]
+        data_dir: PathBuf,
+    },
+    /// Prints the version.
+    Version,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Hash, revision, total keys and size of a backup file (as `etcdctl snapshot status`).
-    Status {
-        file: PathBuf,
-        /// simple, json or table.
-        #[arg(short = 'w', long = "write-out", default_value = "simple")]
-        write_out: String,
-    },
+    Status { file: PathBuf },
     /// Creates a member's data dir from a backup taken from etcd or oxcd.
     Restore {
         file: PathBuf,
@@ -59,16 +70,59 @@ enum Cmd {
 
 /// Runs `oxcd snapshot ...`; `args` starts with the program name.
 pub fn run(args: Vec<String>) -> anyhow::Result<()> {
-    // "oxcd snapshot <cmd>" parses as "oxcd-snapshot <cmd>".
-    let args: Vec<String> = std::iter::once("oxcd snapshot".to_string())
-        .chain(args.into_iter().skip(2))
-        .collect();
-    let cli = match SnapshotCli::try_parse_from(args) {
+    // "oxcd snapshot <cmd>" is "etcdutl snapshot <cmd>".
+    let args = std::iter::once("etcdutl".to_string()).chain(args.into_iter().skip(1));
+    run_etcdutl(args.collect())
+}
+
+/// An etcd-style log line on stderr, as etcdutl writes them (zap's console encoder).
+fn log_line(msg: &str, fields: &[(&str, String)]) {
+    let ts = crate::log::zap_time(time::OffsetDateTime::now_utc());
+    let fields: Vec<String> = fields.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+    eprintln!("{ts}\tinfo\t{msg}\t{{{}}}", fields.join(", "));
+}
+
+fn quoted(p: &std::path::Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Runs etcdutl's command line; `args` starts with the program name.
+pub fn run_etcdutl(args: Vec<String>) -> anyhow::Result<()> {
+    let cli = match Etcdutl::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    match cli.cmd {
-        Cmd::Status { file, write_out } => {
+    let write_out = cli.write_out;
+    let cmd = match cli.cmd {
+        UtlCmd::Snapshot(cmd) => cmd,
+        UtlCmd::Version => {
+            println!("etcdutl version: {}", crate::version::SERVER_VERSION);
+            let api = crate::version::CLUSTER_VERSION;
+            println!("API version: {}.{}", api.major, api.minor);
+            println!("oxcd version: {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        UtlCmd::Defrag { data_dir } => {
+            let db = data_dir.join("member").join("db");
+            anyhow::ensure!(db.exists(), "no oxcd backend in {}", data_dir.display());
+            let (store, _) = crate::mvcc::Store::open(&db)?;
+            let before = store.size_on_disk();
+            log_line("defragmenting", &[("path", quoted(&db)), ("current-db-size-bytes", before.to_string())]);
+            store.defragment()?;
+            let after = store.size_on_disk();
+            log_line(
+                "finished defragmenting directory",
+                &[
+                    ("path", quoted(&db)),
+                    ("current-db-size-bytes-diff", (after as i64 - before as i64).to_string()),
+                    ("current-db-size-bytes", after.to_string()),
+                ],
+            );
+            return Ok(());
+        }
+    };
+    match cmd {
+        Cmd::Status { file } => {
             let st = super::bolt_status_of_backup(&file)?;
             print!("{}", super::format_status(&st, &write_out)?);
         }
@@ -98,20 +152,32 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
                 wal_dir,
                 skip_hash_check,
             };
-            eprintln!(
-                "restoring snapshot {} to data-dir {}",
-                file.display(),
-                cfg.data_dir.display()
+            let data_dir = cfg.data_dir.clone();
+            log_line(
+                "restoring snapshot",
+                &[("path", quoted(&file)), ("data-dir", quoted(&data_dir))],
             );
             let r = restore(&file, &cfg)?;
-            eprintln!(
-                "restored snapshot: member {:x} of cluster {:x}, revision {}, {} key revisions, {} leases, data-dir {}",
-                r.member_id,
-                r.cluster_id,
-                r.revision,
-                r.revisions,
-                r.leases,
-                cfg.data_dir.display()
+            for (name, urls) in &cfg.initial_cluster {
+                log_line(
+                    "added member",
+                    &[
+                        ("cluster-id", format!("\"{:x}\"", r.cluster_id)),
+                        ("added-peer-name", format!("{name:?}")),
+                        ("added-peer-peer-urls", format!("{urls:?}")),
+                    ],
+                );
+            }
+            log_line(
+                "restored snapshot",
+                &[
+                    ("path", quoted(&file)),
+                    ("data-dir", quoted(&data_dir)),
+                    ("member-id", format!("\"{:x}\"", r.member_id)),
+                    ("revision", r.revision.to_string()),
+                    ("key-revisions", r.revisions.to_string()),
+                    ("leases", r.leases.to_string()),
+                ],
             );
         }
     }

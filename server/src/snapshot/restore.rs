@@ -58,9 +58,11 @@ pub(super) fn sync_parent(dir: &Path) -> std::io::Result<()> {
 }
 
 pub fn restore(backup_file: &Path, cfg: &RestoreConfig) -> Result<Restored> {
-    if cfg.data_dir.exists() {
+    // As etcdutl 3.6: an empty directory (made by a tool or a volume mount) is fine.
+    let empty_dir = |d: &Path| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_none());
+    if cfg.data_dir.exists() && !empty_dir(&cfg.data_dir) {
         return Err(SnapshotError::Invalid(format!(
-            "data-dir {:?} exists",
+            "data-dir {:?} not empty or could not be read",
             cfg.data_dir.display().to_string()
         )));
     }
@@ -89,6 +91,9 @@ pub fn restore(backup_file: &Path, cfg: &RestoreConfig) -> Result<Restored> {
         if let (Some(tmp), Some(dst)) = (&wal_tmp, &cfg.wal_dir) {
             std::fs::rename(tmp, dst)?;
             sync_parent(dst)?;
+        }
+        if cfg.data_dir.exists() {
+            std::fs::remove_dir(&cfg.data_dir)?;
         }
         std::fs::rename(&data_tmp, &cfg.data_dir)?;
         sync_parent(&cfg.data_dir)?;
