@@ -261,6 +261,13 @@ pub struct Flags {
     /// Path to the peer server TLS key file.
     #[arg(long, env = "ETCD_PEER_KEY_FILE")]
     pub peer_key_file: Option<String>,
+    /// Path to the TLS cert this member presents when it dials its peers (default: the peer
+    /// server cert), for certificates made for client or server use only.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_FILE")]
+    pub peer_client_cert_file: Option<String>,
+    /// Path to the key of --peer-client-cert-file.
+    #[arg(long, env = "ETCD_PEER_CLIENT_KEY_FILE")]
+    pub peer_client_key_file: Option<String>,
     /// Path to the peer server TLS trusted CA file.
     #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
     pub peer_trusted_ca_file: Option<String>,
@@ -334,6 +341,8 @@ pub struct Config {
     pub client_tls: crate::tls::TlsInfo,
     /// `--listen-metrics-urls`: HTTP listeners for /metrics and /health only.
     pub listen_metrics: Vec<ListenAddr>,
+    /// The https:// and unixs:// ones among them (served with `client_tls`).
+    pub listen_metrics_tls: Vec<ListenAddr>,
     pub listen_peer: Vec<ListenAddr>,
     pub listen_peer_plain: Vec<ListenAddr>,
     pub listen_peer_tls: Vec<ListenAddr>,
@@ -871,12 +880,12 @@ impl Flags {
         // Whether a client listener speaks TLS is told by the same lists for both flags.
         listen_client_plain.extend(http_plain);
         listen_client_tls.extend(http_tls);
-        let mut listen_metrics = Vec::new();
-        if let Some(urls) = &self.listen_metrics_urls {
-            for u in split_urls("listen-metrics-urls", urls)? {
-                listen_metrics.extend(resolve("listen-metrics-urls", &u)?);
-            }
-        }
+        let metrics_urls = match &self.listen_metrics_urls {
+            Some(urls) if !urls.is_empty() => split_urls("listen-metrics-urls", urls)?,
+            _ => Vec::new(),
+        };
+        let (listen_metrics, _, listen_metrics_tls) =
+            listeners("listen-metrics-urls", &metrics_urls)?;
         let advertise_client_urls =
             split_urls("advertise-client-urls", &self.advertise_client_urls)?;
         let peer_urls = split_urls("listen-peer-urls", &self.listen_peer_urls)?;
@@ -907,6 +916,13 @@ impl Flags {
             !listen_client_tls.is_empty(),
             &cipher_suites,
         )?;
+        // Secure metrics URLs serve with the client certificate, as etcd does.
+        if !listen_metrics_tls.is_empty() && client_tls.is_empty() {
+            return Err(ConfigError::Tls(
+                "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
+                    .into(),
+            ));
+        }
         let mut peer_tls = tls_info(
             Side::Peer,
             TlsFlags {
@@ -922,6 +938,14 @@ impl Flags {
             !listen_peer_tls.is_empty(),
             &cipher_suites,
         )?;
+        let path = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+        peer_tls.client_cert_file = path(&self.peer_client_cert_file);
+        peer_tls.client_key_file = path(&self.peer_client_key_file);
+        if peer_tls.client_cert_file.is_some() != peer_tls.client_key_file.is_some() {
+            return Err(ConfigError::Tls(
+                "--peer-client-cert-file and --peer-client-key-file must be given together".into(),
+            ));
+        }
         peer_tls.allowed_cn = self.peer_cert_allowed_cn.clone().filter(|s| !s.is_empty());
         peer_tls.allowed_hostname = self
             .peer_cert_allowed_hostname
@@ -1114,6 +1138,7 @@ impl Flags {
             listen_client_tls,
             client_tls,
             listen_metrics,
+            listen_metrics_tls,
             listen_peer,
             listen_peer_plain,
             listen_peer_tls,
@@ -1315,6 +1340,30 @@ mod tests {
                 .unwrap()
                 .strict_reconfig_check
         );
+    }
+
+    #[test]
+    fn separate_http_metrics_tls_and_peer_client_pairs() {
+        // --listen-client-http-urls: its own listener, told TLS or not like client URLs.
+        let c = parse(&["--listen-client-http-urls", "http://127.0.0.1:2390"]).unwrap();
+        assert_eq!(c.listen_client_http.len(), 1);
+        assert!(c.listen_client_plain.contains(&c.listen_client_http[0]));
+        // A secure metrics URL needs the client pair, in etcd's words.
+        let e = parse(&["--listen-metrics-urls", "https://127.0.0.1:2391"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "client TLS key/cert (--cert-file, --key-file) must be provided for metrics secure url"
+        );
+        let c = parse(&["--listen-metrics-urls", "http://127.0.0.1:2391"]).unwrap();
+        assert!(c.listen_metrics_tls.is_empty() && c.listen_metrics.len() == 1);
+        // The dialing pair goes together.
+        let e = parse(&["--peer-client-cert-file", "/x.crt"]).unwrap_err().to_string();
+        assert!(e.contains("--peer-client-key-file"), "{e}");
+        let c = parse(&["--peer-client-cert-file", "/x.crt", "--peer-client-key-file", "/x.key"])
+            .unwrap();
+        assert_eq!(c.peer_tls.client_cert_file, Some(PathBuf::from("/x.crt")));
     }
 
     #[test]

@@ -33,12 +33,24 @@ pub async fn serve_metrics(
     server: Arc<EtcdServer>,
     addr: crate::listener::ListenAddr,
 ) -> anyhow::Result<()> {
+    let cfg = &server.cfg;
+    let mode = Arc::new(crate::tls::mode_for(
+        &addr,
+        &[],
+        &cfg.listen_metrics_tls,
+        &cfg.client_tls,
+    )?);
     let listener = crate::listener::Listener::bind(&addr).await?;
     tracing::info!(address = %addr, "serving metrics");
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                tokio::spawn(serve_connection(server.clone(), stream, Endpoints::Metrics));
+                let (server, mode) = (server.clone(), mode.clone());
+                tokio::spawn(async move {
+                    if let Ok(conn) = mode.establish(stream).await {
+                        serve_connection(server, conn, Endpoints::Metrics).await;
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a metrics connection failed");
@@ -81,7 +93,9 @@ async fn handle(
     let probe_path = Probe::of_path(path);
     let known = probe_path.is_some()
         || match endpoints {
-            Endpoints::Client => matches!(path, "/health" | "/version" | "/metrics"),
+            Endpoints::Client => {
+                matches!(path, "/health" | "/version" | "/metrics" | "/debug/vars")
+            }
             // etcd 3.6's metrics listener: /metrics and the health endpoints, so that kubelets
             // can probe a member whose client port requires TLS.
             Endpoints::Metrics => matches!(path, "/health" | "/metrics"),
@@ -140,6 +154,7 @@ async fn handle(
             "text/plain; version=0.0.4; charset=utf-8",
             METRICS.render(server),
         ),
+        "/debug/vars" => json(StatusCode::OK, debug_vars(server).await.to_string()),
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
     }
 }
@@ -425,4 +440,40 @@ mod tests {
         assert_eq!(Probe::of_path("/health"), None);
         assert_eq!(Probe::of_path(""), None);
     }
+}
+
+/// etcd's expvar page (`/debug/vars`): the command line, the descriptor limit and Raft's
+/// status as etcd publishes it (`raft.status`). Go's `memstats` has no counterpart here.
+async fn debug_vars(server: &Arc<EtcdServer>) -> serde_json::Value {
+    let hex = |id: u64| format!("{id:x}");
+    let st = server.node_status().await.unwrap_or_default();
+    let raft = &server.raft_status;
+    let progress: serde_json::Map<String, serde_json::Value> = st
+        .progress
+        .iter()
+        .map(|(id, (matched, _))| {
+            (hex(*id), serde_json::json!({"match": matched, "next": matched + 1}))
+        })
+        .collect();
+    // (A member between terms reports as a follower.)
+    let state = if st.is_leader { "StateLeader" } else { "StateFollower" };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let fd_limit = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 0,
+    };
+    serde_json::json!({
+        "cmdline": std::env::args().collect::<Vec<_>>(),
+        "file_descriptor_limit": fd_limit,
+        "raft.status": {
+            "id": hex(server.id),
+            "term": raft.term.load(std::sync::atomic::Ordering::Relaxed),
+            "commit": raft.commit.load(std::sync::atomic::Ordering::Relaxed),
+            "lead": hex(st.leader),
+            "raftState": state,
+            "applied": server.applied_index(),
+            "progress": progress,
+        },
+    })
 }
