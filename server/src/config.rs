@@ -697,6 +697,11 @@ const DURATION_FILE_KEYS: &[&str] = &[
     "experimental-downgrade-check-time",
 ];
 
+/// Whether the --feature-gates values turn `gate` on (the full check is in `features`).
+fn gates_named(values: &[String], gate: &str) -> bool {
+    crate::features::FeatureGates::parse(values).is_ok_and(|g| g.enabled(gate))
+}
+
 /// A value that means "not set" for a flag oxcd lacks (etcd's sample file lists every key).
 fn is_unset(v: &str) -> bool {
     matches!(v, "" | "false" | "off" | "0")
@@ -947,6 +952,22 @@ impl Flags {
             ));
         }
         peer_tls.allowed_cn = self.peer_cert_allowed_cn.clone().filter(|s| !s.is_empty());
+        // SetMemberLocalAddr: dial peers from the first advertised peer URL whose host is an
+        // IP neither loopback nor unspecified (etcd's InferLocalAddr).
+        if gates_named(&self.feature_gates, "SetMemberLocalAddr") {
+            peer_tls.dial_from = split_urls(
+                "initial-advertise-peer-urls",
+                &self.initial_advertise_peer_urls,
+            )?
+            .iter()
+            .filter_map(|u| url::Url::parse(u).ok())
+            .filter_map(|u| match u.host() {
+                Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            })
+            .find(|ip| !ip.is_unspecified() && !ip.is_loopback());
+        }
         peer_tls.allowed_hostname = self
             .peer_cert_allowed_hostname
             .clone()
@@ -1364,6 +1385,13 @@ mod tests {
         let c = parse(&["--peer-client-cert-file", "/x.crt", "--peer-client-key-file", "/x.key"])
             .unwrap();
         assert_eq!(c.peer_tls.client_cert_file, Some(PathBuf::from("/x.crt")));
+        // SetMemberLocalAddr: the first advertised IP that is neither loopback nor unspecified.
+        let urls = "http://127.0.0.1:2380,http://10.1.2.3:2380";
+        let c = parse(&["--initial-advertise-peer-urls", urls]).unwrap();
+        assert_eq!(c.peer_tls.dial_from, None);
+        let gate = "--feature-gates=SetMemberLocalAddr=true";
+        let c = parse(&[gate, "--initial-advertise-peer-urls", urls]).unwrap();
+        assert_eq!(c.peer_tls.dial_from, Some("10.1.2.3".parse().unwrap()));
     }
 
     #[test]

@@ -77,8 +77,8 @@ const GATES: &[Gate] = &[
         name: "SetMemberLocalAddr",
         default: false,
         stage: Stage::Alpha,
-        support: Support::DefaultOnly,
-        why: "oxcd lets the system choose the local address of peer connections",
+        support: Support::Honoured,
+        why: "",
     },
     // etcd 3.7.
     Gate {
@@ -257,7 +257,6 @@ mod tests {
             "StopGRPCServiceOnDefrag",
             "CompactHashCheck",
             "LeaseCheckpoint",
-            "SetMemberLocalAddr",
             "PriorityRequest",
         ] {
             let e = FeatureGates::parse(&[format!("{gate}=true")]).unwrap_err();

@@ -43,6 +43,9 @@ pub struct TlsInfo {
     /// pair when not given.
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
+    /// The local address peer connections are made from (etcd's SetMemberLocalAddr gate:
+    /// the first advertised peer URL's IP); the system's choice when None.
+    pub dial_from: Option<std::net::IpAddr>,
     /// `--peer-cert-allowed-cn`: a peer's certificate must carry this CommonName.
     pub allowed_cn: Option<String>,
     /// `--peer-cert-allowed-hostname`: a peer's certificate must be valid for this name.
@@ -705,7 +708,8 @@ async fn channel(
             .keep_alive_timeout(std::time::Duration::from_secs(5))
             .keep_alive_while_idle(true);
     }
-    if !tls && !unix {
+    let dial_from = peer.dial_from;
+    if !tls && !unix && dial_from.is_none() {
         return ep.connect().await.map_err(|e| format!("{url}: {e}"));
     }
     let tls = match tls {
@@ -731,7 +735,10 @@ async fn channel(
                     path.display().to_string(),
                 ),
                 None => {
-                    let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+                    let tcp = match dial_from {
+                        None => tokio::net::TcpStream::connect(authority.as_str()).await?,
+                        Some(local) => connect_from(local, &authority).await?,
+                    };
                     tcp.set_nodelay(true)?;
                     (Socket::Tcp(tcp), authority)
                 }
@@ -753,6 +760,35 @@ async fn channel(
     ep.connect_with_connector(connector)
         .await
         .map_err(|e| format!("{url}: {e:?}"))
+}
+
+/// A TCP connection to `authority` made from the local address `local`.
+async fn connect_from(
+    local: std::net::IpAddr,
+    authority: &str,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(authority).await? {
+        if addr.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("no address of {authority} reachable from {local}"),
+        )
+    }))
 }
 
 /// A connection to a peer, plain or TLS, over TCP or a unix socket.
