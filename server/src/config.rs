@@ -303,6 +303,30 @@ pub struct Flags {
     /// Comma-separated list of supported TLS cipher suites between client/server and peers (empty: the defaults).
     #[arg(long, env = "ETCD_CIPHER_SUITES")]
     pub cipher_suites: Option<String>,
+    /// Minimum TLS version for client and peer connections (TLS1.2 or TLS1.3; TLS1.0 and
+    /// TLS1.1 mean TLS1.2 here).
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "")]
+    pub tls_min_version: String,
+    /// Maximum TLS version for client and peer connections (empty: the newest).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+    /// Entries a slow follower can catch up from after a snapshot, before it is sent one.
+    #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub snapshot_catchup_entries: Option<u64>,
+    /// Deprecated in etcd 3.6: --snapshot-catchup-entries.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_SNAPSHOT_CATCHUP_ENTRIES", hide = true)]
+    pub experimental_snapshot_catchup_entries: Option<u64>,
+    /// Deprecated in etcd 3.6, and without effect here: oxcd keeps the snapshot files it
+    /// needs (the newest) and removes the rest itself.
+    #[arg(long, env = "ETCD_MAX_SNAPSHOTS", hide = true)]
+    pub max_snapshots: Option<u64>,
+    /// Without effect here: oxcd removes WAL files a snapshot has covered itself.
+    #[arg(long, env = "ETCD_MAX_WALS", hide = true)]
+    pub max_wals: Option<u64>,
+    /// Deprecated in etcd 3.6, which enforces its default and ignores the value; oxcd has no
+    /// v2 store at all.
+    #[arg(long, env = "ETCD_V2_DEPRECATION", hide = true)]
+    pub v2_deprecation: Option<String>,
     /// Specify auth token specific options: simple, or jwt,pub-key=F,priv-key=F,sign-method=M[,ttl=D].
     #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
     pub auth_token: String,
@@ -357,6 +381,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_ticks: usize,
     pub snapshot_count: u64,
+    /// Raft entries kept after a snapshot for slow followers (etcd's SnapshotCatchUpEntries).
+    pub snapshot_catchup_entries: u64,
     pub quota_backend_bytes: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
@@ -906,7 +932,13 @@ impl Flags {
             .collect();
         crate::tls::check_cipher_suites(&cipher_suites)
             .map_err(|why| invalid("cipher-suites", &cipher_suites.join(","), why))?;
-        let client_tls = tls_info(
+        let only_tls_version = crate::tls::versions_from_flags(
+            &self.tls_min_version,
+            &self.tls_max_version,
+            &cipher_suites,
+        )
+        .map_err(ConfigError::Tls)?;
+        let mut client_tls = tls_info(
             Side::Client,
             TlsFlags {
                 cert: &self.cert_file,
@@ -944,6 +976,8 @@ impl Flags {
             &cipher_suites,
         )?;
         let path = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+        client_tls.only_version = only_tls_version;
+        peer_tls.only_version = only_tls_version;
         peer_tls.client_cert_file = path(&self.peer_client_cert_file);
         peer_tls.client_key_file = path(&self.peer_client_key_file);
         if peer_tls.client_cert_file.is_some() != peer_tls.client_key_file.is_some() {
@@ -1102,6 +1136,32 @@ impl Flags {
         .unwrap_or_else(|| "0s".to_string());
         let corrupt_check_interval = parse_go_duration(&corrupt_check)
             .ok_or_else(|| invalid("corrupt-check-time", &corrupt_check, "not a duration"))?;
+        let catchup = promoted(
+            "snapshot-catchup-entries",
+            self.snapshot_catchup_entries.map(|n| n.to_string()),
+            self.experimental_snapshot_catchup_entries.map(|n| n.to_string()),
+            &mut deprecations,
+        )?;
+        let snapshot_catchup_entries = catchup.map_or(Ok(5000), |v| v.parse::<u64>())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| invalid("snapshot-catchup-entries", "0", "must be positive"))?;
+        // etcd 3.6's words for the flags it deprecates and no longer honours.
+        if self.max_snapshots.is_some() {
+            deprecations.push(
+                "--max-snapshots is deprecated in 3.6 and will be decommissioned in 3.8.".into(),
+            );
+        }
+        if let Some(v) = &self.v2_deprecation {
+            if !matches!(v.as_str(), "not-yet" | "write-only" | "write-only-drop-data" | "gone") {
+                return Err(invalid(
+                    "v2-deprecation",
+                    v,
+                    "must be one of not-yet, write-only, write-only-drop-data, gone",
+                ));
+            }
+            deprecations.push("--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.".into());
+        }
         let gates = crate::features::FeatureGates::parse(&self.feature_gates).map_err(|e| {
             ConfigError::Invalid {
                 flag: "feature-gates",
@@ -1172,6 +1232,7 @@ impl Flags {
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,
+            snapshot_catchup_entries,
             quota_backend_bytes: if self.quota_backend_bytes == 0 {
                 DEFAULT_QUOTA_BYTES
             } else {

@@ -103,6 +103,16 @@ struct Flags {
     enable_pprof: bool,
     #[arg(long, default_value_t = u32::MAX)]
     max_concurrent_streams: u32,
+    /// How often to refresh the members' client URLs from the cluster's member list (a
+    /// duration; 0 never does).
+    #[arg(long, default_value = "0s")]
+    endpoints_auto_sync_interval: String,
+    /// Minimum TLS version towards the proxy's clients (TLS1.2 or TLS1.3).
+    #[arg(long, default_value = "")]
+    tls_min_version: String,
+    /// Maximum TLS version towards the proxy's clients.
+    #[arg(long, default_value = "")]
+    tls_max_version: String,
 }
 
 fn path(s: &str) -> Option<PathBuf> {
@@ -180,6 +190,12 @@ impl Flags {
             ..Default::default()
         };
         info.client_cert_auth = info.trusted_ca_file.is_some();
+        info.only_version = crate::tls::versions_from_flags(
+            &self.tls_min_version,
+            &self.tls_max_version,
+            &self.listen_cipher_suites,
+        )
+        .map_err(anyhow::Error::msg)?;
         if info.is_empty() && info.trusted_ca_file.is_none() {
             if !self.auto_tls {
                 return Ok(None);
@@ -214,7 +230,8 @@ fn common_name(file: &std::path::Path) -> anyhow::Result<Option<String>> {
 
 /// The members, and the connection to the one in use.
 struct Cluster {
-    urls: Vec<String>,
+    /// Client URLs of the members (refreshed by `--endpoints-auto-sync-interval`).
+    urls: parking_lot::RwLock<Vec<String>>,
     tls: TlsInfo,
     current: tokio::sync::Mutex<Option<(usize, tonic::transport::Channel)>>,
     /// The member to try first when connecting.
@@ -240,7 +257,7 @@ impl Cluster {
             anyhow::bail!("no endpoints to proxy to");
         }
         Ok(Cluster {
-            urls,
+            urls: parking_lot::RwLock::new(urls),
             tls: tls.unwrap_or_default(),
             current: tokio::sync::Mutex::new(None),
             next: std::sync::atomic::AtomicUsize::new(0),
@@ -255,9 +272,10 @@ impl Cluster {
             return Ok(c.clone());
         }
         let mut errors = Vec::new();
+        let urls = self.urls.read().clone();
         let first = self.next.load(std::sync::atomic::Ordering::Relaxed);
-        for i in (0..self.urls.len()).map(|k| (first + k) % self.urls.len()) {
-            let url = &self.urls[i];
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            let url = &urls[i];
             match crate::tls::client_url_channel(url, &self.tls, Duration::from_secs(5)).await {
                 Ok(ch) => {
                     tracing::info!(endpoint = %url, "connected to a member");
@@ -279,11 +297,59 @@ impl Cluster {
         let mut current = self.current.lock().await;
         if current.as_ref().is_some_and(|(c, _)| *c == i) {
             *current = None;
-            self.next.store(
-                (i + 1) % self.urls.len(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            tracing::warn!(endpoint = %self.urls[i], "member failed; switching");
+            let urls = self.urls.read();
+            self.next.store((i + 1) % urls.len().max(1), std::sync::atomic::Ordering::Relaxed);
+            let url = urls.get(i).cloned().unwrap_or_default();
+            tracing::warn!(endpoint = %url, "member failed; switching");
+        }
+    }
+
+    /// etcd's `--endpoints-auto-sync-interval`: the members' client URLs from the member
+    /// list, through the member in use, every `every`.
+    async fn auto_sync(self: Arc<Self>, every: Duration) {
+        use crate::pb::etcdserverpb::{cluster_client::ClusterClient, MemberListRequest};
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Ok((i, channel)) = self.channel().await else { continue };
+            let resp = ClusterClient::new(channel)
+                .member_list(MemberListRequest { linearizable: false })
+                .await;
+            let members = match resp {
+                Ok(r) => r.into_inner().members,
+                Err(e) => {
+                    tracing::warn!(error = %e, "endpoint auto-sync failed");
+                    self.failed(i).await;
+                    continue;
+                }
+            };
+            let mut fresh: Vec<String> =
+                members.into_iter().flat_map(|m| m.client_ur_ls).collect();
+            fresh.sort();
+            fresh.dedup();
+            if fresh.is_empty() {
+                continue;
+            }
+            // Some(the new place of the member in use, if still a member) when changed.
+            let changed = {
+                let mut urls = self.urls.write();
+                let mut old = urls.clone();
+                old.sort();
+                (old != fresh).then(|| {
+                    tracing::info!(endpoints = ?fresh, "resolved endpoints from the member list");
+                    let in_use = urls.get(i).cloned();
+                    *urls = fresh;
+                    in_use.and_then(|u| urls.iter().position(|x| *x == u))
+                })
+            };
+            if let Some(still) = changed {
+                let mut current = self.current.lock().await;
+                match (still, current.as_mut()) {
+                    (Some(pos), Some((c, _))) => *c = pos,
+                    (None, _) => *current = None,
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -396,6 +462,13 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         crate::log::Output::Stderr,
     );
     let cluster = Arc::new(Cluster::new(&flags.endpoints, flags.cluster_tls()?)?);
+    let auto_sync = crate::config::parse_go_duration(&flags.endpoints_auto_sync_interval)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid --endpoints-auto-sync-interval {:?}",
+                flags.endpoints_auto_sync_interval
+            )
+        })?;
     let serving = flags.serving_tls()?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(flags.listen_addr.as_str())?
         .next()
@@ -409,6 +482,9 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
             None => Mode::Plain,
         });
         let listener = Listener::bind(&ListenAddr::Tcp(addr)).await?;
+        if !auto_sync.is_zero() {
+            tokio::spawn(cluster.clone().auto_sync(auto_sync));
+        }
         tracing::info!(address = %flags.listen_addr, "listening for gRPC proxy client requests");
         tracing::info!(address = %flags.listen_addr, "started gRPC proxy");
         loop {

@@ -20,10 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-/// Entries kept in memory behind the last release, for followers that lag a little
-/// (etcd's SnapshotCatchUpEntries); a follower further behind gets a snapshot.
-pub const CATCH_UP_ENTRIES: u64 = 5000;
-
 /// What the rest of the server asks of the Raft thread.
 pub enum RaftInput {
     /// Append a command; `id` lets a refusal reach the waiting request.

@@ -621,6 +621,7 @@ impl EtcdServer {
             applied,
             released: applied,
             snapshot_count: cfg.snapshot_count,
+            catchup_entries: cfg.snapshot_catchup_entries,
         };
         std::thread::Builder::new()
             .name("apply".into())
@@ -1238,6 +1239,7 @@ struct Applier {
     applied: u64,
     released: u64,
     snapshot_count: u64,
+    catchup_entries: u64,
 }
 
 impl Applier {
@@ -1337,7 +1339,7 @@ impl Applier {
                     Ok(Some(b)) => ConfState::parse_from_bytes(&b).unwrap_or_default(),
                     _ => ConfState::default(),
                 };
-                let keep_entries = raft_node::CATCH_UP_ENTRIES.min(self.snapshot_count);
+                let keep_entries = self.catchup_entries.min(self.snapshot_count);
                 let _ = self.raft_tx.send(RaftInput::Release {
                     index: self.applied,
                     conf_state,

@@ -52,6 +52,8 @@ pub struct TlsInfo {
     pub allowed_hostname: Option<String>,
     /// Go names of the TLS 1.2 suites allowed (empty: rustls's defaults).
     pub cipher_suites: Vec<String>,
+    /// `--tls-min-version`/`--tls-max-version`: TLS 1.3 only, or 1.2 only (None: both).
+    pub only_version: Option<TlsVersion>,
 }
 
 impl TlsInfo {
@@ -140,6 +142,60 @@ pub fn check_cipher_suites(names: &[String]) -> std::result::Result<(), String> 
     Ok(())
 }
 
+/// The TLS versions oxcd speaks (rustls has no TLS 1.0 or 1.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// etcd's `--tls-min-version`/`--tls-max-version` rules (`tlsutil.GetTLSVersion` and
+/// `embed.Config.Validate`): the versions both ends allow, or why not.
+pub fn versions_from_flags(
+    min: &str,
+    max: &str,
+    cipher_suites: &[String],
+) -> std::result::Result<Option<TlsVersion>, String> {
+    // 0: unset (Go's default); 10-13: TLS1.0-TLS1.3.
+    let parse = |v: &str| match v {
+        "" => Ok(0),
+        "TLS1.0" => Ok(10),
+        "TLS1.1" => Ok(11),
+        "TLS1.2" => Ok(12),
+        "TLS1.3" => Ok(13),
+        _ => Err(format!(
+            "unexpected TLS version {v:?} (must be one of: TLS1.0, TLS1.1, TLS1.2, TLS1.3)"
+        )),
+    };
+    let (lo, hi) = (parse(min)?, parse(max)?);
+    if hi != 0 && lo > hi {
+        return Err(format!(
+            "min version ({min}) is greater than max version ({max})"
+        ));
+    }
+    if lo == 13 && !cipher_suites.is_empty() {
+        return Err("cipher suites cannot be configured when only TLS1.3 is enabled".into());
+    }
+    match (lo, hi) {
+        (13, _) => Ok(Some(TlsVersion::Tls13)),
+        (_, 10..=11) => Err(format!(
+            "--tls-max-version={max} is not supported by oxcd, which speaks TLS 1.2 and 1.3"
+        )),
+        (_, 12) => Ok(Some(TlsVersion::Tls12)),
+        _ => Ok(None),
+    }
+}
+
+fn protocol_versions(info: &TlsInfo) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match info.only_version {
+        Some(TlsVersion::Tls12) => TLS12_ONLY,
+        Some(TlsVersion::Tls13) => TLS13_ONLY,
+        None => rustls::DEFAULT_VERSIONS,
+    }
+}
+
 fn provider(info: &TlsInfo) -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     if !info.cipher_suites.is_empty() {
@@ -208,7 +264,7 @@ fn server_config(info: &TlsInfo) -> Result<rustls::ServerConfig> {
     let provider = provider(info);
     let (certs, key) = cert_and_key(info)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(protocol_versions(info))
         .map_err(|e| TlsError::Config(e.to_string()))?;
     // etcd asks for a verified client certificate when a trusted CA is given or
     // client-cert-auth is on.
@@ -621,7 +677,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 pub fn peer_client_config(info: &TlsInfo) -> Result<rustls::ClientConfig> {
     let provider = provider(info);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(protocol_versions(info))
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &info.trusted_ca_file {
         Some(ca) if !info.self_signed => {
@@ -1124,6 +1180,27 @@ mod tests {
         v.verify_client_cert(&p.leaf, &[], rustls::pki_types::UnixTime::now())
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_version_flags_follow_etcds_rules() {
+        let v = |min: &str, max: &str| versions_from_flags(min, max, &[]);
+        assert_eq!(v("", ""), Ok(None));
+        assert_eq!(v("TLS1.2", "TLS1.3"), Ok(None));
+        assert_eq!(v("TLS1.0", ""), Ok(None));
+        assert_eq!(v("TLS1.3", ""), Ok(Some(TlsVersion::Tls13)));
+        assert_eq!(v("", "TLS1.2"), Ok(Some(TlsVersion::Tls12)));
+        assert_eq!(
+            v("TLS1.3", "TLS1.2").unwrap_err(),
+            "min version (TLS1.3) is greater than max version (TLS1.2)"
+        );
+        assert!(v("TLS9", "").unwrap_err().starts_with("unexpected TLS version \"TLS9\""));
+        assert!(v("", "TLS1.1").unwrap_err().contains("not supported by oxcd"));
+        assert_eq!(
+            versions_from_flags("TLS1.3", "", &["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()])
+                .unwrap_err(),
+            "cipher suites cannot be configured when only TLS1.3 is enabled"
+        );
     }
 
     #[test]
