@@ -83,6 +83,7 @@ pub async fn run(args: RestoreMemberArgs) -> anyhow::Result<()> {
             data_dir: args.data_dir.clone(),
             wal_dir: None,
             skip_hash_check: false,
+            bump_revision: 0,
         };
         let restored = oxcd::snapshot::restore::restore(&download, &cfg)?;
         eprintln!(

@@ -65,6 +65,13 @@ enum Cmd {
         /// Accept a file without etcd's sha256 trailer (such as a copied member/snap/db).
         #[arg(long = "skip-hash-check")]
         skip_hash_check: bool,
+        /// How much to increase the latest revision after restore.
+        #[arg(long = "bump-revision", default_value_t = 0)]
+        bump_revision: u64,
+        /// Mark the latest revision after restore as compacted (required with
+        /// --bump-revision > 0, refused otherwise).
+        #[arg(long = "mark-compacted")]
+        mark_compacted: bool,
     },
 }
 
@@ -135,7 +142,14 @@ pub fn run_etcdutl(args: Vec<String>) -> anyhow::Result<()> {
             initial_cluster_token,
             initial_advertise_peer_urls,
             skip_hash_check,
+            bump_revision,
+            mark_compacted,
         } => {
+            // etcdutl's words (it names the flag --revision-bump here).
+            anyhow::ensure!(
+                (bump_revision > 0) == mark_compacted,
+                "--mark-compacted required if --revision-bump > 0"
+            );
             let advertise: Vec<String> = initial_advertise_peer_urls
                 .split(',')
                 .map(|u| u.trim().to_string())
@@ -151,6 +165,7 @@ pub fn run_etcdutl(args: Vec<String>) -> anyhow::Result<()> {
                 initial_advertise_peer_urls: advertise,
                 wal_dir,
                 skip_hash_check,
+                bump_revision,
             };
             let data_dir = cfg.data_dir.clone();
             log_line(

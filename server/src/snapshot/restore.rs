@@ -28,6 +28,10 @@ pub struct RestoreConfig {
     /// Defaults to `<data-dir>/member/wal`.
     pub wal_dir: Option<PathBuf>,
     pub skip_hash_check: bool,
+    /// etcdutl's `--bump-revision` with `--mark-compacted`: the restored store starts this
+    /// many revisions after the backup's latest, compacted there, so clients that saw later
+    /// revisions of the lost cluster never see a revision again (0: as backed up).
+    pub bump_revision: u64,
 }
 
 /// What a restore produced.
@@ -162,6 +166,23 @@ fn build(
     ] {
         records.push((k.to_vec(), v));
     }
+    let latest = backup
+        .revisions
+        .last()
+        .map(|(r, _, _)| r.main)
+        .unwrap_or(1)
+        .max(backup.finished_compact.unwrap_or(0))
+        .max(backup.scheduled_compact.unwrap_or(0));
+    let revision = latest + cfg.bump_revision as i64;
+    if cfg.bump_revision > 0 {
+        // A compaction scheduled at the bumped revision: the store finishes it when it opens,
+        // as etcd does with the one etcdutl schedules.
+        records.retain(|(k, _)| k.as_slice() != mvcc::META_SCHEDULED_COMPACT);
+        records.push((
+            mvcc::META_SCHEDULED_COMPACT.to_vec(),
+            (revision as u64).to_be_bytes().to_vec(),
+        ));
+    }
     Store::create(&member_dir.join("db"), records)?;
 
     let mut meta = SnapshotMetadata {
@@ -188,12 +209,7 @@ fn build(
     Ok(Restored {
         member_id,
         cluster_id,
-        revision: backup
-            .revisions
-            .last()
-            .map(|(r, _, _)| r.main)
-            .unwrap_or(1)
-            .max(backup.finished_compact.unwrap_or(0)),
+        revision,
         revisions: backup.revisions.len(),
         leases: backup.leases.len(),
     })
