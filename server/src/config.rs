@@ -191,11 +191,11 @@ pub struct Flags {
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-    /// Log format: text or json (oxcd; json is the shape of etcd's zap logger).
-    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "text")]
+    /// Log format: json (etcd's zap lines, the default) or console (text; "text" too).
+    #[arg(long, env = "ETCD_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
-    /// Specify 'zap' for structured logging (etcd's JSON lines) or 'capnslog' (text).
-    #[arg(long, env = "ETCD_LOGGER", default_value = "capnslog")]
+    /// The logger: 'zap' (etcd 3.5 removed 'capnslog').
+    #[arg(long, env = "ETCD_LOGGER", default_value = "zap")]
     pub logger: String,
     /// Where logs go: "default" or "stderr" (standard error), or "stdout".
     #[arg(long, env = "ETCD_LOG_OUTPUTS", default_value = "default")]
@@ -1198,17 +1198,25 @@ impl Flags {
                 ))
             }
         };
-        let zap = match self.logger.as_str() {
-            "capnslog" => false,
-            "zap" => true,
-            other => return Err(invalid("logger", other, "must be \"zap\" or \"capnslog\"")),
+        // etcd 3.6's rules and words.
+        match self.logger.as_str() {
+            "zap" => {}
+            "capnslog" => {
+                return Err(ConfigError::Conflict(
+                    "--logger=capnslog is removed in v3.5".into(),
+                ))
+            }
+            other => return Err(invalid("logger", other, "must be \"zap\"")),
+        }
+        let log_json = match self.log_format.as_str() {
+            "json" => true,
+            "console" | "text" => false,
+            other => {
+                return Err(ConfigError::Conflict(format!(
+                    "unknown log format: {other}, supported values json, console"
+                )))
+            }
         };
-        let log_json = zap
-            || match self.log_format.as_str() {
-                "text" => false,
-                "json" => true,
-                other => return Err(invalid("log-format", other, "must be text or json")),
-            };
         Ok(Config {
             name: self.name,
             data_dir,
@@ -1385,7 +1393,10 @@ mod tests {
     #[test]
     fn operations_flags() {
         let c = parse(&[]).unwrap();
-        assert!(!c.log_json, "etcd 3.4's default logger is capnslog (text)");
+        assert!(c.log_json, "etcd 3.6 logs zap JSON lines by default");
+        assert!(!parse(&["--log-format=console"]).unwrap().log_json);
+        let e = parse(&["--logger=capnslog"]).unwrap_err().to_string();
+        assert_eq!(e, "--logger=capnslog is removed in v3.5");
         assert_eq!(c.max_concurrent_streams, u32::MAX);
         assert_eq!(c.keepalive_interval, Some(Duration::from_secs(7200)));
         assert_eq!(c.keepalive_timeout, Some(Duration::from_secs(20)));

@@ -1,6 +1,6 @@
-//! Logging: `tracing` as text (etcd 3.4's default `--logger capnslog` is text too) or, with
-//! `--logger zap`, in the JSON shape of etcd's zap logger: one object per line with `level`,
-//! `ts`, `caller` and `msg` first, then the event's fields with etcd's kebab-case keys.
+//! Logging: `tracing` in the JSON shape of etcd's zap logger (etcd 3.6's default
+//! `--log-format json`): one object per line with `level`, `ts`, `caller` and `msg` first,
+//! then the event's fields with etcd's kebab-case keys; or as text (`--log-format console`).
 //! raft-rs's slog records are forwarded into tracing.
 
 use slog::{Drain, OwnedKVList, Record};

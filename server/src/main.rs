@@ -44,9 +44,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if flags.version {
-        // Same shape as `etcd --version`.
+        // `etcd --version`'s lines, which tools parse (etcd's e2e framework reads "etcd
+        // Version:"), naming the etcd release whose behaviour oxcd matches, as Status does.
         println!("oxcd Version: {}", env!("CARGO_PKG_VERSION"));
-        println!("etcd API Version: {}", oxcd::version::SERVER_VERSION);
+        println!("etcd Version: {}", oxcd::version::SERVER_VERSION);
         return Ok(());
     }
     let cfg = match flags.into_config() {

@@ -1015,6 +1015,30 @@ impl EtcdServer {
         Ok(())
     }
 
+    /// etcd 3.6's `checkLeaseLeases` and `checkLeaseTimeToLive`: with auth on, a caller who
+    /// is not root must be allowed to read every key attached to the leases it asks about.
+    pub async fn check_lease_keys_readable(&self, caller: &Caller, leases: &[i64]) -> Result<()> {
+        if !self.auth.is_enabled() {
+            return Ok(());
+        }
+        let rev = self.auth.revision();
+        let Some(ai) = self.auth_info(caller).await? else {
+            return Err(EtcdError::UserEmpty);
+        };
+        if self.auth.is_admin_permitted(Some(&ai)).is_ok() {
+            return Ok(());
+        }
+        for id in leases {
+            for key in self.lessor.keys(*id).unwrap_or_default() {
+                self.auth.is_range_permitted(&ai, &key, &[])?;
+            }
+        }
+        if rev != self.auth.revision() {
+            return Err(EtcdError::AuthOldRevision);
+        }
+        Ok(())
+    }
+
     pub async fn check_admin(&self, caller: &Caller) -> Result<()> {
         let ai = self.auth_info(caller).await?;
         self.auth.is_admin_permitted(ai.as_ref())

@@ -247,6 +247,26 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
             format!("ttl={}", l.ttl())
         }),
     );
+    // etcd 3.6: listing leases, or a lease's keys, needs read access to every attached key.
+    rec(
+        "lease time-to-live with keys of the lease of p/leased",
+        outcome(
+            client
+                .lease_time_to_live(leased, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()))
+                .await,
+            |l| format!("keys={}", l.keys().len()),
+        ),
+    );
+    rec(
+        "lease time-to-live of the lease of p/leased",
+        outcome(client.lease_time_to_live(leased, None).await, |l| {
+            format!("granted={}", l.granted_ttl())
+        }),
+    );
+    rec(
+        "lease leases",
+        outcome(client.leases().await, |l| format!("n={}", l.leases().len())),
+    );
     rec(
         "lease revoke of the lease of p/leased",
         outcome(client.lease_revoke(leased).await, |_| "revoked".into()),

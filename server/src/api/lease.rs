@@ -79,24 +79,28 @@ impl Lease for LeaseService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.0.check_not_learner()?;
-        self.0.require_auth_info(&Caller::of(&req)).await?;
-        let mut resp = self.0.time_to_live(req.into_inner()).await?;
+        let caller = Caller::of(&req);
+        self.0.require_auth_info(&caller).await?;
+        let r = req.into_inner();
+        // Attached keys are listed only to a caller allowed to read them (etcd 3.6).
+        if r.keys {
+            self.0.check_lease_keys_readable(&caller, &[r.id]).await?;
+        }
+        let mut resp = self.0.time_to_live(r).await?;
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
     }
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
         self.0.check_not_learner()?;
-        let leases = self
-            .0
-            .lessor
-            .ids()
-            .into_iter()
-            .map(|id| LeaseStatus { id })
-            .collect();
+        let ids = self.0.lessor.ids();
+        self.0
+            .check_lease_keys_readable(&Caller::of(&req), &ids)
+            .await?;
+        let leases = ids.into_iter().map(|id| LeaseStatus { id }).collect();
         let mut resp = LeaseLeasesResponse {
             header: None,
             leases,

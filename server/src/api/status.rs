@@ -44,11 +44,12 @@ impl From<EtcdError> for Status {
             | EtcdError::PeerUrlExist
             | EtcdError::MemberNotLearner
             | EtcdError::TooManyLearners
-            | EtcdError::LearnerNotReady => (Code::FailedPrecondition, e.to_string()),
+            | EtcdError::LearnerNotReady
+            // etcd 3.6 (3.4 said Unavailable).
+            | EtcdError::NotSupportedForLearner => (Code::FailedPrecondition, e.to_string()),
             EtcdError::MemberBadUrls => (Code::InvalidArgument, e.to_string()),
             EtcdError::MemberNotFound => (Code::NotFound, e.to_string()),
-            EtcdError::NotSupportedForLearner
-            | EtcdError::Unhealthy
+            EtcdError::Unhealthy
             | EtcdError::NoLeader
             | EtcdError::Timeout
             | EtcdError::Stopped
