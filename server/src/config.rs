@@ -310,6 +310,18 @@ pub struct Flags {
     /// Maximum TLS version for client and peer connections (empty: the newest).
     #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
     pub tls_max_version: String,
+    /// A unary request taking longer is logged ("request stats"; default 300ms).
+    #[arg(long, env = "ETCD_WARNING_UNARY_REQUEST_DURATION")]
+    pub warning_unary_request_duration: Option<String>,
+    /// Deprecated in etcd 3.6: --warning-unary-request-duration.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION", hide = true)]
+    pub experimental_warning_unary_request_duration: Option<String>,
+    /// Applying an entry taking longer is logged ("apply request took too long"; 100ms).
+    #[arg(long, env = "ETCD_WARNING_APPLY_DURATION")]
+    pub warning_apply_duration: Option<String>,
+    /// Deprecated in etcd 3.6: --warning-apply-duration.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", hide = true)]
+    pub experimental_warning_apply_duration: Option<String>,
     /// Entries a slow follower can catch up from after a snapshot, before it is sent one.
     #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
@@ -383,6 +395,9 @@ pub struct Config {
     pub snapshot_count: u64,
     /// Raft entries kept after a snapshot for slow followers (etcd's SnapshotCatchUpEntries).
     pub snapshot_catchup_entries: u64,
+    /// Slow unary requests and slow applies are logged past these.
+    pub warning_unary_request_duration: Duration,
+    pub warning_apply_duration: Duration,
     pub quota_backend_bytes: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
@@ -692,10 +707,6 @@ const ETCD_FILE_DEFAULTS: &[(&str, &str)] = &[
     ("experimental-compact-hash-check-time", "60000000000ns"),
     ("compaction-sleep-interval", "10000000ns"),
     ("experimental-compaction-sleep-interval", "10000000ns"),
-    ("warning-apply-duration", "100000000ns"),
-    ("experimental-warning-apply-duration", "100000000ns"),
-    ("warning-unary-request-duration", "300000000ns"),
-    ("experimental-warning-unary-request-duration", "300000000ns"),
     ("downgrade-check-time", "5000000000ns"),
     ("experimental-downgrade-check-time", "5000000000ns"),
 ];
@@ -1136,6 +1147,29 @@ impl Flags {
         .unwrap_or_else(|| "0s".to_string());
         let corrupt_check_interval = parse_go_duration(&corrupt_check)
             .ok_or_else(|| invalid("corrupt-check-time", &corrupt_check, "not a duration"))?;
+        let mut warning = |name: &'static str,
+                           new: &Option<String>,
+                           old: &Option<String>,
+                           default: &str|
+         -> Result<Duration, ConfigError> {
+            let v = promoted(name, new.clone(), old.clone(), &mut deprecations)?
+                .unwrap_or_else(|| default.to_string());
+            parse_go_duration(&v)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid(name, &v, "not a positive duration"))
+        };
+        let warning_unary_request_duration = warning(
+            "warning-unary-request-duration",
+            &self.warning_unary_request_duration,
+            &self.experimental_warning_unary_request_duration,
+            "300ms",
+        )?;
+        let warning_apply_duration = warning(
+            "warning-apply-duration",
+            &self.warning_apply_duration,
+            &self.experimental_warning_apply_duration,
+            "100ms",
+        )?;
         let catchup = promoted(
             "snapshot-catchup-entries",
             self.snapshot_catchup_entries.map(|n| n.to_string()),
@@ -1241,6 +1275,8 @@ impl Flags {
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries,
+            warning_unary_request_duration,
+            warning_apply_duration,
             quota_backend_bytes: if self.quota_backend_bytes == 0 {
                 DEFAULT_QUOTA_BYTES
             } else {
@@ -1368,8 +1404,9 @@ mod tests {
         assert_eq!(c.watch_progress_interval, Duration::from_secs(5));
         assert_eq!(c.corrupt_check_interval, Some(Duration::from_secs(120)));
         assert_eq!(c.max_learners, 2);
+        assert_eq!(c.warning_apply_duration, Duration::from_millis(100));
         // A knob oxcd lacks is taken at etcd's default only.
-        let e = from_file("warning-apply-duration: 200000000\n").unwrap_err();
+        let e = from_file("downgrade-check-time: 200000000\n").unwrap_err();
         assert!(e.to_string().contains("not supported by oxcd"), "{e}");
     }
 

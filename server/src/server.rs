@@ -35,7 +35,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 /// The result of applying one proposal.
@@ -622,6 +622,7 @@ impl EtcdServer {
             released: applied,
             snapshot_count: cfg.snapshot_count,
             catchup_entries: cfg.snapshot_catchup_entries,
+            warn_apply: cfg.warning_apply_duration,
         };
         std::thread::Builder::new()
             .name("apply".into())
@@ -1264,6 +1265,8 @@ struct Applier {
     released: u64,
     snapshot_count: u64,
     catchup_entries: u64,
+    /// `--warning-apply-duration`.
+    warn_apply: Duration,
 }
 
 impl Applier {
@@ -1407,8 +1410,22 @@ impl Applier {
         if !grouped {
             self.flush(g);
         }
+        let started = Instant::now();
+        let kind = request_kind(&request);
         let result = self.check_auth(&request, who.as_ref());
         let result = result.and_then(|()| self.apply_request(g, index, request));
+        let took = started.elapsed();
+        if took > self.warn_apply {
+            // etcd's warning for a slow apply (its `warnOfExpensiveRequest`).
+            tracing::warn!(
+                took = ?took,
+                expected_duration = ?self.warn_apply,
+                index,
+                request = kind,
+                "apply request took too long"
+            );
+            crate::metrics::METRICS.slow_apply.inc();
+        }
         g.done.push((req.id, result));
         if !grouped {
             self.flush(g);
@@ -1863,5 +1880,18 @@ impl Applier {
             header: Some(ResponseHeader::default()),
             alarms,
         })
+    }
+}
+
+/// The request's kind in a slow-apply warning.
+fn request_kind(r: &Request) -> &'static str {
+    match r {
+        Request::Put(_) => "put",
+        Request::DeleteRange(_) => "delete_range",
+        Request::Txn(_) => "txn",
+        Request::Compaction(_) => "compaction",
+        Request::LeaseGrant(_) => "lease_grant",
+        Request::LeaseRevoke(_) => "lease_revoke",
+        _ => "other",
     }
 }

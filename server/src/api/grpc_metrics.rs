@@ -155,19 +155,27 @@ impl Call {
     }
 }
 
-#[derive(Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+/// The layer; `warn_unary` is `--warning-unary-request-duration`: a unary call that takes
+/// longer is logged as etcd's "request stats" warning.
+#[derive(Clone, Copy)]
+pub struct GrpcMetricsLayer {
+    pub warn_unary: std::time::Duration,
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
     fn layer(&self, inner: S) -> GrpcMetrics<S> {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            warn_unary: self.warn_unary,
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    warn_unary: std::time::Duration,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -202,8 +210,19 @@ where
             })
         });
         let fut = self.inner.call(req);
+        let warn_unary = self.warn_unary;
+        let start = std::time::Instant::now();
         Box::pin(async move {
             let resp = fut.await?;
+            let took = start.elapsed();
+            if took > warn_unary && call.labels[0] == "unary" {
+                tracing::warn!(
+                    time_spent = ?took,
+                    expected_duration = ?warn_unary,
+                    request = %format!("/{}/{}", call.labels[1], call.labels[2]),
+                    "request stats"
+                );
+            }
             // A call that fails before any message is "trailers-only": the status is a header.
             let early = resp
                 .headers()

@@ -74,7 +74,9 @@ pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr, serves: Serves) ->
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .http2_keepalive_interval(cfg.keepalive_interval)
         .http2_keepalive_timeout(cfg.keepalive_timeout)
-        .layer(grpc_metrics::GrpcMetricsLayer)
+        .layer(grpc_metrics::GrpcMetricsLayer {
+            warn_unary: cfg.warning_unary_request_duration,
+        })
         // Inside the metrics layer, so the counters see the codes clients get.
         .layer(grpc_errors::GrpcGoErrorsLayer)
         .add_service(
