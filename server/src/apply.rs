@@ -58,14 +58,6 @@ pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether a Txn holds another Txn (the only request whose depth a client chooses).
-pub fn nests_txn(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(r.failure.iter())
-        .any(|op| matches!(op.request, Some(request_op::Request::RequestTxn(_))))
-}
-
 fn check_txn_ops(r: &TxnRequest, max_txn_ops: i64) -> Result<()> {
     let opc = r.compare.len().max(r.success.len()).max(r.failure.len()) as i64;
     if opc > max_txn_ops {

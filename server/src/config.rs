@@ -314,7 +314,11 @@ pub struct Flags {
     #[arg(long, env = "ETCD_WARNING_UNARY_REQUEST_DURATION")]
     pub warning_unary_request_duration: Option<String>,
     /// Deprecated in etcd 3.6: --warning-unary-request-duration.
-    #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION", hide = true)]
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WARNING_UNARY_REQUEST_DURATION",
+        hide = true
+    )]
     pub experimental_warning_unary_request_duration: Option<String>,
     /// Applying an entry taking longer is logged ("apply request took too long"; 100ms).
     #[arg(long, env = "ETCD_WARNING_APPLY_DURATION")]
@@ -1173,10 +1177,12 @@ impl Flags {
         let catchup = promoted(
             "snapshot-catchup-entries",
             self.snapshot_catchup_entries.map(|n| n.to_string()),
-            self.experimental_snapshot_catchup_entries.map(|n| n.to_string()),
+            self.experimental_snapshot_catchup_entries
+                .map(|n| n.to_string()),
             &mut deprecations,
         )?;
-        let snapshot_catchup_entries = catchup.map_or(Ok(5000), |v| v.parse::<u64>())
+        let snapshot_catchup_entries = catchup
+            .map_or(Ok(5000), |v| v.parse::<u64>())
             .ok()
             .filter(|n| *n > 0)
             .ok_or_else(|| invalid("snapshot-catchup-entries", "0", "must be positive"))?;
@@ -1187,7 +1193,10 @@ impl Flags {
             );
         }
         if let Some(v) = &self.v2_deprecation {
-            if !matches!(v.as_str(), "not-yet" | "write-only" | "write-only-drop-data" | "gone") {
+            if !matches!(
+                v.as_str(),
+                "not-yet" | "write-only" | "write-only-drop-data" | "gone"
+            ) {
                 return Err(invalid(
                     "v2-deprecation",
                     v,
@@ -1489,10 +1498,17 @@ mod tests {
         let c = parse(&["--listen-metrics-urls", "http://127.0.0.1:2391"]).unwrap();
         assert!(c.listen_metrics_tls.is_empty() && c.listen_metrics.len() == 1);
         // The dialing pair goes together.
-        let e = parse(&["--peer-client-cert-file", "/x.crt"]).unwrap_err().to_string();
+        let e = parse(&["--peer-client-cert-file", "/x.crt"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--peer-client-key-file"), "{e}");
-        let c = parse(&["--peer-client-cert-file", "/x.crt", "--peer-client-key-file", "/x.key"])
-            .unwrap();
+        let c = parse(&[
+            "--peer-client-cert-file",
+            "/x.crt",
+            "--peer-client-key-file",
+            "/x.key",
+        ])
+        .unwrap();
         assert_eq!(c.peer_tls.client_cert_file, Some(PathBuf::from("/x.crt")));
         // SetMemberLocalAddr: the first advertised IP that is neither loopback nor unspecified.
         let urls = "http://127.0.0.1:2380,http://10.1.2.3:2380";

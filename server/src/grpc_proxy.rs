@@ -298,7 +298,10 @@ impl Cluster {
         if current.as_ref().is_some_and(|(c, _)| *c == i) {
             *current = None;
             let urls = self.urls.read();
-            self.next.store((i + 1) % urls.len().max(1), std::sync::atomic::Ordering::Relaxed);
+            self.next.store(
+                (i + 1) % urls.len().max(1),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let url = urls.get(i).cloned().unwrap_or_default();
             tracing::warn!(endpoint = %url, "member failed; switching");
         }
@@ -311,9 +314,13 @@ impl Cluster {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let Ok((i, channel)) = self.channel().await else { continue };
+            let Ok((i, channel)) = self.channel().await else {
+                continue;
+            };
             let resp = ClusterClient::new(channel)
-                .member_list(MemberListRequest { linearizable: false })
+                .member_list(MemberListRequest {
+                    linearizable: false,
+                })
                 .await;
             let members = match resp {
                 Ok(r) => r.into_inner().members,
@@ -323,8 +330,7 @@ impl Cluster {
                     continue;
                 }
             };
-            let mut fresh: Vec<String> =
-                members.into_iter().flat_map(|m| m.client_ur_ls).collect();
+            let mut fresh: Vec<String> = members.into_iter().flat_map(|m| m.client_ur_ls).collect();
             fresh.sort();
             fresh.dedup();
             if fresh.is_empty() {

@@ -452,12 +452,22 @@ async fn debug_vars(server: &Arc<EtcdServer>) -> serde_json::Value {
         .progress
         .iter()
         .map(|(id, (matched, _))| {
-            (hex(*id), serde_json::json!({"match": matched, "next": matched + 1}))
+            (
+                hex(*id),
+                serde_json::json!({"match": matched, "next": matched + 1}),
+            )
         })
         .collect();
     // (A member between terms reports as a follower.)
-    let state = if st.is_leader { "StateLeader" } else { "StateFollower" };
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let state = if st.is_leader {
+        "StateLeader"
+    } else {
+        "StateFollower"
+    };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct it is given.
     let fd_limit = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
         0 => limit.rlim_cur,

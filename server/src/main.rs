@@ -12,7 +12,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     // Started as `etcdutl` (a link to this binary), oxcd is etcd's offline tool.
     let program = args.first().map(std::path::Path::new);
-    if program.and_then(|p| p.file_name()).is_some_and(|n| n == "etcdutl") {
+    if program
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "etcdutl")
+    {
         if let Err(e) = oxcd::snapshot::cli::run_etcdutl(args) {
             eprintln!("Error: {e:#}");
             std::process::exit(1);
@@ -94,7 +97,11 @@ fn main() -> anyhow::Result<()> {
             oxcd::api::Serves::GrpcOnly
         };
         for addr in cfg.listen_client.clone() {
-            tasks.push(tokio::spawn(oxcd::api::serve(server.clone(), addr, grpc_serves)));
+            tasks.push(tokio::spawn(oxcd::api::serve(
+                server.clone(),
+                addr,
+                grpc_serves,
+            )));
         }
         for addr in cfg.listen_client_http.clone() {
             let serves = oxcd::api::Serves::HttpOnly;

@@ -1051,12 +1051,9 @@ impl EtcdServer {
         if data.len() > self.cfg.max_request_bytes {
             return Err(EtcdError::RequestTooLarge);
         }
-        // The one recursive request: a Txn nested deeper than the entry decoder's recursion
-        // limit would be committed and then fail to apply on every member. What the applier
-        // cannot decode is never proposed (etcd refuses deep nesting with the same answer).
-        if matches!(&req.request, Some(Request::Txn(t)) if crate::apply::nests_txn(t))
-            && RaftRequest::decode(data.as_slice()).is_err()
-        {
+        // What the applier would refuse to decode is never proposed: the same measure as
+        // apply_entry's (the API's codec refuses such a request before it gets here).
+        if crate::pb::nesting::too_deep(&data, crate::pb::nesting::Root::Holding(4)) {
             return Err(EtcdError::TooManyOps);
         }
         let metrics = &crate::metrics::METRICS;
@@ -1378,17 +1375,17 @@ impl Applier {
     }
 
     fn apply_entry(&mut self, g: &mut Group<'_>, index: u64, data: &[u8]) {
-        let req = match RaftRequest::decode(data) {
+        // Measured before decoding (prost has no recursion limit): nothing this deep is ever
+        // proposed (propose_raft refuses it), so such an entry is damage, as is anything else
+        // undecodable: stop.
+        let req = match crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Holding(4)) {
+            true => Err("a Txn nested deeper than any proposal may be".to_string()),
+            false => RaftRequest::decode(data).map_err(|e| e.to_string()),
+        };
+        let req = match req {
             Ok(r) => r,
-            // A Txn nested too deep is never proposed by this version (propose_raft checks the
-            // round trip); one an older leader committed is skipped by every member alike
-            // rather than stopping them all. Anything else undecodable is damage: stop.
-            Err(e) if e.to_string().contains("recursion limit reached") => {
-                tracing::error!(index, error = %e, "skipping a log entry nested too deep to decode");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(index, error = %e, "undecodable log entry");
+            Err(error) => {
+                tracing::error!(index, %error, "undecodable log entry");
                 std::process::exit(1);
             }
         };

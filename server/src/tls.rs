@@ -1194,11 +1194,19 @@ mod tests {
             v("TLS1.3", "TLS1.2").unwrap_err(),
             "min version (TLS1.3) is greater than max version (TLS1.2)"
         );
-        assert!(v("TLS9", "").unwrap_err().starts_with("unexpected TLS version \"TLS9\""));
-        assert!(v("", "TLS1.1").unwrap_err().contains("not supported by oxcd"));
+        assert!(v("TLS9", "")
+            .unwrap_err()
+            .starts_with("unexpected TLS version \"TLS9\""));
+        assert!(v("", "TLS1.1")
+            .unwrap_err()
+            .contains("not supported by oxcd"));
         assert_eq!(
-            versions_from_flags("TLS1.3", "", &["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()])
-                .unwrap_err(),
+            versions_from_flags(
+                "TLS1.3",
+                "",
+                &["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()]
+            )
+            .unwrap_err(),
             "cipher suites cannot be configured when only TLS1.3 is enabled"
         );
     }

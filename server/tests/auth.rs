@@ -252,7 +252,10 @@ async fn operations(who: &str, client: &mut Client, leased: i64) -> Vec<(String,
         "lease time-to-live with keys of the lease of p/leased",
         outcome(
             client
-                .lease_time_to_live(leased, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()))
+                .lease_time_to_live(
+                    leased,
+                    Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+                )
                 .await,
             |l| format!("keys={}", l.keys().len()),
         ),

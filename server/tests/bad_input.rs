@@ -475,50 +475,42 @@ fn nested_txn(depth: usize, key: &str) -> Txn {
 }
 
 /// Issue 25: a nested Txn the API accepted but the applier could not decode stopped every
-/// member for good. Each depth from 1 to 200 gets etcd's answer or, where etcd 3.4 (no
-/// recursion limit in its decoder) still applies it, etcd's own refusal for too deep a Txn;
-/// nothing accepted fails to apply, and the server keeps serving with its data.
+/// member for good. Each depth from 1 to 200 gets etcd's answer (max-txn-ops 128, one op per
+/// level: 128 levels apply, 129 do not), and the server keeps serving with its data.
 #[tokio::test(flavor = "multi_thread")]
 async fn nested_txns_of_any_depth_are_applied_or_refused_never_crash() {
     let [etcd, oxcd] = support::both(&[]).await;
     let (mut e, mut o) = (etcd.client().await, oxcd.client().await);
     e.put("intact", "1", None).await.unwrap();
     o.put("intact", "1", None).await.unwrap();
-    let mut deepest_applied = 0;
     for depth in 1..=200usize {
         let key = format!("depth/{depth:03}");
         let theirs = e.txn(nested_txn(depth, &key)).await;
         let ours = o.txn(nested_txn(depth, &key)).await;
-        // The answer to a deep Txn nests as deep; this client's decoder (prost) stops at 100
-        // levels, so an answer it cannot read is checked by reading the key back.
-        let client_limit = |r: &Result<etcd_client::TxnResponse, etcd_client::Error>| matches!(r, Err(err) if err.to_string().contains("failed to decode"));
-        // etcd's rule (max-txn-ops 128, one op per level): 128 levels apply, 129 do not.
-        if depth > 128 {
-            assert_grpc_err(
-                &format!("etcd depth {depth}"),
-                theirs,
-                Code::InvalidArgument,
-                TOO_MANY_OPS,
-            );
-        } else if !client_limit(&theirs) {
-            theirs.unwrap_or_else(|err| panic!("etcd refused depth {depth}: {err}"));
-        }
-        let applied = ours.is_ok() || client_limit(&ours);
-        if applied {
-            deepest_applied = depth;
-            let got = o.get(key.as_str(), None).await.unwrap();
-            assert_eq!(got.kvs().len(), 1, "depth {depth} answered but not applied");
-        } else {
-            let (code, msg) = support::grpc_error(&ours.unwrap_err());
-            assert_eq!(
-                (code, msg.as_str()),
-                (Code::InvalidArgument, TOO_MANY_OPS),
-                "depth {depth}"
-            );
+        for (who, answer, client) in [("etcd", theirs, &mut e), ("oxcd", ours, &mut o)] {
+            let got = client.get(key.as_str(), None).await.unwrap();
+            if depth > 128 {
+                assert_grpc_err(
+                    &format!("{who} depth {depth}"),
+                    answer,
+                    Code::InvalidArgument,
+                    TOO_MANY_OPS,
+                );
+                assert!(
+                    got.kvs().is_empty(),
+                    "{who} depth {depth} refused but applied"
+                );
+            } else {
+                answer.unwrap_or_else(|err| panic!("{who} refused depth {depth}: {err}"));
+                assert_eq!(
+                    got.kvs().len(),
+                    1,
+                    "{who} depth {depth} answered but not applied"
+                );
+            }
         }
     }
-    // Shallow nesting works as on etcd, and the server is alive with its data.
-    assert!(deepest_applied >= 16, "only {deepest_applied} levels apply");
+    // The server is alive with its data.
     let got = o.get("intact", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"1");
     o.put("after", "1", None)
@@ -534,14 +526,17 @@ async fn a_deep_nested_txn_leaves_a_cluster_running() {
     let cluster = support::Cluster::start(Kind::subject(), 3).await;
     let mut c = cluster.client().await;
     c.put("intact", "1", None).await.unwrap();
-    for depth in [48, 49, 50, 51, 100, 129] {
-        match c.txn(nested_txn(depth, &format!("d{depth}"))).await {
-            Ok(_) => {}
-            Err(e) => assert_eq!(
-                support::grpc_error(&e),
-                (Code::InvalidArgument, TOO_MANY_OPS.to_string()),
-                "depth {depth}"
-            ),
+    for depth in [48, 49, 50, 51, 100, 128, 129] {
+        let answer = c.txn(nested_txn(depth, &format!("d{depth}"))).await;
+        if depth <= 128 {
+            answer.unwrap_or_else(|e| panic!("depth {depth}: {e}"));
+        } else {
+            assert_grpc_err(
+                &format!("depth {depth}"),
+                answer,
+                Code::InvalidArgument,
+                TOO_MANY_OPS,
+            );
         }
     }
     c.put("after", "1", None)
@@ -560,4 +555,27 @@ async fn a_deep_nested_txn_leaves_a_cluster_running() {
     for m in &cluster.members {
         assert!(!m.log().contains("undecodable") && !m.log().contains("too deep to decode"));
     }
+}
+
+/// With `--max-txn-ops` raised, the deepest Txn oxcd takes (1024 levels, pb::nesting) is
+/// decoded, applied, answered and replayed within the server's stacks; one level more gets
+/// etcd's answer for too deep a Txn, checked before anything recursive touches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deepest_txn_oxcd_takes_fits_its_stacks() {
+    let mut server = Server::start_with(Kind::subject(), &["--max-txn-ops", "5000"]).await;
+    let mut c = server.client().await;
+    c.txn(nested_txn(1024, "deepest"))
+        .await
+        .expect("1024 levels apply");
+    assert_grpc_err(
+        "1025 levels",
+        c.txn(nested_txn(1025, "deeper")).await,
+        Code::InvalidArgument,
+        TOO_MANY_OPS,
+    );
+    server.restart().await;
+    let mut c = server.client().await;
+    let got = c.get("deepest", None).await.unwrap();
+    assert_eq!(got.kvs().len(), 1, "the deepest Txn survives a replay");
+    assert!(c.get("deeper", None).await.unwrap().kvs().is_empty());
 }

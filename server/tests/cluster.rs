@@ -33,8 +33,11 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Helpers
 
+/// Not served by the member the client picked, so worth retrying: Unavailable, or a learner's
+/// refusal (the client's round robin may pick a learner; etcd 3.6 answers FailedPrecondition).
 fn is_unavailable(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable
+        || s.message() == "etcdserver: rpc not supported for learner")
 }
 
 fn describe_err(e: &etcd_client::Error) -> String {
@@ -1315,11 +1318,13 @@ async fn observe_member_list(
     via: usize,
 ) -> (Value, Vec<String>, Vec<ClientMember>, Value) {
     let norm = Normalizer::new(cluster, via).await;
-    let json = cluster.members[via]
-        .etcdctl(&["member", "list", "-w", "json"])
-        .await;
+    // One etcdctl (the reference's, 3.6) for both servers: the output format is etcdctl's.
+    let etcdctl = support::REFERENCE.etcdctl();
+    let endpoint = cluster.members[via].endpoint();
+    let json =
+        support::etcdctl_bin_at(etcdctl, &endpoint, &["member", "list", "-w", "json"], None).await;
     let json: Value = serde_json::from_str(json.ok()).expect("member list json");
-    let simple = cluster.members[via].etcdctl(&["member", "list"]).await;
+    let simple = support::etcdctl_bin_at(etcdctl, &endpoint, &["member", "list"], None).await;
     let mut client = cluster.member_client(via).await;
     let resp = client.member_list().await.expect("member list");
     let header = resp.header().expect("header");
@@ -1381,7 +1386,7 @@ async fn learner_rpc_outcomes(cluster: &Cluster, learner: usize) -> Vec<(&'stati
 async fn member_list_matches_etcd() {
     let _serial = support::serial_cluster_test();
     support::require_etcd();
-    let mut etcd = Cluster::start(Kind::Etcd, 3).await;
+    let mut etcd = Cluster::start(support::REFERENCE, 3).await;
     let mut subject = Cluster::start(Kind::subject(), 3).await;
 
     // Right after start: etcd members publish their name and client URLs
@@ -1434,7 +1439,7 @@ async fn member_list_matches_etcd() {
 async fn learner_serves_only_what_etcd_serves() {
     let _serial = support::serial_cluster_test();
     support::require_etcd();
-    let mut etcd = Cluster::start(Kind::Etcd, 3).await;
+    let mut etcd = Cluster::start(support::REFERENCE, 3).await;
     let mut subject = Cluster::start(Kind::subject(), 3).await;
     let el = etcd.add_member(true).await;
     let sl = subject.add_member(true).await;

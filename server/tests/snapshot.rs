@@ -392,7 +392,10 @@ async fn damaged_backups_are_refused_and_nothing_is_restored() {
     let empty = dir.path().join("empty.oxcd");
     std::fs::create_dir_all(&empty).unwrap();
     restore(&good, &empty, &[]).ok();
-    assert!(empty.join("member").exists(), "nothing restored into an empty dir");
+    assert!(
+        empty.join("member").exists(),
+        "nothing restored into an empty dir"
+    );
 
     // The good file restores.
     let target = dir.path().join("good.oxcd");

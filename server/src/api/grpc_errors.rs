@@ -164,12 +164,24 @@ mod tests {
     #[test]
     fn other_statuses_pass_unchanged() {
         for (code, msg) in [
-            ("11", "etcdserver: mvcc: required revision has been compacted"),
-            ("3", "Error, decoded message length too large: found 1 bytes, the limit is: 0 bytes"),
+            (
+                "11",
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            (
+                "3",
+                "Error, decoded message length too large: found 1 bytes, the limit is: 0 bytes",
+            ),
         ] {
             let mut h = headers(code, msg);
             rewrite(&mut h);
-            assert_eq!((h["grpc-status"].to_str().unwrap(), h["grpc-message"].to_str().unwrap()), (code, msg));
+            assert_eq!(
+                (
+                    h["grpc-status"].to_str().unwrap(),
+                    h["grpc-message"].to_str().unwrap()
+                ),
+                (code, msg)
+            );
         }
     }
 

@@ -40,7 +40,11 @@ pub enum Serves {
 }
 
 /// Serves the client API on one listener until the process ends.
-pub async fn serve(server: Arc<EtcdServer>, addr: ListenAddr, serves: Serves) -> anyhow::Result<()> {
+pub async fn serve(
+    server: Arc<EtcdServer>,
+    addr: ListenAddr,
+    serves: Serves,
+) -> anyhow::Result<()> {
     let max = server.cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let cfg = &server.cfg;
     let mode = crate::tls::mode_for(

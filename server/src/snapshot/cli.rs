@@ -8,10 +8,18 @@ use std::path::PathBuf;
 /// etcdutl's command line: `oxcd` answers to it when started as `etcdutl` (a link to the
 /// binary), and `oxcd snapshot ...` is its `snapshot` group.
 #[derive(Parser, Debug)]
-#[command(name = "etcdutl", about = "Offline tools for oxcd data dirs and etcd-format backups")]
+#[command(
+    name = "etcdutl",
+    about = "Offline tools for oxcd data dirs and etcd-format backups"
+)]
 struct Etcdutl {
     /// simple, json or table (etcdutl's global flag).
-    #[arg(short = 'w', long = "write-out", global = true, default_value = "simple")]
+    #[arg(
+        short = 'w',
+        long = "write-out",
+        global = true,
+        default_value = "simple"
+    )]
     write_out: String,
     #[command(subcommand)]
     cmd: UtlCmd,
@@ -114,14 +122,23 @@ pub fn run_etcdutl(args: Vec<String>) -> anyhow::Result<()> {
             anyhow::ensure!(db.exists(), "no oxcd backend in {}", data_dir.display());
             let (store, _) = crate::mvcc::Store::open(&db)?;
             let before = store.size_on_disk();
-            log_line("defragmenting", &[("path", quoted(&db)), ("current-db-size-bytes", before.to_string())]);
+            log_line(
+                "defragmenting",
+                &[
+                    ("path", quoted(&db)),
+                    ("current-db-size-bytes", before.to_string()),
+                ],
+            );
             store.defragment()?;
             let after = store.size_on_disk();
             log_line(
                 "finished defragmenting directory",
                 &[
                     ("path", quoted(&db)),
-                    ("current-db-size-bytes-diff", (after as i64 - before as i64).to_string()),
+                    (
+                        "current-db-size-bytes-diff",
+                        (after as i64 - before as i64).to_string(),
+                    ),
                     ("current-db-size-bytes", after.to_string()),
                 ],
             );

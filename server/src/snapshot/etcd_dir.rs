@@ -441,6 +441,10 @@ enum Payload {
 fn payload(data: &[u8]) -> Option<Payload> {
     // A v2 request's method parses as a malformed message in field 2, so InternalRaftRequest
     // fails on it, as gogoproto's does.
+    // Txns nested deeper than oxcd applies are measured before decoding (no recursion limit).
+    if crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Holding(6)) {
+        return None;
+    }
     match wire::InternalRaftRequest::decode(data) {
         Ok(r) => match r.v2 {
             Some(v2) => Some(Payload::V2(v2)),
