@@ -46,13 +46,19 @@ pub enum Listener {
 
 impl Listener {
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
-        match addr {
-            ListenAddr::Tcp(a) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+        let listener = match addr {
+            ListenAddr::Tcp(a) => Listener::Tcp(tokio::net::TcpListener::bind(a).await?),
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
-                Ok(Listener::Unix(tokio::net::UnixListener::bind(path)?))
+                Listener::Unix(tokio::net::UnixListener::bind(path)?)
             }
-        }
+        };
+        let fd = match &listener {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        };
+        widen_backlog(fd)?;
+        Ok(listener)
     }
 
     /// The next connection; TCP ones with Nagle off (Raft and gRPC messages are small).
@@ -65,6 +71,47 @@ impl Listener {
             }
             Listener::Unix(l) => Ok(Socket::Unix(l.accept().await?.0)),
         }
+    }
+}
+
+/// The accept queue etcd's listeners get (Go's net package): the kernel's
+/// `net.core.somaxconn`. Rust's std and tokio listen with 128: a burst of connections (a
+/// thousand clients starting at once) overflows that queue, the kernel drops the SYNs, and
+/// clients wait for their 1 s, 3 s, ... retransmissions.
+pub fn backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok())
+        .filter(|&n| n > 0)
+        .map_or(4096, |n| n.min(65535))
+}
+
+/// Raises the soft limit on open files to the hard one, as every Go program does at start
+/// (Go 1.19+): etcd takes as many connections as the hard limit allows, and so must oxcd, its
+/// tools and its load generator.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Sets a listening socket's queue to [`backlog`] (Linux takes a second `listen` on a
+/// listening socket as a new backlog).
+pub fn widen_backlog(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: `fd` is a listening socket owned by the caller for the duration of the call.
+    if unsafe { libc::listen(fd, backlog()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -200,6 +247,30 @@ mod tests {
         let p = |u: &str| unix_socket_path(&url::Url::parse(u).unwrap());
         assert_eq!(p("unix://etcd.unix:1"), PathBuf::from("etcd.unix:1"));
         assert_eq!(p("unixs://localhost:2379"), PathBuf::from("localhost:2379"));
+    }
+
+    /// More connections than std's queue of 128, none accepted: each completes its handshake
+    /// in the kernel's queue. (Past a full queue the kernel drops the SYN, and the connect
+    /// waits a whole second for its retransmission.)
+    #[tokio::test]
+    async fn connections_queue_up_to_the_kernels_backlog() {
+        assert!(backlog() >= 128);
+        let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap();
+        let Listener::Tcp(tcp) = &l else { unreachable!() };
+        let addr = tcp.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for i in 0..backlog().min(1000) {
+            let c = tokio::time::timeout(
+                std::time::Duration::from_millis(900),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} waits: the accept queue is full"))
+            .unwrap();
+            conns.push(c);
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    oxcd::listener::raise_fd_limit();
     // Started as `etcdutl` (a link to this binary), oxcd is etcd's offline tool.
     let program = args.first().map(std::path::Path::new);
     if program

@@ -99,6 +99,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&cli.flags.listen_addr).await?;
+        crate::listener::widen_backlog(std::os::fd::AsRawFd::as_raw_fd(&listener))?;
         let endpoints: Vec<&str> = gw.remotes.iter().map(|r| r.addr.as_str()).collect();
         tracing::info!(address = %cli.flags.listen_addr, ?endpoints, "ready to proxy client requests");
         loop {

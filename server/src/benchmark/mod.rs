@@ -1,7 +1,8 @@
 //! `oxcd benchmark`: a load generator speaking the etcd v3 gRPC API, in the spirit of etcd's
 //! `tools/benchmark`, so oxcd and etcd are measured by the same client. Workloads: `put`,
 //! `range`, `txn-put` (compare-and-swap), `watch` (watchers + writers, event delivery
-//! latency) and `lease-keepalive`. Reports throughput, latency percentiles and errors by
+//! latency), `lease-keepalive` and `connect` (connection storms: connections per second).
+//! Reports throughput, latency percentiles and errors by
 //! gRPC code, as text and optionally JSON.
 
 pub mod report;
@@ -97,6 +98,9 @@ enum Workload {
         #[arg(long, default_value = "watch/")]
         prefix: String,
     },
+    /// Connection storms: waves of --clients new connections opened at once, each answering one
+    /// serializable range; an operation is a TCP connect, the HTTP/2 handshake and that answer.
+    Connect,
     /// Keep-alives of many leases over --clients streams.
     LeaseKeepalive {
         #[arg(long, default_value_t = 100)]
@@ -201,25 +205,88 @@ impl BenchCli {
     }
 }
 
+/// The i-th endpoint as a URL.
+fn endpoint_url(cli: &BenchCli, i: usize) -> String {
+    let ep = &cli.endpoints[i % cli.endpoints.len()];
+    if ep.contains("://") {
+        ep.clone()
+    } else {
+        format!("http://{ep}")
+    }
+}
+
+/// One gRPC connection to `url`.
+async fn dial(url: &str) -> Result<Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+}
+
 async fn connect(cli: &BenchCli) -> anyhow::Result<Vec<Channel>> {
     anyhow::ensure!(!cli.endpoints.is_empty(), "no --endpoints");
     let mut out = Vec::new();
     for i in 0..cli.conns.max(1) {
-        let ep = &cli.endpoints[i % cli.endpoints.len()];
-        let url = if ep.contains("://") {
-            ep.clone()
-        } else {
-            format!("http://{ep}")
-        };
-        let ch = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
+        let url = endpoint_url(cli, i);
+        let ch = dial(&url)
             .await
             .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
         out.push(ch);
     }
     Ok(out)
+}
+
+/// Waves of `--clients` connections opened at once; each connection lives until its wave
+/// is over, so a wave is that many connections at the server together.
+async fn connect_storm(cli: &Arc<BenchCli>) -> anyhow::Result<(Recorder, Duration)> {
+    let run = cli.run_state()?;
+    let progress = (!cli.no_progress).then(|| spawn_progress(run.clone(), "benchmark".into()));
+    let start = Instant::now();
+    let mut rec = Recorder::default();
+    loop {
+        let mut wave = Vec::new();
+        for c in 0..cli.clients.max(1) {
+            if run.next().is_none() {
+                break;
+            }
+            let url = endpoint_url(cli, c);
+            wave.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let ch = match dial(&url).await {
+                    Ok(ch) => ch,
+                    Err(e) => return (t, Err(tonic::Status::unavailable(e.to_string())), None),
+                };
+                let req = RangeRequest {
+                    key: b"connect".to_vec(),
+                    serializable: true,
+                    ..Default::default()
+                };
+                // A connection the server never answers is an error, not a stuck run.
+                let mut kv = KvClient::new(ch.clone());
+                let range = kv.range(req);
+                let r = match tokio::time::timeout(Duration::from_secs(10), range).await {
+                    Ok(r) => r.map(|_| ()),
+                    Err(_) => Err(tonic::Status::deadline_exceeded("no answer in 10 s")),
+                };
+                (t, r, Some(ch))
+            }));
+        }
+        if wave.is_empty() {
+            break;
+        }
+        let mut open = Vec::new();
+        for task in wave {
+            let (t, r, ch) = task.await?;
+            run.record(&mut rec, t, r);
+            open.push(ch);
+        }
+        drop(open);
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    Ok((rec, start.elapsed()))
 }
 
 /// Prints a progress line every two seconds until the run ends.
@@ -280,6 +347,7 @@ async fn run_workload(cli: BenchCli) -> anyhow::Result<Report> {
             "watch",
             watch(&cli, &channels, watchers, streams, &prefix).await?,
         ),
+        Workload::Connect => ("connect", connect_storm(&cli).await?),
         Workload::LeaseKeepalive { leases, ttl } => (
             "lease-keepalive",
             lease_keepalive(&cli, &channels, leases, ttl).await?,
