@@ -86,3 +86,8 @@ cargo test --workspace --release --no-fail-fast "$@"
 # passes (docs/CONFORMANCE.md); a retry absorbs the suite's own leaked-goroutine flake.
 e2e/etcd-suite/run.sh --tests e2e/etcd-suite/passing.txt --retries 1 --timeout 120 \
     --out target/etcd-e2e/out-ci
+
+# etcd 3.6's own e2e suite (tests/v3 e2e and common, built from the Go module pinned in
+# e2e/etcd-suite/v3.6 with the machine's Go), on the tests oxcd passes.
+e2e/etcd-suite/run.sh --etcd 3.6 --tests e2e/etcd-suite/passing-3.6.txt --retries 1 \
+    --timeout 120 --out target/etcd-e2e-3.6/out-ci

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Per-area table of two run.sh result files (reference etcd first, oxcd second), as
-markdown, for docs/CONFORMANCE.md."""
+markdown, for docs/CONFORMANCE.md. Usage: table.py REF.tsv OXCD.tsv [REF-LABEL]."""
 import re
 import sys
 
@@ -17,6 +17,10 @@ AREAS = [
     ("server flags, TLS, peers", r"^Test(Etcd|Issue|DialWith)"),
     ("gateway and grpc-proxy commands", r"^Test(Gateway|Grpcproxy)"),
     ("upgrades from an older etcd", r"^TestRelease"),
+    ("etcd 3.6 tests/common: KV, txn, lease, watch, compaction", r"^Test(KV|Txn|Lease|Watch|Compact|Defrag|Alarm)"),
+    ("etcd 3.6 tests/common: auth, users, roles", r"^Test(Auth|User|Role|Root|.*With(No|Invalid|Root|User)Auth$)"),
+    ("etcd 3.6 tests/common: members, endpoints, status", r"^Test(Member|Endpoint|Status|WaitLeader|Downgrade)"),
+    ("snapshots, corruption, recovery", r"^Test.*(Snap|Corrupt|Recover|Reproduce|Issue|Hash)"),
     ("other", r"."),
 ]
 
@@ -41,6 +45,7 @@ def area(name):
 
 def main():
     ref, sub = load(sys.argv[1]), load(sys.argv[2])
+    ref_label = sys.argv[3] if len(sys.argv) > 3 else "etcd 3.4"
     rows = {}
     for name in sorted(set(ref) | set(sub)):
         a = area(name)
@@ -50,7 +55,7 @@ def main():
         r[2] += sub.get(name) == "pass"
         r[3] += sub.get(name) in ("fail", "timeout")
         r[4] += sub.get(name) == "skip"
-    print("| area | tests | etcd 3.4 passed | oxcd passed | oxcd failed | skipped |")
+    print(f"| area | tests | {ref_label} passed | oxcd passed | oxcd failed | skipped |")
     print("| --- | --- | --- | --- | --- | --- |")
     tot = [0, 0, 0, 0, 0]
     for label, _ in AREAS:
