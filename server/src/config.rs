@@ -23,6 +23,9 @@ pub enum ConfigError {
     Conflict(String),
     #[error("config file {path}: {why}")]
     File { path: String, why: String },
+    /// A value Go's flag package refuses, in its words (etcd's enum flags answer so).
+    #[error("invalid value {value:?} for flag -{flag}: invalid value {value:?}")]
+    FlagValue { flag: &'static str, value: String },
 }
 
 /// Why the server's configuration could not be read.
@@ -457,6 +460,57 @@ fn promoted(
             Ok(Some(v))
         }
         (new, None) => Ok(new),
+    }
+}
+
+impl Config {
+    /// etcd's "starting an etcd server" line: the configuration as the server will run it
+    /// (operators and etcd's own tests read it), with the fields oxcd has.
+    pub fn log_starting(&self) {
+        let member_initialized = std::fs::read_dir(&self.wal_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        let initial_cluster = self
+            .initial_cluster
+            .iter()
+            .flat_map(|(name, urls)| urls.iter().map(move |u| format!("{name}={u}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (mode, retention) = match &self.auto_compaction {
+            AutoCompaction::Off => ("periodic", "0s".to_string()),
+            AutoCompaction::Periodic(d) => ("periodic", format!("{d:?}")),
+            AutoCompaction::Revision(r) => ("revision", r.to_string()),
+        };
+        tracing::info!(
+            "etcd-version" = crate::version::SERVER_VERSION,
+            "oxcd-version" = env!("CARGO_PKG_VERSION"),
+            "max-cpu-available" = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64,
+            "member-initialized" = member_initialized,
+            name = %self.name,
+            "data-dir" = %self.data_dir.display(),
+            "wal-dir" = %self.wal_dir.display(),
+            "force-new-cluster" = self.force_new_cluster,
+            "heartbeat-interval" = ?self.heartbeat,
+            "election-timeout" = ?self.heartbeat * self.election_ticks as u32,
+            "snapshot-count" = self.snapshot_count,
+            "snapshot-catchup-entries" = self.snapshot_catchup_entries,
+            "initial-advertise-peer-urls" = ?self.initial_advertise_peer_urls,
+            "advertise-client-urls" = ?self.advertise_client_urls,
+            "initial-cluster" = %initial_cluster,
+            "initial-cluster-state" = if self.new_cluster { "new" } else { "existing" },
+            "initial-cluster-token" = %self.initial_cluster_token,
+            "quota-backend-bytes" = self.quota_backend_bytes,
+            "max-request-bytes" = self.max_request_bytes as u64,
+            "max-concurrent-streams" = u64::from(self.max_concurrent_streams),
+            "feature-gates" = %self.feature_gates.changed(),
+            "initial-corrupt-check" = self.initial_corrupt_check,
+            "auto-compaction-mode" = mode,
+            "auto-compaction-retention" = %retention,
+            "max-learners" = self.max_learners as u64,
+            // etcd 3.6 enforces its default whatever the flag says.
+            "v2-deprecation" = "write-only",
+            "starting an etcd server"
+        );
     }
 }
 
@@ -1193,15 +1247,12 @@ impl Flags {
             );
         }
         if let Some(v) = &self.v2_deprecation {
-            if !matches!(
-                v.as_str(),
-                "not-yet" | "write-only" | "write-only-drop-data" | "gone"
-            ) {
-                return Err(invalid(
-                    "v2-deprecation",
-                    v,
-                    "must be one of not-yet, write-only, write-only-drop-data, gone",
-                ));
+            // etcd 3.6 has no v2 store left to keep: "not-yet" is no longer a value.
+            if !matches!(v.as_str(), "write-only" | "write-only-drop-data" | "gone") {
+                return Err(ConfigError::FlagValue {
+                    flag: "v2-deprecation",
+                    value: v.clone(),
+                });
             }
             deprecations.push("--v2-deprecation is deprecated and scheduled for removal in v3.8. The default value is enforced, ignoring user input.".into());
         }

@@ -192,6 +192,19 @@ impl FeatureGates {
         Ok(())
     }
 
+    /// The gates set away from their defaults as `A=true,B=false`, sorted (how etcd's startup
+    /// log shows its feature gates).
+    pub fn changed(&self) -> String {
+        let mut v: Vec<String> = GATES
+            .iter()
+            .zip(&self.values)
+            .filter(|(g, (_, v))| *v != g.default)
+            .map(|(_, (n, v))| format!("{n}={v}"))
+            .collect();
+        v.sort();
+        v.join(",")
+    }
+
     pub fn enabled(&self, name: &str) -> bool {
         self.values.iter().any(|(n, v)| *n == name && *v)
     }

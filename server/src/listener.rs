@@ -258,7 +258,9 @@ mod tests {
         let l = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
             .await
             .unwrap();
-        let Listener::Tcp(tcp) = &l else { unreachable!() };
+        let Listener::Tcp(tcp) = &l else {
+            unreachable!()
+        };
         let addr = tcp.local_addr().unwrap();
         let mut conns = Vec::new();
         for i in 0..backlog().min(1000) {

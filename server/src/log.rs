@@ -54,7 +54,14 @@ struct Fields {
 
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.put(field, serde_json::Value::String(format!("{value:?}")));
+        let text = format!("{value:?}");
+        // A list of strings (`?urls`) is logged as a JSON array, as zap.Strings logs it.
+        if text.starts_with('[') {
+            if let Ok(list @ serde_json::Value::Array(_)) = serde_json::from_str(&text) {
+                return self.put(field, list);
+            }
+        }
+        self.put(field, serde_json::Value::String(text));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.put(field, serde_json::Value::String(value.to_string()));

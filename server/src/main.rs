@@ -65,6 +65,7 @@ fn main() -> anyhow::Result<()> {
     for warning in &cfg.deprecations {
         tracing::warn!("{warning}");
     }
+    cfg.log_starting();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

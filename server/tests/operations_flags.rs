@@ -34,6 +34,7 @@ async fn default_logger_prints_the_lines_tools_wait_for() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn zap_logger_writes_etcd_json_lines() {
+    let mut starting_lines = Vec::new();
     for kind in [support::REFERENCE, Kind::subject()] {
         let l = kind.label();
         let server = Server::start_with(kind, &["--logger=zap"]).await;
@@ -78,6 +79,37 @@ async fn zap_logger_writes_etcd_json_lines() {
             .find(|(m, _)| m == "enabled capabilities for version")
             .unwrap_or_else(|| panic!("{l}: no capabilities line"));
         assert_eq!(caps.1["cluster-version"], "3.6", "{l}");
+        // etcd's configuration line, which operators and etcd's own tests read: the fields
+        // oxcd logs say what etcd's say for the same flags.
+        let starting = &msgs
+            .iter()
+            .find(|(m, _)| m == "starting an etcd server")
+            .unwrap_or_else(|| panic!("{l}: no configuration line"))
+            .1;
+        starting_lines.push(starting.clone());
+    }
+    let [etcd, oxcd] = [&starting_lines[0], &starting_lines[1]];
+    for (key, value) in oxcd {
+        if ["oxcd-version", "max-cpu-available", "ts", "caller"].contains(&key.as_str()) {
+            continue;
+        }
+        let theirs = &etcd[key];
+        match key.as_str() {
+            // Paths, ports and URLs are each server's own; their shapes match.
+            "data-dir"
+            | "wal-dir"
+            | "initial-cluster"
+            | "name"
+            | "advertise-client-urls"
+            | "initial-advertise-peer-urls" => {
+                assert_eq!(
+                    std::mem::discriminant(value),
+                    std::mem::discriminant(theirs),
+                    "{key}: etcd {theirs}, oxcd {value}"
+                )
+            }
+            _ => assert_eq!(value, theirs, "{key} differs from etcd's"),
+        }
     }
 }
 
@@ -660,13 +692,17 @@ fn refused_gates_and_flag_pairs_get_etcd_3_6s_error() {
             "--experimental-corrupt-check-time=1m",
             "--corrupt-check-time=1m",
         ],
+        // etcd 3.6 refuses the v2 store's old level in Go's flag words.
+        &["--v2-deprecation=not-yet"],
     ];
     for args in cases {
         let etcd = run(support::REFERENCE, args);
         let oxcd = run(Kind::Oxcd, args);
         // etcd's reason: after Go's flag prefix, or the "error" field of its zap line.
+        let first = etcd.lines().next().unwrap_or("");
         let reason = match etcd.split_once("-feature-gates: ") {
             Some((_, rest)) => rest.lines().next().unwrap_or("").to_string(),
+            None if first.starts_with("invalid value ") => first.to_string(),
             None => {
                 let line = etcd
                     .lines()
