@@ -70,6 +70,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&server, req, endpoints).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
+        .max_buf_size(crate::api::MAX_HTTP1_HEAD_BYTES)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "http connection ended");

@@ -579,3 +579,99 @@ async fn the_deepest_txn_oxcd_takes_fits_its_stacks() {
     assert_eq!(got.kvs().len(), 1, "the deepest Txn survives a replay");
     assert!(c.get("deeper", None).await.unwrap().kvs().is_empty());
 }
+
+/// Issue 25: a 1 MiB request header. etcd serves it (grpc-go takes header lists up to 16 MiB,
+/// Go's net/http heads up to 1 MiB + 4 KiB), over gRPC and over the JSON gateway; so must
+/// oxcd. Past the limit only that one stream is refused: a watch on the same connection keeps
+/// getting its events.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_mib_header_is_served_and_a_bigger_one_refuses_only_its_stream() {
+    use oxcd::pb::etcdserverpb::{
+        kv_client::KvClient, watch_client::WatchClient, watch_request, PutRequest, RangeRequest,
+        WatchCreateRequest, WatchRequest,
+    };
+    use tonic::metadata::MetadataValue;
+    let with_header = |size: usize| {
+        let mut req = tonic::Request::new(RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        });
+        let value = MetadataValue::try_from("a".repeat(size)).unwrap();
+        req.metadata_mut().insert("x-big", value);
+        req
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let header_file = dir.path().join("header");
+    // (curl's own limit on a header line is just under 1 MiB.)
+    std::fs::write(&header_file, format!("X-Big: {}\n", "a".repeat(1_048_000))).unwrap();
+    for server in &support::both(&[]).await {
+        let l = server.kind.label();
+        let ch = tonic::transport::Endpoint::from_shared(server.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut kv = KvClient::new(ch.clone());
+        kv.range(with_header(1 << 20))
+            .await
+            .unwrap_or_else(|e| panic!("{l}: a 1 MiB header: {e}"));
+
+        // A watch on the same connection, then a header over any limit on another stream.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: b"w".to_vec(),
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+        let mut events = WatchClient::new(ch.clone())
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(events.message().await.unwrap().unwrap().created);
+        let over = kv.range(with_header(17 << 20)).await;
+        eprintln!("{l}: a 17 MiB header: {:?}", over.as_ref().map(|_| ()));
+        if server.kind == Kind::subject() {
+            assert!(over.is_err(), "{l}: a 17 MiB header was served");
+        }
+        let mut other = KvClient::connect(server.endpoint()).await.unwrap();
+        other
+            .put(PutRequest {
+                key: b"w".to_vec(),
+                value: b"1".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if server.kind == Kind::subject() {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), events.message())
+                .await
+                .expect("the watch got its event")
+                .expect("the watch stream survived")
+                .expect("not ended");
+            assert_eq!(got.events.len(), 1, "{l}");
+            kv.range(with_header(10))
+                .await
+                .expect("the connection still serves");
+        }
+
+        // The JSON gateway over HTTP/1.1.
+        let url = format!("{}/v3/kv/range", server.endpoint());
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("@{}", header_file.display()))
+            .args(["-d", r#"{"key":"aw=="}"#, &url])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{l}: gateway, a 1 MiB header"
+        );
+    }
+}

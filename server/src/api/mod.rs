@@ -30,6 +30,16 @@ use std::sync::Arc;
 /// gRPC allows this much framing beyond --max-request-bytes, as etcd does.
 pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
+/// The largest request header list a gRPC connection takes: grpc-go's server default (16 MiB),
+/// so a request etcd serves (a 1 MiB header) is served. Past it, h2 refuses that one stream
+/// (the connection's other streams go on) up to about 20 MiB, and beyond that ends the
+/// connection (its CONTINUATION-flood guard); etcd ends the connection at once.
+pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 << 20;
+
+/// The largest HTTP/1.1 request head (request line and headers): Go's net/http default
+/// (`DefaultMaxHeaderBytes`, 1 MiB) plus the 4 KiB it allows over; larger gets 431.
+pub(crate) const MAX_HTTP1_HEAD_BYTES: usize = (1 << 20) + 4096;
+
 /// What a client listener serves: both protocols (etcd's cmux), or one of them when
 /// --listen-client-http-urls gives HTTP its own listeners.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +86,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(cfg.keepalive_interval)
         .http2_keepalive_timeout(cfg.keepalive_timeout)
         .layer(grpc_metrics::GrpcMetricsLayer {
