@@ -63,6 +63,8 @@ pub enum EtcdError {
     NotSupportedForLearner,
     #[error("etcdserver: request timed out")]
     Timeout,
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
     #[error("etcdserver: server stopped")]
     Stopped,
     #[error("etcdserver: root user does not exist")]

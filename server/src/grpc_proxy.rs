@@ -414,7 +414,8 @@ async fn health(
             .body(HttpBody::from(body.to_string()))
             .unwrap_or_default()
     };
-    if req.uri().path() != "/health" {
+    // etcd's grpc-proxy answers its own health on /proxy/health, the same check as /health.
+    if !matches!(req.uri().path(), "/health" | "/proxy/health") {
         return respond(404, "404 page not found\n");
     }
     if cluster.healthy().await {

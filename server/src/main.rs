@@ -125,8 +125,27 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
-            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+            _ = stop_signal() => {
+                tracing::info!("received signal; shutting down");
+                server.transfer_leadership().await;
+            }
         }
         Ok(())
     })
+}
+
+/// SIGINT or SIGTERM (what a pod's stop sends), on which etcd stops gracefully.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -706,6 +706,58 @@ impl EtcdServer {
         rx.await.map_err(|_| EtcdError::Stopped)
     }
 
+    /// Moves leadership from this member (the leader) to `target` and waits until `target`
+    /// leads, within etcd's bound for it (etcd's `MoveLeader`).
+    pub async fn move_leader(&self, target: u64) -> Result<()> {
+        self.raft_input(RaftInput::TransferLeader(target))?;
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_secs(5)
+            + 2 * self.cfg.election_timeout();
+        while self.raft_status.leader.load(Ordering::Relaxed) != target {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(EtcdError::LeaderTransferTimeout);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// etcd's `TransferLeadership` on stop: a leader with other voters hands leadership to
+    /// the voter it has been connected to longest, so the cluster does not wait an election
+    /// timeout for a new leader.
+    pub async fn transfer_leadership(&self) {
+        let Ok(st) = self.node_status().await else {
+            return;
+        };
+        if !st.is_leader {
+            tracing::info!("skipped leadership transfer; local server is not leader");
+            return;
+        }
+        let transferee = st
+            .voters
+            .iter()
+            .filter(|&&v| v != st.id)
+            .filter_map(|&v| self.transport.active_since(v).map(|since| (since, v)))
+            .min();
+        let Some((_, target)) = transferee else {
+            tracing::info!("skipped leadership transfer for single voting member cluster");
+            return;
+        };
+        tracing::info!(
+            local_member_id = %format!("{:x}", st.id),
+            transferee = %format!("{target:x}"),
+            "leadership transfer starting"
+        );
+        match self.move_leader(target).await {
+            Ok(()) => tracing::info!(
+                old_leader = %format!("{:x}", st.id),
+                new_leader = %format!("{target:x}"),
+                "leadership transfer finished"
+            ),
+            Err(e) => tracing::warn!(error = %e, "leadership transfer failed"),
+        }
+    }
+
     /// Publishes this member's name and client URLs through Raft once it runs (etcd's
     /// attribute publish), retrying until it is applied.
     fn spawn_publish(self: Arc<Self>) {
@@ -1713,12 +1765,13 @@ impl Applier {
                     .map(Applied::Txn)
             }
             Request::Compaction(c) => {
+                let prev = self.store.compact_rev();
                 let keep = self.store.schedule_compaction(c.revision)?;
                 let (done_tx, done_rx) = oneshot::channel();
                 let store = self.store.clone();
                 let rev = c.revision;
                 std::thread::spawn(move || {
-                    if let Err(e) = store.compact_backend(rev, &keep) {
+                    if let Err(e) = store.compact_backend(rev, &keep, Some(prev)) {
                         tracing::error!(revision = rev, error = %e, "physical compaction failed");
                     }
                     let _ = done_tx.send(());

@@ -9,12 +9,10 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
 use crate::pb::oxcdpb::DowngradeInfoSet;
-use crate::raft_node::RaftInput;
 use crate::server::{Applied, EtcdServer};
 use crate::version::{self, Version};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -203,9 +201,8 @@ impl Maintenance for MaintenanceService {
             took = ?started.elapsed(),
             "defragmented"
         );
-        let mut resp = DefragmentResponse { header: None };
-        self.0.fill(&mut resp.header);
-        Ok(Response::new(resp))
+        // etcd answers a defragment with no header (the gateway prints `{}`).
+        Ok(Response::new(DefragmentResponse { header: None }))
     }
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         self.0.check_not_learner()?;
@@ -299,19 +296,7 @@ impl Maintenance for MaintenanceService {
         if !st.voters.contains(&target) {
             return Err(EtcdError::BadLeaderTransferee.into());
         }
-        self.0.raft_input(RaftInput::TransferLeader(target))?;
-        // Wait for the transfer like etcd: until the target leads, within the request timeout.
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_secs(5)
-            + 2 * self.0.cfg.election_timeout();
-        while self.0.raft_status.leader.load(Ordering::Relaxed) != target {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Status::unavailable(
-                    "etcdserver: request timed out, leader transfer took too long",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.0.move_leader(target).await?;
         let mut resp = MoveLeaderResponse { header: None };
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))

@@ -52,6 +52,7 @@ impl From<EtcdError> for Status {
             EtcdError::Unhealthy
             | EtcdError::NoLeader
             | EtcdError::Timeout
+            | EtcdError::LeaderTransferTimeout
             | EtcdError::Stopped
             | EtcdError::LeaderChanged => (Code::Unavailable, e.to_string()),
             EtcdError::RootUserNotExist

@@ -174,6 +174,47 @@ pub struct Store {
     /// a compaction still deleting from a generation that defragmentation replaced would
     /// leave the new one holding history the index no longer knows.
     maintenance: parking_lot::Mutex<()>,
+    /// (revision, hash, previous compaction) of the last compactions (etcd keeps 10): the
+    /// hash each took at its revision before removing anything.
+    compaction_hashes: parking_lot::Mutex<std::collections::VecDeque<(i64, u32, i64)>>,
+}
+
+/// etcd's kvHasher: crc32c over the key space's backend records up to `rev` (revision bytes
+/// `main_sub[t]` and the KeyValue record), skipping what a compaction at `compact` removes
+/// (unless nothing is kept) and a tombstone at `compact` itself, which etcd 3.5.16+ keeps and
+/// older releases remove, so that both hash alike.
+struct KvHasher<'a> {
+    h: Crc32c,
+    compact: i64,
+    keep: &'a HashSet<Revision>,
+}
+
+impl<'a> KvHasher<'a> {
+    fn new(compact: i64, _rev: i64, keep: &'a HashSet<Revision>) -> Self {
+        let mut h = Crc32c::default();
+        h.update(b"key");
+        KvHasher { h, compact, keep }
+    }
+
+    fn write(&mut self, r: Revision, tomb: bool, v: &[u8]) {
+        if r.main < self.compact + 1 && !self.keep.is_empty() && !self.keep.contains(&r) {
+            return;
+        }
+        if tomb && r.main == self.compact {
+            return;
+        }
+        self.h.update(&(r.main as u64).to_be_bytes());
+        self.h.update(b"_");
+        self.h.update(&(r.sub as u64).to_be_bytes());
+        if tomb {
+            self.h.update(b"t");
+        }
+        self.h.update(v);
+    }
+
+    fn finish(&self) -> u32 {
+        self.h.finish()
+    }
 }
 
 /// Reads the store at a consistent point: the index cannot change while this is held.
@@ -390,11 +431,12 @@ impl Store {
             size: std::sync::atomic::AtomicU64::new(size),
             size_at: parking_lot::Mutex::new(std::time::Instant::now()),
             maintenance: parking_lot::Mutex::new(()),
+            compaction_hashes: parking_lot::Mutex::new(Default::default()),
         });
         if scheduled > finished {
             // A compaction was cut short by a crash: finish it, as etcd does on start.
             let keep = store.compact_index(scheduled);
-            store.compact_backend(scheduled, &keep)?;
+            store.compact_backend(scheduled, &keep, None)?;
         }
         Ok((store, rec))
     }
@@ -485,7 +527,14 @@ impl Store {
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
         let st = self.state.read();
         let (compact, current) = (st.compact_rev, st.current_rev);
-        if rev > 0 && rev <= compact {
+        // etcd keeps the hash each compaction took at its revision (before removing anything,
+        // against the compaction before it), and answers with that one,
+        // even once a later compaction passed it.
+        if let Some(&(_, hash, prev)) = self.compaction_hashes.lock().iter().find(|h| h.0 == rev) {
+            return Ok((hash, current, prev));
+        }
+        // etcd 3.6 hashes at the compacted revision itself (3.4 refused it).
+        if rev > 0 && rev < compact {
             return Err(MvccError::Compacted);
         }
         if rev > 0 && rev > current {
@@ -496,25 +545,14 @@ impl Store {
         for ki in st.index.values() {
             ki.keep(rev, &mut keep);
         }
-        let mut h = Crc32c::default();
-        h.update(b"key");
+        let mut h = KvHasher::new(compact, rev, &keep);
         let db = self.db();
         let hi = Revision::backend_lower_bound(rev.saturating_add(1));
         for item in db.range(vec![revision::KEY_PREFIX]..hi) {
             let (k, v) = item?;
-            let Some((r, tomb)) = Revision::from_backend_key(&k) else {
-                continue;
-            };
-            if r.main < compact + 1 && !keep.is_empty() && !keep.contains(&r) {
-                continue;
+            if let Some((r, tomb)) = Revision::from_backend_key(&k) {
+                h.write(r, tomb, &v);
             }
-            h.update(&(r.main as u64).to_be_bytes());
-            h.update(b"_");
-            h.update(&(r.sub as u64).to_be_bytes());
-            if tomb {
-                h.update(b"t");
-            }
-            h.update(&v);
         }
         Ok((h.finish(), current, compact))
     }
@@ -707,14 +745,25 @@ impl Store {
 
     /// Physically removes the history compacted away at `rev`, in bounded batches so that
     /// writers interleave with it.
-    pub fn compact_backend(&self, rev: i64, keep: &HashSet<Revision>) -> Result<()> {
+    /// With `prev` (the compaction before this one), it also takes etcd's compaction hash at
+    /// `rev` on the way, from the records as they were.
+    pub fn compact_backend(
+        &self,
+        rev: i64,
+        keep: &HashSet<Revision>,
+        prev: Option<i64>,
+    ) -> Result<()> {
         let _m = self.maintenance.lock();
         let end = Revision::backend_lower_bound(rev + 1);
         let mut batch = sled::Batch::default();
         let mut n = 0;
+        let mut hasher = prev.map(|p| KvHasher::new(p, rev, keep));
         for item in self.db().range(vec![revision::KEY_PREFIX]..end) {
-            let (k, _) = item?;
-            if let Some((r, _)) = Revision::from_backend_key(&k) {
+            let (k, v) = item?;
+            if let Some((r, tomb)) = Revision::from_backend_key(&k) {
+                if let Some(h) = hasher.as_mut() {
+                    h.write(r, tomb, &v);
+                }
                 if !keep.contains(&r) {
                     batch.remove(k);
                     n += 1;
@@ -727,6 +776,13 @@ impl Store {
         }
         batch.insert(META_FINISHED_COMPACT, &(rev as u64).to_be_bytes());
         self.db().apply_batch(batch)?;
+        if let (Some(h), Some(prev)) = (hasher, prev) {
+            let mut hashes = self.compaction_hashes.lock();
+            if hashes.len() == 10 {
+                hashes.pop_front();
+            }
+            hashes.push_back((rev, h.finish(), prev));
+        }
         Ok(())
     }
 
@@ -1107,7 +1163,7 @@ mod maintenance_tests {
         fill(&store, &mut index, 2_000);
         let rev = store.current_rev();
         let keep = store.schedule_compaction(rev).unwrap();
-        store.compact_backend(rev, &keep).unwrap();
+        store.compact_backend(rev, &keep, None).unwrap();
         store.sync(index).unwrap();
         let before_kv = store.hash_kv(0).unwrap();
         let before_keys = all(&store);
