@@ -10,6 +10,8 @@ pub mod config;
 pub mod corrupt;
 pub mod error;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc_proxy;
 pub mod http;
 pub mod lease;

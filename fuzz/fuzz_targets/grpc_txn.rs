@@ -1,0 +1,3 @@
+#![no_main]
+// The target is oxcd::fuzzing::grpc_txn; CI runs the same function on mutated seeds for a bounded time.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| oxcd::fuzzing::grpc_txn(data));
