@@ -383,12 +383,19 @@ async fn act(
     access: &etcd::Access,
 ) -> Result<Option<String>, Error> {
     let c = &ctx.client;
+    // Voters only: a learner refuses every RPC the actions send (etcd 3.6 answers
+    // FailedPrecondition "rpc not supported for learner"), and a client may pick any endpoint.
     let endpoints = || -> Vec<String> {
-        members
-            .iter()
-            .filter(|m| !m.client_url.is_empty())
+        let with_url = || members.iter().filter(|m| !m.client_url.is_empty());
+        let voters: Vec<String> = with_url()
+            .filter(|m| !m.learner)
             .map(|m| m.client_url.clone())
-            .collect()
+            .collect();
+        if voters.is_empty() {
+            with_url().map(|m| m.client_url.clone()).collect()
+        } else {
+            voters
+        }
     };
     let note = match action {
         Action::CreateCluster { replicas } => {
