@@ -707,12 +707,10 @@ impl EtcdServer {
     }
 
     /// Moves leadership from this member (the leader) to `target` and waits until `target`
-    /// leads, within etcd's bound for it (etcd's `MoveLeader`).
-    pub async fn move_leader(&self, target: u64) -> Result<()> {
+    /// leads, within `within` (etcd's `MoveLeader`).
+    pub async fn move_leader(&self, target: u64, within: std::time::Duration) -> Result<()> {
         self.raft_input(RaftInput::TransferLeader(target))?;
-        let deadline = tokio::time::Instant::now()
-            + std::time::Duration::from_secs(5)
-            + 2 * self.cfg.election_timeout();
+        let deadline = tokio::time::Instant::now() + within;
         while self.raft_status.leader.load(Ordering::Relaxed) != target {
             if tokio::time::Instant::now() >= deadline {
                 return Err(EtcdError::LeaderTransferTimeout);
@@ -748,7 +746,12 @@ impl EtcdServer {
             transferee = %format!("{target:x}"),
             "leadership transfer starting"
         );
-        match self.move_leader(target).await {
+        // Raft gives up a transfer after an election timeout; waiting longer (as for a
+        // MoveLeader request) would only hold up a stop whose transferee is stopping too.
+        match self
+            .move_leader(target, 2 * self.cfg.election_timeout())
+            .await
+        {
             Ok(()) => tracing::info!(
                 old_leader = %format!("{:x}", st.id),
                 new_leader = %format!("{target:x}"),

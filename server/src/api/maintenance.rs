@@ -296,7 +296,9 @@ impl Maintenance for MaintenanceService {
         if !st.voters.contains(&target) {
             return Err(EtcdError::BadLeaderTransferee.into());
         }
-        self.0.move_leader(target).await?;
+        // etcd's bound: its request timeout.
+        let within = std::time::Duration::from_secs(5) + 2 * self.0.cfg.election_timeout();
+        self.0.move_leader(target, within).await?;
         let mut resp = MoveLeaderResponse { header: None };
         self.0.fill(&mut resp.header);
         Ok(Response::new(resp))
