@@ -190,7 +190,7 @@ struct KvHasher<'a> {
 }
 
 impl<'a> KvHasher<'a> {
-    fn new(compact: i64, _rev: i64, keep: &'a HashSet<Revision>) -> Self {
+    fn new(compact: i64, keep: &'a HashSet<Revision>) -> Self {
         let mut h = Crc32c::default();
         h.update(b"key");
         KvHasher { h, compact, keep }
@@ -545,7 +545,7 @@ impl Store {
         for ki in st.index.values() {
             ki.keep(rev, &mut keep);
         }
-        let mut h = KvHasher::new(compact, rev, &keep);
+        let mut h = KvHasher::new(compact, &keep);
         let db = self.db();
         let hi = Revision::backend_lower_bound(rev.saturating_add(1));
         for item in db.range(vec![revision::KEY_PREFIX]..hi) {
@@ -757,7 +757,7 @@ impl Store {
         let end = Revision::backend_lower_bound(rev + 1);
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        let mut hasher = prev.map(|p| KvHasher::new(p, rev, keep));
+        let mut hasher = prev.map(|p| KvHasher::new(p, keep));
         for item in self.db().range(vec![revision::KEY_PREFIX]..end) {
             let (k, v) = item?;
             if let Some((r, tomb)) = Revision::from_backend_key(&k) {
