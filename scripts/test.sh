@@ -69,6 +69,13 @@ for minor in 3.6 3.7; do
 done
 "$(e2e/etcd-ref/bin.sh 3.6 etcd)" --version | sed -n 1p
 
+# A real Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler and
+# kubectl of one release), built from k8s.io/kubernetes pinned in e2e/k8s-ref/; cached in
+# ~/.cache/oxcd like etcd, so only the first run on a machine builds them (about 6 minutes on 2 cores).
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    e2e/k8s-ref/bin.sh "$cmd" >/dev/null
+done
+
 etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
 cargo --version

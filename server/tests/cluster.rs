@@ -1540,11 +1540,7 @@ async fn metric_sum(cluster: &Cluster, i: usize, family: &str, label: &str) -> f
     let r = support::http_request("GET", &cluster.members[i].endpoint(), "/metrics")
         .await
         .expect("GET /metrics");
-    r.body
-        .lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    support::metric_sum(&r.body, family, &[label])
 }
 
 // ---------------------------------------------------------------------------

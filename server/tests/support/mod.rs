@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions};
 
 pub mod hosts;
+pub mod kube;
 pub mod pki;
 
 /// How a test reaches a TLS server: which URLs are https://, the CA it trusts and the
@@ -810,6 +811,20 @@ fn read_lossy(path: &Path, from: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// The sum of the samples of metric `family` in Prometheus text whose label sets contain every
+/// one of `labels` (each a piece such as `success="true"` or `From=`).
+pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (name == family && labels.iter().all(|p| rest.contains(p)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -831,7 +846,7 @@ impl CmdOut {
     pub fn ok(&self) -> &str {
         assert!(
             self.status.success(),
-            "etcdctl {:?} failed ({}):\nstdout: {}\nstderr: {}",
+            "command {:?} failed ({}):\nstdout: {}\nstderr: {}",
             self.args,
             self.status,
             self.stdout,
@@ -844,7 +859,7 @@ impl CmdOut {
     pub fn err(&self) -> &str {
         assert!(
             !self.status.success(),
-            "etcdctl {:?} unexpectedly succeeded:\nstdout: {}",
+            "command {:?} unexpectedly succeeded:\nstdout: {}",
             self.args,
             self.stdout
         );
