@@ -339,9 +339,9 @@ pub struct Flags {
     /// needs (the newest) and removes the rest itself.
     #[arg(long, env = "ETCD_MAX_SNAPSHOTS", hide = true)]
     pub max_snapshots: Option<u64>,
-    /// Without effect here: oxcd removes WAL files a snapshot has covered itself.
-    #[arg(long, env = "ETCD_MAX_WALS", hide = true)]
-    pub max_wals: Option<u64>,
+    /// Maximum number of wal files to retain (0 is unlimited).
+    #[arg(long, env = "ETCD_MAX_WALS", default_value_t = 5)]
+    pub max_wals: u64,
     /// Deprecated in etcd 3.6, which enforces its default and ignores the value; oxcd has no
     /// v2 store at all.
     #[arg(long, env = "ETCD_V2_DEPRECATION", hide = true)]
@@ -400,6 +400,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_ticks: usize,
     pub snapshot_count: u64,
+    /// WAL segments kept once a snapshot point covers them (0: all).
+    pub max_wals: u64,
     /// Raft entries kept after a snapshot for slow followers (etcd's SnapshotCatchUpEntries).
     pub snapshot_catchup_entries: u64,
     /// Slow unary requests and slow applies are logged past these.
@@ -744,11 +746,10 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
-/// etcd's configuration-file keys that oxcd accepts with any value and does not use: WAL and
-/// snapshot file retention (oxcd manages its own files), CORS, and the v2 proxy's timings.
+/// etcd's configuration-file keys that oxcd accepts with any value and does not use: snapshot
+/// file retention (oxcd manages its own files), CORS, and the v2 proxy's timings.
 const IGNORED_FILE_KEYS: &[&str] = &[
     "max-snapshots",
-    "max-wals",
     "cors",
     "proxy-failure-wait",
     "proxy-refresh-interval",
@@ -1334,6 +1335,7 @@ impl Flags {
             heartbeat: Duration::from_millis(self.heartbeat_interval),
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,
+            max_wals: self.max_wals,
             snapshot_catchup_entries,
             warning_unary_request_duration,
             warning_apply_duration,

@@ -29,7 +29,7 @@ pub fn grpc_txn(data: &[u8]) {
     }
     .encode_to_vec();
     assert!(
-        !nesting::too_deep(&entry, Root::Holding(4)),
+        !nesting::too_deep(&entry, Root::Entry),
         "an accepted Txn measures too deep as an entry"
     );
     if let Err(e) = RaftRequest::decode(entry.as_slice()) {
@@ -39,7 +39,7 @@ pub fn grpc_txn(data: &[u8]) {
 
 /// A committed log entry as the applier decodes it.
 pub fn raft_entry(data: &[u8]) {
-    if !nesting::too_deep(data, Root::Holding(4)) {
+    if !nesting::too_deep(data, Root::Entry) {
         let _ = RaftRequest::decode(data);
     }
 }
@@ -247,8 +247,12 @@ mod tests {
     fn wal_segments_and_backend_files_survive_mutations() {
         let dir = Scratch::new("seed");
         let wal_dir = dir.0.join("wal");
-        let mut wal =
-            crate::wal::Wal::create(&wal_dir, raft::prelude::SnapshotMetadata::default()).unwrap();
+        let mut wal = crate::wal::Wal::create(
+            &wal_dir,
+            raft::prelude::SnapshotMetadata::default(),
+            crate::wal::Metadata::default(),
+        )
+        .unwrap();
         let mut e = raft::prelude::Entry::default();
         e.index = 1;
         e.term = 1;

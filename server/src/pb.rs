@@ -109,9 +109,9 @@ pub mod nesting {
     pub enum Root {
         /// A `TxnRequest`.
         Txn,
-        /// A message whose field `n` is a `TxnRequest` (oxcd's `RaftRequest`: 4, etcd's
-        /// `InternalRaftRequest`: 6).
-        Holding(u32),
+        /// A Raft log entry: oxcd's `RaftRequest` or etcd's `InternalRaftRequest`, whose field
+        /// 6 (the same number in both) is a `TxnRequest`.
+        Entry,
     }
 
     #[derive(Clone, Copy, PartialEq)]
@@ -167,7 +167,7 @@ pub mod nesting {
                 return deepest;
             };
             let child = match (kind, wire_type, field) {
-                (Msg::Root, 2, f) if Root::Holding(f as u32) == root => Some(Msg::Txn),
+                (Msg::Root, 2, 6) if root == Root::Entry => Some(Msg::Txn),
                 (Msg::Txn, 2, 2 | 3) => Some(Msg::Op),
                 (Msg::Op, 2, 4) => Some(Msg::Txn),
                 _ => None,
@@ -249,11 +249,11 @@ pub mod nesting {
                     ..Default::default()
                 };
                 let bytes = entry.encode_to_vec();
-                assert_eq!(depth(&bytes, Root::Holding(4), usize::MAX), d);
-                assert_eq!(too_deep(&bytes, Root::Holding(4)), d > MAX_TXN_DEPTH);
+                assert_eq!(depth(&bytes, Root::Entry, usize::MAX), d);
+                assert_eq!(too_deep(&bytes, Root::Entry), d > MAX_TXN_DEPTH);
             }
             assert_eq!(depth(&[], Root::Txn, 5), 1);
-            assert_eq!(depth(&[], Root::Holding(4), 5), 0);
+            assert_eq!(depth(&[], Root::Entry, 5), 0);
         }
 
         #[test]

@@ -15,8 +15,8 @@ use crate::pb::etcdserverpb::{
     LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, ResponseHeader, TxnResponse,
 };
 use crate::pb::oxcdpb::{
-    peer_client::PeerClient, raft_request::Request, ClusterInfoRequest, ConfChangeContext,
-    MemberAttributes, RaftRequest,
+    peer_client::PeerClient, raft_request::Request, Attributes, ClusterInfoRequest,
+    ConfChangeContext, MemberAttributes, RaftRequest,
 };
 use crate::raft_node::{
     self, CommittedBatch, NodeConfig, NodeStatus, RaftInput, RaftNode, RaftStatus,
@@ -461,7 +461,14 @@ impl EtcdServer {
             store.put_record_durable(META_MEMBER_ID, &id.to_be_bytes())?;
             store.put_record_durable(META_CLUSTER_ID, &cluster_id.to_be_bytes())?;
             let meta = SnapshotMetadata::default();
-            let mut wal = Wal::create(&cfg.wal_dir, meta.clone())?;
+            let mut wal = Wal::create(
+                &cfg.wal_dir,
+                meta.clone(),
+                crate::wal::Metadata {
+                    node_id: id,
+                    cluster_id,
+                },
+            )?;
             // Like etcd, a new cluster starts from the same log on every member: one
             // committed AddNode entry per initial member, so that members that join later
             // learn the initial configuration by replaying the log.
@@ -486,6 +493,7 @@ impl EtcdServer {
         };
         let (mut wal, mut replayed) =
             repair_wal(&store, recovered.consistent_index, wal, replayed)?;
+        wal.set_max_segments(usize::try_from(cfg.max_wals).unwrap_or(usize::MAX));
         if cfg.force_new_cluster && !fresh {
             force_new_cluster(
                 &store,
@@ -805,8 +813,10 @@ impl EtcdServer {
                 if self.raft_status.leader.load(Ordering::Relaxed) != 0 && current.is_some() {
                     let attrs = MemberAttributes {
                         id: self.id,
-                        name: want.0,
-                        client_urls: want.1,
+                        attributes: Some(Attributes {
+                            name: want.0,
+                            client_urls: want.1,
+                        }),
                     };
                     match self.propose(Request::MemberAttributes(attrs)).await {
                         Ok(_) => {
@@ -1108,7 +1118,7 @@ impl EtcdServer {
         }
         // What the applier would refuse to decode is never proposed: the same measure as
         // apply_entry's (the API's codec refuses such a request before it gets here).
-        if crate::pb::nesting::too_deep(&data, crate::pb::nesting::Root::Holding(4)) {
+        if crate::pb::nesting::too_deep(&data, crate::pb::nesting::Root::Entry) {
             return Err(EtcdError::TooManyOps);
         }
         let metrics = &crate::metrics::METRICS;
@@ -1433,7 +1443,7 @@ impl Applier {
         // Measured before decoding (prost has no recursion limit): nothing this deep is ever
         // proposed (propose_raft refuses it), so such an entry is damage, as is anything else
         // undecodable: stop.
-        let req = match crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Holding(4)) {
+        let req = match crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Entry) {
             true => Err("a Txn nested deeper than any proposal may be".to_string()),
             false => RaftRequest::decode(data).map_err(|e| e.to_string()),
         };
@@ -1829,9 +1839,10 @@ impl Applier {
             }
             Request::Alarm(a) => self.apply_alarm(g, index, a).map(Applied::Alarm),
             Request::MemberAttributes(a) => {
+                let attrs = a.attributes.clone().unwrap_or_default();
                 let rec = self.membership.write().update(a.id, |m| {
-                    m.name = a.name.clone();
-                    m.client_ur_ls = a.client_urls.clone();
+                    m.name = attrs.name;
+                    m.client_ur_ls = attrs.client_urls;
                 });
                 match rec {
                     Some(RecordChange::Put(k, v)) => self.write(g, index, |t| {

@@ -205,8 +205,6 @@ async fn acknowledged_writes_survive_kill9_under_load() {
 /// One framed record in a WAL segment.
 #[derive(Debug, Clone, Copy)]
 struct Rec {
-    /// Offset of the frame header.
-    start: usize,
     /// Offset and length of the payload (the bytes covered by the CRC).
     payload: usize,
     len: usize,
@@ -214,52 +212,28 @@ struct Rec {
     end: usize,
 }
 
-/// Parses records until the data ends, a zero length (preallocated space),
-/// or a frame that runs past the end of the file.
-fn parse_wal(kind: Kind, data: &[u8]) -> Vec<Rec> {
+/// Parses etcd's WAL framing (which oxcd writes too) until the data ends, a zero length
+/// (preallocated space), or a frame that runs past the end of the file.
+fn parse_wal(data: &[u8]) -> Vec<Rec> {
     let mut recs = Vec::new();
     let mut off = 0usize;
-    loop {
-        match kind {
-            Kind::Oxcd => {
-                if off + 8 > data.len() {
-                    break;
-                }
-                let len = u32::from_le_bytes(data[off..off + 4].try_into().unwrap()) as usize;
-                if len == 0 || off + 8 + len > data.len() {
-                    break;
-                }
-                recs.push(Rec {
-                    start: off,
-                    payload: off + 8,
-                    len,
-                    end: off + 8 + len,
-                });
-                off += 8 + len;
-            }
-            Kind::Etcd | Kind::Etcd36 | Kind::Etcd37 => {
-                if off + 8 > data.len() {
-                    break;
-                }
-                let field = i64::from_le_bytes(data[off..off + 8].try_into().unwrap());
-                let len = (field as u64 & !(0xffu64 << 56)) as usize;
-                let pad = if field < 0 {
-                    ((field as u64 >> 56) & 0x7) as usize
-                } else {
-                    0
-                };
-                if len == 0 || off + 8 + len + pad > data.len() {
-                    break;
-                }
-                recs.push(Rec {
-                    start: off,
-                    payload: off + 8,
-                    len,
-                    end: off + 8 + len + pad,
-                });
-                off += 8 + len + pad;
-            }
+    while off + 8 <= data.len() {
+        let field = u64::from_le_bytes(data[off..off + 8].try_into().unwrap());
+        let len = (field & !(0xffu64 << 56)) as usize;
+        let pad = if field >> 63 == 1 {
+            ((field >> 56) & 0x7) as usize
+        } else {
+            0
+        };
+        if len == 0 || off + 8 + len + pad > data.len() {
+            break;
         }
+        recs.push(Rec {
+            payload: off + 8,
+            len,
+            end: off + 8 + len + pad,
+        });
+        off += 8 + len + pad;
     }
     recs
 }
@@ -280,7 +254,7 @@ fn wal_segments(dir: &Path) -> Vec<PathBuf> {
 fn newest_segment(server: &Server) -> (PathBuf, Vec<u8>, Vec<Rec>) {
     let path = wal_segments(&server.wal_dir()).pop().unwrap();
     let data = std::fs::read(&path).unwrap();
-    let recs = parse_wal(server.kind, &data);
+    let recs = parse_wal(&data);
     let end = recs.last().map_or(0, |r| r.end);
     assert!(
         !recs.is_empty() && data[end..].iter().all(|b| *b == 0),
@@ -289,13 +263,6 @@ fn newest_segment(server: &Server) -> (PathBuf, Vec<u8>, Vec<Rec>) {
         recs.len(),
         data.len()
     );
-    if server.kind == Kind::Oxcd {
-        let r = recs[0];
-        let crc = u32::from_le_bytes(data[r.start + 4..r.start + 8].try_into().unwrap());
-        if crc != crc32fast::hash(&data[r.payload..r.payload + r.len]) {
-            eprintln!("note: first WAL record's CRC is not a plain CRC32 of its payload");
-        }
-    }
     (path, data, recs)
 }
 
@@ -335,16 +302,7 @@ async fn torn_wal_tail_is_truncated_on_restart() {
     // 1. A partial record: a header promising 1000 bytes, then only 10.
     let (path, _, recs) = newest_segment(&server);
     let tail = recs.last().unwrap().end;
-    let mut partial = Vec::new();
-    match server.kind {
-        Kind::Oxcd => {
-            partial.extend_from_slice(&1000u32.to_le_bytes());
-            partial.extend_from_slice(&0xdead_beefu32.to_le_bytes());
-        }
-        Kind::Etcd | Kind::Etcd36 | Kind::Etcd37 => {
-            partial.extend_from_slice(&1000u64.to_le_bytes())
-        }
-    }
+    let mut partial = 1000u64.to_le_bytes().to_vec();
     partial.extend_from_slice(b"0123456789");
     write_at(&path, tail, &partial);
     server.restart().await;
@@ -420,7 +378,7 @@ async fn corrupt_wal_record_in_the_middle_fails_startup() {
     write_at(&path, at, &[data[at] ^ 0xff]);
     let after = std::fs::read(&path).unwrap();
     assert_eq!(
-        parse_wal(server.kind, &after).len(),
+        parse_wal(&after).len(),
         recs.len(),
         "framing must survive the flip"
     );

@@ -83,6 +83,8 @@ pub async fn serve(
         }
     }
     let incoming = async_stream_incoming(server.clone(), listener, mode, serves);
+    // grpc.health.v1 answers SERVING for the server as a whole (service ""), as etcd's does.
+    let (_health, health_service) = tonic_health::server::health_reporter();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
@@ -122,6 +124,7 @@ pub async fn serve(
             ElectionServer::new(election::ElectionService(server.clone()))
                 .max_decoding_message_size(max),
         )
+        .add_service(health_service)
         .serve_with_incoming(incoming)
         .await?;
     Ok(())

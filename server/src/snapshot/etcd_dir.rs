@@ -22,8 +22,8 @@ use crate::mvcc::{self, Crc32c, Store};
 use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
 use crate::pb::etcdserverpb::{Member, MemberUpdateRequest};
 use crate::pb::oxcdpb::{
-    raft_request::Request, Authenticate, ConfChangeContext, MemberAttributes, RaftRequest, UserAdd,
-    UserChangePassword,
+    raft_request::Request, Attributes, Authenticate, ConfChangeContext, MemberAttributes,
+    RaftRequest, UserAdd, UserChangePassword,
 };
 use crate::wal::Wal;
 use prost::Message as _;
@@ -419,15 +419,17 @@ fn published_attributes(r: &wire::RequestV2) -> Option<MemberAttributes> {
     let j: serde_json::Value = serde_json::from_str(&r.val).ok()?;
     Some(MemberAttributes {
         id,
-        name: j["name"].as_str().unwrap_or_default().to_string(),
-        client_urls: j["clientURLs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        attributes: Some(Attributes {
+            name: j["name"].as_str().unwrap_or_default().to_string(),
+            client_urls: j["clientURLs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }),
     })
 }
 
@@ -442,7 +444,7 @@ fn payload(data: &[u8]) -> Option<Payload> {
     // A v2 request's method parses as a malformed message in field 2, so InternalRaftRequest
     // fails on it, as gogoproto's does.
     // Txns nested deeper than oxcd applies are measured before decoding (no recursion limit).
-    if crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Holding(6)) {
+    if crate::pb::nesting::too_deep(data, crate::pb::nesting::Root::Entry) {
         return None;
     }
     match wire::InternalRaftRequest::decode(data) {
@@ -607,9 +609,9 @@ impl Members {
     }
 
     fn publish(&mut self, a: MemberAttributes) {
-        if let Some(m) = self.members.get_mut(&a.id) {
-            m.name = a.name;
-            m.client_ur_ls = a.client_urls;
+        if let (Some(m), Some(attrs)) = (self.members.get_mut(&a.id), a.attributes) {
+            m.name = attrs.name;
+            m.client_ur_ls = attrs.client_urls;
         }
     }
 
@@ -829,8 +831,15 @@ pub fn import(dir: &EtcdDataDir, bcrypt_cost: u32) -> Result<Imported> {
         ..Default::default()
     };
     snapshot.set_conf_state(conf_state);
-    let mut oxcd_wal =
-        Wal::create(&wal_staging, snapshot).map_err(|e| invalid(format!("oxcd's WAL: {e}")))?;
+    let mut oxcd_wal = Wal::create(
+        &wal_staging,
+        snapshot,
+        crate::wal::Metadata {
+            node_id: meta.node_id,
+            cluster_id: meta.cluster_id,
+        },
+    )
+    .map_err(|e| invalid(format!("oxcd's WAL: {e}")))?;
     let hard_state = HardState {
         term: hs.term.max(term),
         vote: hs.vote,
@@ -1114,7 +1123,7 @@ mod tests {
         assert_eq!(replayed.entries[0].index, 3);
         assert!(matches!(&tail[0].request, Some(Request::Put(p)) if p.key == b"b"));
         assert!(
-            matches!(&tail[1].request, Some(Request::MemberAttributes(a)) if a.id == id && a.name == "n1")
+            matches!(&tail[1].request, Some(Request::MemberAttributes(a)) if a.id == id && a.attributes.as_ref().is_some_and(|x| x.name == "n1"))
         );
 
         let (store, recovered) = Store::open(&member.join("db")).unwrap();
@@ -1139,8 +1148,11 @@ mod tests {
         };
         let a = published_attributes(&r).unwrap();
         assert_eq!(a.id, 0x8e9e05c52164694d);
-        assert_eq!(a.name, "default");
-        assert_eq!(a.client_urls, ["http://localhost:2379"]);
+        assert_eq!(a.attributes.as_ref().unwrap().name, "default");
+        assert_eq!(
+            a.attributes.as_ref().unwrap().client_urls,
+            ["http://localhost:2379"]
+        );
 
         let v3 = wire::InternalRaftRequest {
             header: Some(wire::RequestHeader {

@@ -195,8 +195,15 @@ fn build(
         Some(w) => w.to_path_buf(),
         None => member_dir.join("wal"),
     };
-    let mut wal =
-        Wal::create(&wal_path, meta).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    let mut wal = Wal::create(
+        &wal_path,
+        meta,
+        crate::wal::Metadata {
+            node_id: member_id,
+            cluster_id,
+        },
+    )
+    .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     let hs = HardState {
         term,
         commit: index,
