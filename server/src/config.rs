@@ -329,6 +329,18 @@ pub struct Flags {
     /// Deprecated in etcd 3.6: --warning-apply-duration.
     #[arg(long, env = "ETCD_EXPERIMENTAL_WARNING_APPLY_DURATION", hide = true)]
     pub experimental_warning_apply_duration: Option<String>,
+    /// Sets the maximum revisions deleted in each compaction batch.
+    #[arg(long, env = "ETCD_COMPACTION_BATCH_LIMIT")]
+    pub compaction_batch_limit: Option<i64>,
+    /// Deprecated in etcd 3.6: --compaction-batch-limit.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_BATCH_LIMIT", hide = true)]
+    pub experimental_compaction_batch_limit: Option<i64>,
+    /// Sets the sleep interval between each compaction batch.
+    #[arg(long, env = "ETCD_COMPACTION_SLEEP_INTERVAL")]
+    pub compaction_sleep_interval: Option<String>,
+    /// Deprecated in etcd 3.6: --compaction-sleep-interval.
+    #[arg(long, env = "ETCD_EXPERIMENTAL_COMPACTION_SLEEP_INTERVAL", hide = true)]
+    pub experimental_compaction_sleep_interval: Option<String>,
     /// Entries a slow follower can catch up from after a snapshot, before it is sent one.
     #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES")]
     pub snapshot_catchup_entries: Option<u64>,
@@ -402,6 +414,10 @@ pub struct Config {
     pub snapshot_count: u64,
     /// WAL segments kept once a snapshot point covers them (0: all).
     pub max_wals: u64,
+    /// Revisions a physical compaction deletes per backend batch, and its pause between
+    /// batches (etcd's --compaction-batch-limit, --compaction-sleep-interval).
+    pub compaction_batch_limit: usize,
+    pub compaction_sleep_interval: Duration,
     /// Raft entries kept after a snapshot for slow followers (etcd's SnapshotCatchUpEntries).
     pub snapshot_catchup_entries: u64,
     /// Slow unary requests and slow applies are logged past these.
@@ -1229,6 +1245,27 @@ impl Flags {
             &self.experimental_warning_apply_duration,
             "100ms",
         )?;
+        let batch_limit = promoted(
+            "compaction-batch-limit",
+            self.compaction_batch_limit.map(|n| n.to_string()),
+            self.experimental_compaction_batch_limit
+                .map(|n| n.to_string()),
+            &mut deprecations,
+        )?;
+        // etcd takes any value; one below 1 deletes a revision per batch.
+        let compaction_batch_limit = batch_limit
+            .map_or(Ok(1000), |v| v.parse::<i64>())
+            .map_err(|_| invalid("compaction-batch-limit", "", "not an integer"))?
+            .max(1) as usize;
+        let sleep = promoted(
+            "compaction-sleep-interval",
+            self.compaction_sleep_interval.clone(),
+            self.experimental_compaction_sleep_interval.clone(),
+            &mut deprecations,
+        )?
+        .unwrap_or_else(|| "10ms".to_string());
+        let compaction_sleep_interval = parse_go_duration(&sleep)
+            .ok_or_else(|| invalid("compaction-sleep-interval", &sleep, "not a duration"))?;
         let catchup = promoted(
             "snapshot-catchup-entries",
             self.snapshot_catchup_entries.map(|n| n.to_string()),
@@ -1336,6 +1373,8 @@ impl Flags {
             election_ticks: (self.election_timeout / self.heartbeat_interval) as usize,
             snapshot_count: self.snapshot_count,
             max_wals: self.max_wals,
+            compaction_batch_limit,
+            compaction_sleep_interval,
             snapshot_catchup_entries,
             warning_unary_request_duration,
             warning_apply_duration,

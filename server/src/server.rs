@@ -631,6 +631,10 @@ impl EtcdServer {
             snapshot_count: cfg.snapshot_count,
             catchup_entries: cfg.snapshot_catchup_entries,
             warn_apply: cfg.warning_apply_duration,
+            compaction_pace: mvcc::CompactionPace {
+                batch_limit: cfg.compaction_batch_limit,
+                sleep: cfg.compaction_sleep_interval,
+            },
         };
         std::thread::Builder::new()
             .name("apply".into())
@@ -1329,6 +1333,7 @@ struct Applier {
     catchup_entries: u64,
     /// `--warning-apply-duration`.
     warn_apply: Duration,
+    compaction_pace: mvcc::CompactionPace,
 }
 
 impl Applier {
@@ -1376,6 +1381,7 @@ impl Applier {
     /// members; watchers re-read history from the new backend.
     fn install(&mut self, i: crate::raft_node::Install) {
         let index = i.meta.index;
+        crate::failpoint::hit("applyBeforeOpenSnapshot");
         let rec = match self.store.install(&i.name, i.db, index, i.meta.term) {
             Ok(r) => r,
             Err(e) => {
@@ -1497,6 +1503,7 @@ impl Applier {
     /// A committed membership change: Raft's configuration first, then the member list, the
     /// peer transport and the persisted configuration (in one batch with the index).
     fn apply_conf_change(&mut self, g: &mut Group<'_>, index: u64, data: &[u8]) {
+        crate::failpoint::hit("beforeApplyOneConfChange");
         let cc = match ConfChangeV2::parse_from_bytes(data) {
             Ok(cc) => cc,
             Err(e) => {
@@ -1783,8 +1790,9 @@ impl Applier {
                 let (done_tx, done_rx) = oneshot::channel();
                 let store = self.store.clone();
                 let rev = c.revision;
+                let pace = self.compaction_pace;
                 std::thread::spawn(move || {
-                    if let Err(e) = store.compact_backend(rev, &keep, Some(prev)) {
+                    if let Err(e) = store.compact_backend(rev, &keep, Some(prev), pace) {
                         tracing::error!(revision = rev, error = %e, "physical compaction failed");
                     }
                     let _ = done_tx.send(());

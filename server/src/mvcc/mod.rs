@@ -310,6 +310,23 @@ fn remove_generations_except(dir: &Path, keep: &str) {
     }
 }
 
+/// How a physical compaction paces itself (etcd's --compaction-batch-limit and
+/// --compaction-sleep-interval; their defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct CompactionPace {
+    pub batch_limit: usize,
+    pub sleep: std::time::Duration,
+}
+
+impl Default for CompactionPace {
+    fn default() -> Self {
+        CompactionPace {
+            batch_limit: 1000,
+            sleep: std::time::Duration::from_millis(10),
+        }
+    }
+}
+
 impl Store {
     fn open_db(path: &Path) -> Result<sled::Db> {
         Ok(sled::Config::new()
@@ -436,7 +453,12 @@ impl Store {
         if scheduled > finished {
             // A compaction was cut short by a crash: finish it, as etcd does on start.
             let keep = store.compact_index(scheduled);
-            store.compact_backend(scheduled, &keep, None)?;
+            // Nothing is served yet: no writers to leave room for.
+            let pace = CompactionPace {
+                batch_limit: 10_000,
+                sleep: std::time::Duration::ZERO,
+            };
+            store.compact_backend(scheduled, &keep, None, pace)?;
         }
         Ok((store, rec))
     }
@@ -583,6 +605,7 @@ impl Store {
         let path = self.dir.join(&name);
         let _ = std::fs::remove_dir_all(&path);
         let fresh = Self::open_db(&path)?;
+        crate::failpoint::hit("defragBeforeCopy");
         let copied = (|| {
             let mut batch = sled::Batch::default();
             for (i, item) in self.db().iter().enumerate() {
@@ -596,6 +619,9 @@ impl Store {
             fresh.flush()?;
             Ok::<_, MvccError>(())
         })();
+        if copied.is_ok() {
+            crate::failpoint::hit("defragBeforeRename");
+        }
         if let Err(e) = copied.and_then(|_| Self::set_current(&self.dir, &name)) {
             drop(fresh);
             let _ = std::fs::remove_dir_all(&path);
@@ -726,8 +752,10 @@ impl Store {
                 return Err(MvccError::FutureRev);
             }
             // Written under the state lock so that it lands in the current generation.
+            crate::failpoint::hit("compactBeforeCommitScheduledCompact");
             self.db()
                 .insert(META_SCHEDULED_COMPACT, &(rev as u64).to_be_bytes())?;
+            crate::failpoint::hit("compactAfterCommitScheduledCompact");
         }
         Ok(self.compact_index(rev))
     }
@@ -743,8 +771,9 @@ impl Store {
         keep
     }
 
-    /// Physically removes the history compacted away at `rev`, in bounded batches so that
-    /// writers interleave with it.
+    /// Physically removes the history compacted away at `rev` in batches of `pace.batch_limit`
+    /// revisions with `pace.sleep` between them, so that writers interleave with it (etcd's
+    /// --compaction-batch-limit and --compaction-sleep-interval).
     /// With `prev` (the compaction before this one), it also takes etcd's compaction hash at
     /// `rev` on the way, from the records as they were.
     pub fn compact_backend(
@@ -752,6 +781,7 @@ impl Store {
         rev: i64,
         keep: &HashSet<Revision>,
         prev: Option<i64>,
+        pace: CompactionPace,
     ) -> Result<()> {
         let _m = self.maintenance.lock();
         let end = Revision::backend_lower_bound(rev + 1);
@@ -766,16 +796,23 @@ impl Store {
                 }
                 if !keep.contains(&r) {
                     batch.remove(k);
-                    n += 1;
                 }
             }
-            if n >= 10_000 {
+            n += 1;
+            if n >= pace.batch_limit {
+                crate::failpoint::hit("compactBeforeCommitBatch");
                 self.db().apply_batch(std::mem::take(&mut batch))?;
+                crate::failpoint::hit("compactAfterCommitBatch");
                 n = 0;
+                if !pace.sleep.is_zero() {
+                    std::thread::sleep(pace.sleep);
+                }
             }
         }
         batch.insert(META_FINISHED_COMPACT, &(rev as u64).to_be_bytes());
+        crate::failpoint::hit("compactBeforeSetFinishedCompact");
         self.db().apply_batch(batch)?;
+        crate::failpoint::hit("compactAfterSetFinishedCompact");
         if let (Some(h), Some(prev)) = (hasher, prev) {
             let mut hashes = self.compaction_hashes.lock();
             if hashes.len() == 10 {
@@ -1065,9 +1102,11 @@ impl WriteTxn<'_> {
         self.batch
             .insert(META_CONSISTENT_INDEX, &consistent_index.to_be_bytes());
         let timer = crate::metrics::METRICS.backend_commit.start_timer();
+        crate::failpoint::hit("beforeCommit");
         self.store
             .db()
             .apply_batch(std::mem::take(&mut self.batch))?;
+        crate::failpoint::hit("afterCommit");
         timer.observe_duration();
         self.state.current_rev = self.begin_rev;
         Ok(self.begin_rev)
@@ -1163,7 +1202,9 @@ mod maintenance_tests {
         fill(&store, &mut index, 2_000);
         let rev = store.current_rev();
         let keep = store.schedule_compaction(rev).unwrap();
-        store.compact_backend(rev, &keep, None).unwrap();
+        store
+            .compact_backend(rev, &keep, None, CompactionPace::default())
+            .unwrap();
         store.sync(index).unwrap();
         let before_kv = store.hash_kv(0).unwrap();
         let before_keys = all(&store);
