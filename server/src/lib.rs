@@ -9,6 +9,7 @@ pub mod concurrency;
 pub mod config;
 pub mod corrupt;
 pub mod error;
+pub mod failpoint;
 pub mod features;
 #[doc(hidden)]
 pub mod fuzzing;

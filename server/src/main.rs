@@ -66,6 +66,11 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!("{warning}");
     }
     cfg.log_starting();
+    #[cfg(feature = "failpoints")]
+    if let Err(e) = oxcd::failpoint::start() {
+        eprintln!("oxcd: failpoints: {e}");
+        std::process::exit(2);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

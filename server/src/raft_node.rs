@@ -411,7 +411,11 @@ impl RaftNode {
         if let Some(ss) = ready.ss() {
             self.on_soft_state(ss.leader_id, ss.raft_state);
         }
+        let leading = self.node.raft.state == raft::StateRole::Leader;
         // Messages that do not depend on this Ready's entries go out before the fsync.
+        if leading {
+            crate::failpoint::hit("raftBeforeLeaderSend");
+        }
         self.transport.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone())?;
@@ -426,8 +430,13 @@ impl RaftNode {
             self.node.mut_store().wl().set_hardstate(hs.clone());
             self.status.term.store(hs.term, Ordering::Relaxed);
         }
+        crate::failpoint::hit("raftBeforeSave");
         self.wal.append(ready.entries(), hs.as_ref())?;
         self.wal.sync()?;
+        crate::failpoint::hit("raftAfterSave");
+        if !leading {
+            crate::failpoint::hit("raftBeforeFollowerSend");
+        }
         self.transport.send(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
             if let Some(senders) = self.reads_in_flight.remove(&rs.request_ctx) {
@@ -483,8 +492,14 @@ impl RaftNode {
         wait.recv()?;
         let mut hs = self.node.store().rl().hard_state().clone();
         hs.commit = hs.commit.max(meta.index);
+        crate::failpoint::hit("raftBeforeSaveSnap");
         self.wal.reset_to(meta.clone(), hs)?;
+        crate::failpoint::hit("raftAfterSaveSnap");
+        crate::failpoint::hit("raftBeforeApplySnap");
         self.node.mut_store().wl().apply_snapshot(snap)?;
+        crate::failpoint::hit("raftAfterApplySnap");
+        // The log before the snapshot went with the reset.
+        crate::failpoint::hit("raftAfterWALRelease");
         self.status.commit.fetch_max(meta.index, Ordering::Relaxed);
         tracing::info!(
             index = meta.index,

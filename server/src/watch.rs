@@ -200,6 +200,7 @@ impl<C: WatchContext> WatchStream<C> {
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), ()> {
+        crate::failpoint::hit_async("beforeSendWatchResponse");
         self.out.send(Ok(resp)).await.map_err(|_| ())
     }
 
