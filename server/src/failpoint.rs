@@ -43,6 +43,85 @@ pub const NAMES: &[&str] = &[
     "beforeSendWatchResponse",
 ];
 
+// The term grammar is compiled (and tested) in every build; only the feature uses it.
+use std::time::Duration;
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+#[derive(Clone, Debug, PartialEq)]
+enum Action {
+    Off,
+    Panic,
+    Sleep(Duration),
+    Print,
+    Return(String),
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+#[derive(Clone, Debug)]
+struct Term {
+    text: String,
+    action: Action,
+    /// Acts this many more times (None: always).
+    left: Option<u64>,
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(ms) = s.parse::<u64>() {
+        return Some(Duration::from_millis(ms));
+    }
+    let split = s.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ns" => n / 1e9,
+        "us" | "µs" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn parse_term(text: &str) -> Result<Term, String> {
+    let t = text.trim();
+    let (left, rest) = match t.split_once('*') {
+        Some((n, rest)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
+            (Some(n.parse::<u64>().map_err(|e| e.to_string())?), rest)
+        }
+        _ => (None, t),
+    };
+    let (name, arg) = match rest.split_once('(') {
+        Some((name, arg)) => (
+            name,
+            Some(
+                arg.strip_suffix(')')
+                    .ok_or_else(|| format!("unbalanced parentheses in {text:?}"))?,
+            ),
+        ),
+        None => (rest, None),
+    };
+    let action = match (name, arg) {
+        ("off", None) => Action::Off,
+        ("panic", _) => Action::Panic,
+        ("print", _) => Action::Print,
+        ("sleep", Some(d)) => {
+            Action::Sleep(parse_duration(d).ok_or_else(|| format!("bad duration {d:?}"))?)
+        }
+        ("return", arg) => Action::Return(arg.unwrap_or_default().to_string()),
+        _ => return Err(format!("unsupported failpoint term {text:?}")),
+    };
+    Ok(Term {
+        text: t.to_string(),
+        action,
+        left,
+    })
+}
+
 /// Acts on the point's term, if it is armed.
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
@@ -59,7 +138,7 @@ pub use enabled::{hit, hit_async, start};
 
 #[cfg(feature = "failpoints")]
 mod enabled {
-    use super::NAMES;
+    use super::{parse_term, Action, Term, NAMES};
     use std::collections::HashMap;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::{TcpListener, TcpStream};
@@ -67,80 +146,8 @@ mod enabled {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    #[derive(Clone, Debug, PartialEq)]
-    enum Action {
-        Off,
-        Panic,
-        Sleep(Duration),
-        Print,
-        Return(String),
-    }
-
-    #[derive(Clone, Debug)]
-    struct Term {
-        text: String,
-        action: Action,
-        /// Acts this many more times (None: always).
-        left: Option<u64>,
-    }
-
     static ARMED: AtomicBool = AtomicBool::new(false);
     static TERMS: Mutex<Option<HashMap<String, Term>>> = Mutex::new(None);
-
-    fn parse_duration(s: &str) -> Option<Duration> {
-        let s = s.trim().trim_matches('"');
-        if let Ok(ms) = s.parse::<u64>() {
-            return Some(Duration::from_millis(ms));
-        }
-        let split = s.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
-        let (num, unit) = s.split_at(split);
-        let n: f64 = num.parse().ok()?;
-        let secs = match unit {
-            "ns" => n / 1e9,
-            "us" | "µs" => n / 1e6,
-            "ms" => n / 1e3,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
-            _ => return None,
-        };
-        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
-    }
-
-    fn parse_term(text: &str) -> Result<Term, String> {
-        let t = text.trim();
-        let (left, rest) = match t.split_once('*') {
-            Some((n, rest)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
-                (Some(n.parse::<u64>().map_err(|e| e.to_string())?), rest)
-            }
-            _ => (None, t),
-        };
-        let (name, arg) = match rest.split_once('(') {
-            Some((name, arg)) => (
-                name,
-                Some(
-                    arg.strip_suffix(')')
-                        .ok_or_else(|| format!("unbalanced parentheses in {text:?}"))?,
-                ),
-            ),
-            None => (rest, None),
-        };
-        let action = match (name, arg) {
-            ("off", None) => Action::Off,
-            ("panic", _) => Action::Panic,
-            ("print", _) => Action::Print,
-            ("sleep", Some(d)) => {
-                Action::Sleep(parse_duration(d).ok_or_else(|| format!("bad duration {d:?}"))?)
-            }
-            ("return", arg) => Action::Return(arg.unwrap_or_default().to_string()),
-            _ => return Err(format!("unsupported failpoint term {text:?}")),
-        };
-        Ok(Term {
-            text: t.to_string(),
-            action,
-            left,
-        })
-    }
 
     fn set(name: &str, text: &str) -> Result<(), String> {
         if !NAMES.contains(&name) {
@@ -296,32 +303,37 @@ mod enabled {
         use super::*;
 
         #[test]
-        fn parses_gofails_terms() {
-            assert_eq!(parse_term("panic").unwrap().action, Action::Panic);
-            assert_eq!(
-                parse_term("sleep(\"1s\")").unwrap().action,
-                Action::Sleep(Duration::from_secs(1))
-            );
-            assert_eq!(
-                parse_term("sleep(100)").unwrap().action,
-                Action::Sleep(Duration::from_millis(100))
-            );
-            let t = parse_term("2*sleep(\"10ms\")").unwrap();
-            assert_eq!(
-                (t.left, t.action),
-                (Some(2), Action::Sleep(Duration::from_millis(10)))
-            );
-            assert!(parse_term("explode").is_err());
-            assert!(set("noSuchPoint", "panic").is_err());
-        }
-
-        #[test]
         fn a_counted_term_disarms_itself() {
+            assert!(set("noSuchPoint", "panic").is_err());
             set("defragBeforeRename", "2*sleep(1)").unwrap();
             assert!(get("defragBeforeRename").is_some());
             hit("defragBeforeRename");
             hit("defragBeforeRename");
             assert_eq!(get("defragBeforeRename"), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_gofails_terms() {
+        assert_eq!(parse_term("panic").unwrap().action, Action::Panic);
+        assert_eq!(
+            parse_term("sleep(\"1s\")").unwrap().action,
+            Action::Sleep(Duration::from_secs(1))
+        );
+        assert_eq!(
+            parse_term("sleep(100)").unwrap().action,
+            Action::Sleep(Duration::from_millis(100))
+        );
+        let t = parse_term("2*sleep(\"10ms\")").unwrap();
+        assert_eq!(
+            (t.left, t.action),
+            (Some(2), Action::Sleep(Duration::from_millis(10)))
+        );
+        assert!(parse_term("explode").is_err());
     }
 }
