@@ -98,3 +98,10 @@ e2e/etcd-suite/run.sh --tests e2e/etcd-suite/passing.txt --retries 1 --timeout 1
 # e2e/etcd-suite/v3.6 with the machine's Go), on the tests oxcd passes.
 e2e/etcd-suite/run.sh --etcd 3.6 --tests e2e/etcd-suite/passing-3.6.txt --retries 1 \
     --timeout 120 --out target/etcd-e2e-3.6/out-ci
+
+# etcd 3.6's robustness suite (tests/v3/robustness, built from the Go module pinned in
+# e2e/robustness/v3.6): every scenario once, against oxcd built with its failpoints, with the
+# suite's random choices from a fixed seed; about 2 minutes (the rebuild with the feature about 2).
+# The long run with etcd 3.6 beside it is e2e/robustness/long-run.sh.
+e2e/robustness/run.sh --server "$(e2e/robustness/oxcd-failpoints.sh)" --fixed-seed \
+    --out target/robustness-3.6/out-ci
