@@ -95,8 +95,10 @@ e2e/etcd-suite/run.sh --tests e2e/etcd-suite/passing.txt --retries 1 --timeout 1
     --out target/etcd-e2e/out-ci
 
 # etcd 3.6's own e2e suite (tests/v3 e2e and common, built from the Go module pinned in
-# e2e/etcd-suite/v3.6 with the machine's Go), on the tests oxcd passes.
-e2e/etcd-suite/run.sh --etcd 3.6 --tests e2e/etcd-suite/passing-3.6.txt --retries 1 \
+# e2e/etcd-suite/v3.6 with the machine's Go), on the tests oxcd passes. A test that fails is
+# run twice more (a pass then counts as flaky): CI's one failure of this list in 225 could not
+# be reproduced in three runs of its candidates here; its name and log end are printed last.
+e2e/etcd-suite/run.sh --etcd 3.6 --tests e2e/etcd-suite/passing-3.6.txt --retries 2 \
     --timeout 120 --out target/etcd-e2e-3.6/out-ci
 
 # etcd 3.6's robustness suite (tests/v3/robustness, built from the Go module pinned in

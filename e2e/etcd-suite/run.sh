@@ -347,6 +347,12 @@ elapsed=$(( $(date +%s) - start ))
   echo "tests: $ntests, wall time: ${elapsed}s"
   echo "$npass passed, $nfail failed, $nskip skipped"
 } > "$OUT/summary.txt"
+# What failed, and the end of each failed test's log, last: CI keeps only the tail of the output.
+awk -F'\t' 'NR > 1 && $2 != "pass" && $2 != "skip" { print $1 "\t" $2 }' "$RESULTS" |
+while IFS=$'\t' read -r name res; do
+  echo "== $name: $res (last lines of $OUT/logs/$name.log)"
+  if [ "$res" != flaky ]; then tail -n 25 "$OUT/logs/$name.log" | cut -c1-300; fi
+done
 echo "wall time: ${elapsed}s; results: $RESULTS"
 echo "$npass passed, $nfail failed, $nskip skipped"
 [ "$nfail" -eq 0 ]
