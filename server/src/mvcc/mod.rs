@@ -1216,7 +1216,10 @@ mod maintenance_tests {
             .find(|(k, _)| k.as_slice() == META_CONSISTENT_INDEX)
             .map(|(_, v)| u64::from_be_bytes(v.as_slice().try_into().unwrap()));
         assert_eq!(ci, Some(index));
-        assert_eq!(copied_at, index, "the copy holds the writes of entries 1..={index}");
+        assert_eq!(
+            copied_at, index,
+            "the copy holds the writes of entries 1..={index}"
+        );
     }
 
     #[test]
