@@ -534,3 +534,265 @@ fn utc_now() -> String {
         .expect("date");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// The operator installed as users install it (`helm install` of `charts/oxcd-operator`) on a
+/// real control plane that stores its state in oxcd, and run with the chart's ServiceAccount
+/// and RBAC, so a permission the chart forgot fails here. The real API server enforces the
+/// CRD's schema and CEL rules, the real StatefulSet controller takes the operator's
+/// StatefulSet, and the real garbage collector removes what the operator owned. Without a
+/// kubelet the members never start: what is checked is everything up to running them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_on_a_real_api_server_with_its_charts_rbac() {
+    let _serial = support::serial_cluster_test();
+    let cluster = Cluster::start(Kind::subject(), 1).await;
+    let k = ControlPlane::start(&cluster.endpoints(), &[]).await;
+
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/oxcd-operator");
+    support::run_ok(
+        "helm install",
+        std::process::Command::new("helm")
+            .args(["install", "oxcd", chart, "--namespace", "oxcd-system"])
+            .args(["--create-namespace", "--kubeconfig"])
+            .arg(&k.kubeconfig),
+    );
+    let sa = k
+        .kubectl(&[
+            "get",
+            "deployments",
+            "-n",
+            "oxcd-system",
+            "-o",
+            "jsonpath={.items[0].spec.template.spec.serviceAccountName}",
+        ])
+        .await
+        .ok()
+        .trim()
+        .to_string();
+    assert!(
+        !sa.is_empty(),
+        "the chart's Deployment names no ServiceAccount"
+    );
+    let token = k
+        .kubectl(&["create", "token", &sa, "-n", "oxcd-system", "--duration=1h"])
+        .await
+        .ok()
+        .trim()
+        .to_string();
+    let admin = std::fs::read_to_string(&k.kubeconfig).expect("read kubeconfig");
+    let (before, _) = admin
+        .split_once("token: ")
+        .expect("a token in the kubeconfig");
+    let after = &admin[before.len() + "token: ".len()..];
+    let rest = &after[after.find('\n').unwrap_or(after.len())..];
+    let operator_kubeconfig = k.dir().join("operator.kubeconfig");
+    std::fs::write(
+        &operator_kubeconfig,
+        format!("{before}token: {token}{rest}"),
+    )
+    .expect("write kubeconfig");
+
+    // The operator's binary, beside the server's (`cargo test --workspace` builds both).
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_oxcd")).with_file_name("oxcd-operator");
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo build --release -p oxcd-operator` (cargo test --workspace builds it)",
+        binary.display()
+    );
+    let log_path = k.dir().join("oxcd-operator.log");
+    let log_file = std::fs::File::create(&log_path).expect("create log");
+    let mut operator = tokio::process::Command::new(&binary)
+        .args(["run", "--http-addr"])
+        .arg(format!("127.0.0.1:{}", support::free_port()))
+        .env("KUBECONFIG", &operator_kubeconfig)
+        .env("POD_NAMESPACE", "oxcd-system")
+        .env("POD_NAME", "oxcd-operator-test")
+        .stdout(log_file.try_clone().expect("clone log"))
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn oxcd-operator");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Every call the chart's RBAC refuses is logged by the operator with the API's "forbidden".
+    let assert_allowed = || {
+        let text = log();
+        let refused: Vec<&str> = text.lines().filter(|l| l.contains("forbidden")).collect();
+        assert!(
+            refused.is_empty(),
+            "the chart's RBAC refused the operator:\n{}",
+            refused.join("\n")
+        );
+    };
+
+    k.kubectl(&["create", "namespace", "db"]).await.ok();
+    k.apply(DEMO).await.ok();
+    // The operator's StatefulSet, taken by the real StatefulSet controller: it creates Pods.
+    eventually(
+        "the StatefulSet controller to create the first member's Pod",
+        60,
+        || async {
+            assert_allowed();
+            k.kubectl(&["get", "pod", "demo-0", "-n", "db", "-o", "name"])
+                .await
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+    for (kind, name) in [
+        ("statefulset", "demo"),
+        ("service", "demo"),
+        ("service", "demo-peer"),
+        ("poddisruptionbudget", "demo"),
+        ("configmap", "demo-bootstrap"),
+    ] {
+        let owner = k
+            .kubectl(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                "db",
+                "-o",
+                "jsonpath={.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}",
+            ])
+            .await;
+        assert_eq!(owner.ok(), "EtcdCluster/demo", "owner of {kind} {name}");
+    }
+    // The operator reports status through the status subresource, and the printer columns show it.
+    eventually("the operator to report a phase", 60, || async {
+        let phase = k
+            .kubectl(&[
+                "get",
+                "etcdc",
+                "demo",
+                "-n",
+                "db",
+                "-o",
+                "jsonpath={.status.phase}",
+            ])
+            .await;
+        (!phase.ok().trim().is_empty()).then_some(())
+    })
+    .await;
+    let table = k.kubectl(&["get", "etcdc", "-n", "db"]).await;
+    let header = first_line(table.ok());
+    for column in [
+        "NAME", "REPLICAS", "READY", "VERSION", "LEADER", "PHASE", "AGE",
+    ] {
+        assert!(
+            header.contains(column),
+            "no {column} column in `kubectl get etcdc`: {header}"
+        );
+    }
+
+    // The CRD's schema and CEL rules, enforced by the API server; nothing is created.
+    let refused = [
+        (
+            BAD_REPLICAS,
+            "bad-replicas",
+            "should be greater than or equal to 1",
+        ),
+        (BAD_FIELD, "bad-field", "unknown field \"spec.replica\""),
+        (
+            BAD_DESTINATION,
+            "bad-destination",
+            "destination must be an s3://, gs://, az:// or file:/// URL",
+        ),
+    ];
+    for (manifest, name, message) in refused {
+        let out = k.apply(manifest).await;
+        assert!(out.err().contains(message), "{name}: {}", out.stderr);
+        let get = k.kubectl(&["get", "etcdc", name, "-n", "db"]).await;
+        assert!(
+            get.err().contains("NotFound"),
+            "{name} was created: {}",
+            get.stderr
+        );
+    }
+    k.apply(&RESTORED.replace("SOURCE", "s3://backups/a.db"))
+        .await
+        .ok();
+    let changed = k
+        .apply(&RESTORED.replace("SOURCE", "s3://backups/b.db"))
+        .await;
+    assert!(
+        changed.err().contains("restore is immutable"),
+        "a changed spec.restore: {}",
+        changed.stderr
+    );
+
+    // Deleting the cluster: the garbage collector removes everything the operator owned.
+    k.kubectl(&["delete", "etcdcluster", "demo", "-n", "db", "--wait=false"])
+        .await
+        .ok();
+    eventually(
+        "the garbage collector to delete the StatefulSet",
+        60,
+        || async {
+            let left = k
+                .kubectl(&[
+                    "get",
+                    "statefulset,service,pdb,configmap",
+                    "-n",
+                    "db",
+                    "-o",
+                    "name",
+                ])
+                .await;
+            let left = left.ok();
+            (!left.lines().any(|l| l.contains("/demo"))).then_some(())
+        },
+    )
+    .await;
+
+    if let Ok(Some(status)) = operator.try_wait() {
+        panic!(
+            "the operator exited ({status}):\n{}",
+            support::tail(&log(), 40)
+        );
+    }
+    let _ = operator.kill().await;
+    assert_allowed();
+}
+
+const DEMO: &str = r#"
+apiVersion: oxcd.io/v1alpha1
+kind: EtcdCluster
+metadata: {name: demo, namespace: db}
+spec: {replicas: 3, version: "0.1.0"}
+"#;
+
+const BAD_REPLICAS: &str = r#"
+apiVersion: oxcd.io/v1alpha1
+kind: EtcdCluster
+metadata: {name: bad-replicas, namespace: db}
+spec: {replicas: 0, version: "0.1.0"}
+"#;
+
+const BAD_FIELD: &str = r#"
+apiVersion: oxcd.io/v1alpha1
+kind: EtcdCluster
+metadata: {name: bad-field, namespace: db}
+spec: {replica: 3, version: "0.1.0"}
+"#;
+
+const BAD_DESTINATION: &str = r#"
+apiVersion: oxcd.io/v1alpha1
+kind: EtcdCluster
+metadata: {name: bad-destination, namespace: db}
+spec:
+  replicas: 1
+  version: "0.1.0"
+  backup: {schedule: "0 * * * *", destination: "http://example.com/backups"}
+"#;
+
+const RESTORED: &str = r#"
+apiVersion: oxcd.io/v1alpha1
+kind: EtcdCluster
+metadata: {name: restored, namespace: db}
+spec:
+  replicas: 1
+  version: "0.1.0"
+  restore: {source: "SOURCE"}
+"#;
