@@ -65,25 +65,14 @@ struct Term {
     left: Option<u64>,
 }
 
+/// gofail's sleep argument: a bare number of milliseconds, or a (quoted) Go duration.
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
 fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim().trim_matches('"');
-    if let Ok(ms) = s.parse::<u64>() {
-        return Some(Duration::from_millis(ms));
+    match s.parse::<u64>() {
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => crate::duration::parse_go_duration(s),
     }
-    let split = s.find(|c: char| c.is_ascii_alphabetic() || c == 'µ')?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ns" => n / 1e9,
-        "us" | "µs" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]

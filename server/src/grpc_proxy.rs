@@ -471,7 +471,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         crate::log::Output::Stderr,
     );
     let cluster = Arc::new(Cluster::new(&flags.endpoints, flags.cluster_tls()?)?);
-    let auto_sync = crate::config::parse_go_duration(&flags.endpoints_auto_sync_interval)
+    let auto_sync = crate::duration::parse_go_duration(&flags.endpoints_auto_sync_interval)
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "invalid --endpoints-auto-sync-interval {:?}",

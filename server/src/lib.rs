@@ -8,6 +8,7 @@ pub mod benchmark;
 pub mod concurrency;
 pub mod config;
 pub mod corrupt;
+pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod features;

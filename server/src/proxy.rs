@@ -69,7 +69,7 @@ pub fn run(args: Vec<String>) -> anyhow::Result<()> {
         anyhow::bail!("--discovery-srv is not supported; list the members with --endpoints");
     }
     let retry_delay =
-        crate::config::parse_go_duration(&cli.flags.retry_delay).ok_or_else(|| {
+        crate::duration::parse_go_duration(&cli.flags.retry_delay).ok_or_else(|| {
             anyhow::anyhow!(
                 "--retry-delay {:?} is not a duration",
                 cli.flags.retry_delay

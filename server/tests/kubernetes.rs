@@ -624,7 +624,9 @@ async fn the_operator_runs_on_a_real_api_server_with_its_charts_rbac() {
     };
 
     k.kubectl(&["create", "namespace", "db"]).await.ok();
-    k.apply(DEMO).await.ok();
+    k.apply(&etcd_cluster("demo", r#"{replicas: 3, version: "0.1.0"}"#))
+        .await
+        .ok();
     // The operator's StatefulSet, taken by the real StatefulSet controller: it creates Pods.
     eventually(
         "the StatefulSet controller to create the first member's Pod",
@@ -686,22 +688,30 @@ async fn the_operator_runs_on_a_real_api_server_with_its_charts_rbac() {
         );
     }
 
+    let restored = |source: &str| {
+        let spec = format!(r#"{{replicas: 1, version: "0.1.0", restore: {{source: "{source}"}}}}"#);
+        etcd_cluster("restored", &spec)
+    };
     // The CRD's schema and CEL rules, enforced by the API server; nothing is created.
     let refused = [
         (
-            BAD_REPLICAS,
             "bad-replicas",
+            r#"{replicas: 0, version: "0.1.0"}"#,
             "should be greater than or equal to 1",
         ),
-        (BAD_FIELD, "bad-field", "unknown field \"spec.replica\""),
         (
-            BAD_DESTINATION,
+            "bad-field",
+            r#"{replica: 3, version: "0.1.0"}"#,
+            "unknown field \"spec.replica\"",
+        ),
+        (
             "bad-destination",
+            r#"{replicas: 1, version: "0.1.0", backup: {schedule: "0 * * * *", destination: "http://example.com/backups"}}"#,
             "destination must be an s3://, gs://, az:// or file:/// URL",
         ),
     ];
-    for (manifest, name, message) in refused {
-        let out = k.apply(manifest).await;
+    for (name, spec, message) in refused {
+        let out = k.apply(&etcd_cluster(name, spec)).await;
         assert!(out.err().contains(message), "{name}: {}", out.stderr);
         let get = k.kubectl(&["get", "etcdc", name, "-n", "db"]).await;
         assert!(
@@ -710,12 +720,8 @@ async fn the_operator_runs_on_a_real_api_server_with_its_charts_rbac() {
             get.stderr
         );
     }
-    k.apply(&RESTORED.replace("SOURCE", "s3://backups/a.db"))
-        .await
-        .ok();
-    let changed = k
-        .apply(&RESTORED.replace("SOURCE", "s3://backups/b.db"))
-        .await;
+    k.apply(&restored("s3://backups/a.db")).await.ok();
+    let changed = k.apply(&restored("s3://backups/b.db")).await;
     assert!(
         changed.err().contains("restore is immutable"),
         "a changed spec.restore: {}",
@@ -756,43 +762,10 @@ async fn the_operator_runs_on_a_real_api_server_with_its_charts_rbac() {
     assert_allowed();
 }
 
-const DEMO: &str = r#"
-apiVersion: oxcd.io/v1alpha1
-kind: EtcdCluster
-metadata: {name: demo, namespace: db}
-spec: {replicas: 3, version: "0.1.0"}
-"#;
-
-const BAD_REPLICAS: &str = r#"
-apiVersion: oxcd.io/v1alpha1
-kind: EtcdCluster
-metadata: {name: bad-replicas, namespace: db}
-spec: {replicas: 0, version: "0.1.0"}
-"#;
-
-const BAD_FIELD: &str = r#"
-apiVersion: oxcd.io/v1alpha1
-kind: EtcdCluster
-metadata: {name: bad-field, namespace: db}
-spec: {replica: 3, version: "0.1.0"}
-"#;
-
-const BAD_DESTINATION: &str = r#"
-apiVersion: oxcd.io/v1alpha1
-kind: EtcdCluster
-metadata: {name: bad-destination, namespace: db}
-spec:
-  replicas: 1
-  version: "0.1.0"
-  backup: {schedule: "0 * * * *", destination: "http://example.com/backups"}
-"#;
-
-const RESTORED: &str = r#"
-apiVersion: oxcd.io/v1alpha1
-kind: EtcdCluster
-metadata: {name: restored, namespace: db}
-spec:
-  replicas: 1
-  version: "0.1.0"
-  restore: {source: "SOURCE"}
-"#;
+/// An EtcdCluster named `name` in the test's namespace, with `spec` as a YAML flow map.
+fn etcd_cluster(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: oxcd.io/v1alpha1\nkind: EtcdCluster\n\
+         metadata: {{name: {name}, namespace: db}}\nspec: {spec}\n"
+    )
+}

@@ -206,7 +206,7 @@ struct Claims {
 impl JwtTokens {
     fn new(opts: &HashMap<String, String>) -> Result<Self, TokenError> {
         let ttl = match opts.get("ttl").filter(|t| !t.is_empty()) {
-            Some(t) => crate::config::parse_go_duration(t).ok_or(TokenError::InvalidOpts)?,
+            Some(t) => crate::duration::parse_go_duration(t).ok_or(TokenError::InvalidOpts)?,
             None => JWT_DEFAULT_TTL,
         };
         let method = opts.get("sign-method").map(String::as_str).unwrap_or("");

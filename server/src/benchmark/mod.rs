@@ -181,7 +181,7 @@ impl BenchCli {
     fn run_state(&self) -> anyhow::Result<Arc<Run>> {
         let duration = match &self.duration {
             Some(d) => Some(
-                crate::config::parse_go_duration(d)
+                crate::duration::parse_go_duration(d)
                     .ok_or_else(|| anyhow::anyhow!("invalid --duration {d:?}"))?,
             ),
             None => None,
