@@ -606,11 +606,7 @@ async fn a_one_mib_header_is_served_and_a_bigger_one_refuses_only_its_stream() {
     std::fs::write(&header_file, format!("X-Big: {}\n", "a".repeat(1_048_000))).unwrap();
     for server in &support::both(&[]).await {
         let l = server.kind.label();
-        let ch = tonic::transport::Endpoint::from_shared(server.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = server.channel().await;
         let mut kv = KvClient::new(ch.clone());
         kv.range(with_header(1 << 20))
             .await

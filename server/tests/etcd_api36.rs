@@ -15,15 +15,6 @@ use std::time::{Duration, Instant};
 use support::{Kind, Server};
 use tonic::transport::Channel;
 
-async fn channel(s: &Server) -> Channel {
-    Channel::from_shared(s.endpoint())
-        .expect("endpoint")
-        .timeout(Duration::from_secs(15))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("connect to {}: {e}", s.kind.label()))
-}
-
 /// A request carrying an auth token, as etcd's clients send it.
 fn req<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
@@ -89,7 +80,7 @@ fn the_version_rules_are_kubernetes_rules() {
 }
 
 async fn status(s: &Server) -> pb::StatusResponse {
-    MaintenanceClient::new(channel(s).await)
+    MaintenanceClient::new(s.channel().await)
         .status(pb::StatusRequest {})
         .await
         .unwrap_or_else(|e| panic!("{} status: {e}", s.kind.label()))
@@ -215,7 +206,7 @@ async fn downgrade(
 
 async fn downgrade_transcript(s: &Server) -> Vec<String> {
     use pb::downgrade_request::DowngradeAction::{Cancel, Enable, Validate};
-    let mut m = MaintenanceClient::new(channel(s).await);
+    let mut m = MaintenanceClient::new(s.channel().await);
     let mut t = Vec::new();
     for (a, v) in [
         (Validate, "3.5"),
@@ -287,7 +278,7 @@ async fn authenticate(ch: &Channel, name: &str, password: &str) -> Result<String
 }
 
 async fn auth_transcript(s: &Server) -> Vec<String> {
-    let ch = channel(s).await;
+    let ch = s.channel().await;
     let mut auth = AuthClient::new(ch.clone());
     let mut t = Vec::new();
     t.push(auth_status(&ch, None).await);
@@ -367,7 +358,7 @@ async fn auth_status_and_hashed_passwords_as_etcd_36() {
 async fn alarm_transcript(s: &Server) -> Vec<String> {
     use pb::alarm_request::AlarmAction::{Activate, Deactivate, Get};
     use pb::AlarmType::{Corrupt, None as NoAlarm, Nospace};
-    let mut m = MaintenanceClient::new(channel(s).await);
+    let mut m = MaintenanceClient::new(s.channel().await);
     let me = status(s).await.header.expect("header").member_id;
     let mut t = Vec::new();
     for (action, member, alarm) in [
@@ -442,7 +433,7 @@ async fn hashkv_revision_linearizable_member_list_and_snapshot_version_as_etcd_3
     for kind in [Kind::Etcd36, Kind::Oxcd] {
         let s = Server::start(kind).await;
         let who = kind.label();
-        let ch = channel(&s).await;
+        let ch = s.channel().await;
         let mut kv = KvClient::new(ch.clone());
         for i in 0..5 {
             put(&mut kv, &format!("k{i}"), vec![b'v'; i]).await;
@@ -513,7 +504,7 @@ async fn range_stream(
 
 async fn range_stream_transcript(s: &Server) -> Vec<String> {
     // A unary Range of the whole prefix is bigger than tonic's default 4 MiB.
-    let mut kv = KvClient::new(channel(s).await).max_decoding_message_size(64 << 20);
+    let mut kv = KvClient::new(s.channel().await).max_decoding_message_size(64 << 20);
     // Values of varied sizes, so chunks grow and shrink around --max-request-bytes.
     let mut first_rev = 0;
     for i in 0..300usize {
@@ -732,7 +723,7 @@ async fn range_stream_memory_stays_flat_on_big_lists() {
     const STREAMS: usize = 20;
     let s = Server::start(Kind::Oxcd).await;
     let pid = s.pid().expect("server pid");
-    let ch = channel(&s).await;
+    let ch = s.channel().await;
     // Written by 4 writers in Txns of 128 puts (etcd's --max-txn-ops).
     let writers = (0..4).map(|w| {
         let ch = ch.clone();

@@ -221,11 +221,7 @@ async fn floods_of_watches_streams_and_connections() {
         drop(stream);
         assert_healthy(&mut server, "10,000 watches on one stream").await;
 
-        let ch = tonic::transport::Endpoint::from_shared(server.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = server.channel().await;
         let ranges = (0..1000).map(|_| {
             let mut kv = KvClient::new(ch.clone());
             async move {

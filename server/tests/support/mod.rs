@@ -543,6 +543,17 @@ impl Server {
         }
     }
 
+    /// A plain (no TLS) gRPC channel to this member, for requests the etcd-client crate cannot
+    /// make: etcd 3.6's fields such as MemberList's `linearizable`, raw messages.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.endpoint())
+            .expect("endpoint")
+            .timeout(Duration::from_secs(15))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.kind.label()))
+    }
+
     /// A client with conservative timeouts, so a hung server fails the test
     /// instead of hanging it.
     pub async fn client(&self) -> Client {
