@@ -71,32 +71,54 @@ fn main() -> anyhow::Result<()> {
         eprintln!("oxcd: failpoints: {e}");
         std::process::exit(2);
     }
+    // Registered before anything else runs: a stop that arrives while the member bootstraps, or
+    // just after it says it is ready, must not be lost (nor ignored, when the parent started us
+    // with SIGINT ignored, as shells do for background jobs).
+    let stop = match watch_stop_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("oxcd: cannot watch for stop signals: {e}");
+            std::process::exit(1);
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let server = match EtcdServer::start(cfg.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "failed to start");
-                eprintln!("oxcd: failed to start: {e:#}");
-                std::process::exit(1);
+        let mut stopped = stop.clone();
+        let started = async {
+            let server = match EtcdServer::start(cfg.clone()).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to start");
+                    eprintln!("oxcd: failed to start: {e:#}");
+                    std::process::exit(1);
+                }
+            };
+            if cfg.initial_corrupt_check {
+                if let Err(e) = oxcd::corrupt::initial_check(&server).await {
+                    tracing::error!(error = %e, "initial corruption check failed");
+                    eprintln!("oxcd: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+            let mut tasks = Vec::new();
+            for addr in cfg.listen_peer.clone() {
+                tasks.push(tokio::spawn(oxcd::api::peer::serve(server.clone(), addr)));
+            }
+            // Like etcd, clients are served once this member is in the member list with its
+            // name and client URLs.
+            server.ready().await;
+            (server, tasks)
+        };
+        let (server, mut tasks) = tokio::select! {
+            s = started => s,
+            _ = stopped.wait_for(|s| *s) => {
+                // Not serving yet: nothing to hand over.
+                tracing::info!("received signal before serving; shutting down");
+                return Ok(());
             }
         };
-        if cfg.initial_corrupt_check {
-            if let Err(e) = oxcd::corrupt::initial_check(&server).await {
-                tracing::error!(error = %e, "initial corruption check failed");
-                eprintln!("oxcd: {e:#}");
-                std::process::exit(1);
-            }
-        }
-        let mut tasks = Vec::new();
-        for addr in cfg.listen_peer.clone() {
-            tasks.push(tokio::spawn(oxcd::api::peer::serve(server.clone(), addr)));
-        }
-        // Like etcd, clients are served once this member is in the member list with its
-        // name and client URLs.
-        server.ready().await;
         // etcd serves gRPC and HTTP on each client URL, unless HTTP has URLs of its own.
         let grpc_serves = if cfg.listen_client_http.is_empty() {
             oxcd::api::Serves::Both
@@ -123,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 addr,
             )));
         }
+        let mut stopped = stop;
         tokio::select! {
             r = futures::future::select_all(tasks) => {
                 if let (Ok(Err(e)), _, _) = r {
@@ -130,7 +153,7 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
-            _ = stop_signal() => {
+            _ = stopped.wait_for(|s| *s) => {
                 tracing::info!("received signal; shutting down");
                 server.transfer_leadership().await;
             }
@@ -139,18 +162,44 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// SIGINT or SIGTERM (what a pod's stop sends), on which etcd stops gracefully.
-async fn stop_signal() {
+/// How long a graceful stop (handing leadership over) may take before the process exits anyway.
+const GRACEFUL_STOP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Watches for SIGINT and SIGTERM (what a pod's stop sends), on which etcd stops gracefully, on a
+/// thread and runtime of its own, so that a signal is seen even while the server's runtime is
+/// busy. The returned channel turns true on the first signal; if the process has not exited
+/// `GRACEFUL_STOP` later (or on a second signal), it exits from here.
+fn watch_stop_signals() -> std::io::Result<tokio::sync::watch::Receiver<bool>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        let _in_runtime = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                let _ = tx.send(true);
+                tokio::select! {
+                    _ = tokio::time::sleep(GRACEFUL_STOP) => {
+                        tracing::warn!(timeout = ?GRACEFUL_STOP, "graceful stop did not finish; exiting");
+                    }
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                std::process::exit(0);
+            })
+        })?;
+    Ok(rx)
 }
