@@ -80,6 +80,9 @@ etcd --version | sed -n 1p
 etcdctl version | sed -n 1p
 cargo --version
 
+# The server's layers (docs/ARCHITECTURE.md): no import from a higher layer, no circle.
+scripts/check-layers.sh
+
 # Release mode: the durability and differential tests generate real load.
 # --no-fail-fast: report every failing test binary, not just the first.
 # cargo builds every test target and the binaries they run (the server binary the operator's

@@ -6,12 +6,12 @@
 //! cluster`) until an operator disarms it.
 
 use crate::error::EtcdError;
+use crate::etcdserver::EtcdServer;
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmType, HashKvRequest, HashKvResponse,
     ResponseHeader,
 };
 use crate::pb::oxcdpb::raft_request::Request;
-use crate::server::EtcdServer;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,7 +58,7 @@ async fn peer_hashes(server: &EtcdServer, rev: i64) -> Vec<PeerHash> {
     let tls = &server.cfg.peer_tls;
     let asks = peers.into_iter().map(|(id, urls)| async move {
         let ask = async {
-            let mut c = crate::server::connect_peer(&urls, tls)
+            let mut c = crate::transport::connect_peer(&urls, tls)
                 .await
                 .ok_or_else(|| tonic::Status::unavailable(format!("cannot reach {urls:?}")))?;
             Ok(c.hash_kv(HashKvRequest { revision: rev })

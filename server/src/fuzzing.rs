@@ -19,7 +19,7 @@ pub fn grpc_txn(data: &[u8]) {
     let Ok(txn) = TxnRequest::decode(data) else {
         return;
     };
-    if crate::apply::check_txn(&txn, 128).is_err() {
+    if crate::api::key::check_txn(&txn, 128).is_err() {
         return;
     }
     let entry = RaftRequest {

@@ -443,7 +443,7 @@ async fn serve_connection(cluster: Arc<Cluster>, conn: Conn, max_streams: u32) {
         });
         let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .max_concurrent_streams(max_streams)
-            .max_header_list_size(crate::api::MAX_HEADER_LIST_BYTES)
+            .max_header_list_size(crate::api::limits::MAX_HEADER_LIST_BYTES)
             .serve_connection(io, svc)
             .await;
         if let Err(e) = served {
@@ -455,7 +455,7 @@ async fn serve_connection(cluster: Arc<Cluster>, conn: Conn, max_streams: u32) {
             async move { Ok::<_, std::convert::Infallible>(health(&c, &req).await) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
-            .max_buf_size(crate::api::MAX_HTTP1_HEAD_BYTES)
+            .max_buf_size(crate::api::limits::MAX_HTTP1_HEAD_BYTES)
             .serve_connection(io, svc)
             .await;
     }

@@ -83,20 +83,8 @@ impl Lessor {
         Ok(ttl)
     }
 
-    /// Restores a lease found in the backend on start.
-    pub fn recover(&self, id: i64, ttl: i64) {
-        let mut inner = self.inner.lock();
-        inner.leases.insert(
-            id,
-            Lease {
-                ttl: ttl.max(self.min_ttl),
-                expiry: None,
-                keys: BTreeSet::new(),
-            },
-        );
-    }
-
-    /// Replaces every lease (a snapshot was installed): (id, ttl) and (id, key) attachments.
+    /// Replaces every lease with those the backend holds (on start, and after a snapshot was
+    /// installed): (id, ttl) and (id, key) attachments.
     pub fn reset(&self, leases: &[(i64, i64)], attached: &[(i64, Vec<u8>)]) {
         let mut inner = self.inner.lock();
         let primary = inner.primary;

@@ -2,20 +2,18 @@
 //! it; `docs/ARCHITECTURE.md` follows a write and a read through them.
 
 pub mod api;
-pub mod apply;
 pub mod auth;
 pub mod benchmark;
-pub mod concurrency;
 pub mod config;
 pub mod corrupt;
 pub mod duration;
 pub mod error;
+pub mod etcdserver;
 pub mod failpoint;
 pub mod features;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc_proxy;
-pub mod http;
 pub mod lease;
 pub mod listener;
 pub mod log;
@@ -25,10 +23,11 @@ pub mod mvcc;
 pub mod pb;
 pub mod proxy;
 pub mod raft_node;
-pub mod server;
+pub mod schema;
 pub mod snapshot;
 pub mod tls;
 pub mod transport;
+pub mod txn;
 pub mod version;
 pub mod wal;
 pub mod watch;

@@ -1,7 +1,7 @@
 //! The `oxcd` binary: an etcd-compatible server.
 
 use oxcd::config::Flags;
-use oxcd::server::EtcdServer;
+use oxcd::etcdserver::EtcdServer;
 
 // glibc's malloc spent about 12% of the gRPC threads' time under a put load (per-thread arenas
 // contending and consolidating); jemalloc, as TiKV runs raft-rs with.
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             tokio::spawn(oxcd::corrupt::periodic_check(server.clone(), interval));
         }
         for addr in cfg.listen_metrics.clone() {
-            tasks.push(tokio::spawn(oxcd::http::serve_metrics(
+            tasks.push(tokio::spawn(oxcd::api::http::serve_metrics(
                 server.clone(),
                 addr,
             )));

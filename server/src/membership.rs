@@ -2,13 +2,12 @@
 //! replicated member list (changed only by applied Raft entries, so every member agrees).
 
 pub use crate::pb::etcdserverpb::Member;
+use crate::pb::oxcdpb::ConfChangeContext;
+use crate::schema::{MEMBER_PREFIX, REMOVED_PREFIX};
 use prost::Message;
+use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType};
 use sha1::{Digest, Sha1};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Backend record prefixes of the member list.
-pub const MEMBER_PREFIX: &[u8] = b"mem/";
-pub const REMOVED_PREFIX: &[u8] = b"rmv/";
 
 /// etcd's `NewMember`: sha1 over the sorted peer URLs, the cluster token and, for members
 /// added at run time, the time of the request.
@@ -59,6 +58,14 @@ pub enum RecordChange {
 }
 
 impl Membership {
+    /// The member list as the backend holds it (on start, and after a snapshot is installed).
+    pub fn load(store: &crate::mvcc::Store) -> crate::mvcc::Result<Self> {
+        Ok(Self::from_records(
+            &store.records(MEMBER_PREFIX)?,
+            &store.records(REMOVED_PREFIX)?,
+        ))
+    }
+
     pub fn from_records(members: &[(Vec<u8>, Vec<u8>)], removed: &[(Vec<u8>, Vec<u8>)]) -> Self {
         let mut m = Membership::default();
         for (_, v) in members {
@@ -165,6 +172,39 @@ impl Membership {
             m.encode_to_vec(),
         ))
     }
+}
+
+/// One membership change as Raft replicates it: a single change (never a joint configuration)
+/// whose context carries the member and the ID of the request waiting for it (0: none).
+pub fn conf_change(
+    change: ConfChangeType,
+    node_id: u64,
+    member: Option<Member>,
+    request_id: u64,
+) -> ConfChangeV2 {
+    let mut single = ConfChangeSingle::default();
+    single.set_change_type(change);
+    single.node_id = node_id;
+    let mut cc = ConfChangeV2::default();
+    cc.mut_changes().push(single);
+    cc.context = ConfChangeContext { request_id, member }
+        .encode_to_vec()
+        .into();
+    cc
+}
+
+/// A membership change as a log entry at `index`, `term` (bootstrap, import, recovery).
+pub fn conf_change_entry(
+    index: u64,
+    term: u64,
+    cc: &ConfChangeV2,
+) -> protobuf::ProtobufResult<Entry> {
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryConfChangeV2);
+    e.index = index;
+    e.term = term;
+    e.data = protobuf::Message::write_to_bytes(cc)?.into();
+    Ok(e)
 }
 
 #[cfg(test)]

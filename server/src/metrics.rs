@@ -3,14 +3,13 @@
 //! URLs and on `--listen-metrics-urls`.
 //!
 //! Counters live in one process-wide registry (etcd's are package globals too); gauges that
-//! mirror server state (leader, indexes, db size, keys) are read from the server at scrape time.
+//! mirror server state (leader, indexes, db size, keys) are set by the `/metrics` handler at
+//! scrape time, and the gRPC method series by the API layer when it starts serving.
 
-use crate::server::EtcdServer;
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::atomic::Ordering;
 use std::sync::LazyLock;
 
 pub struct Metrics {
@@ -254,33 +253,13 @@ impl Metrics {
         m.cluster_version
             .with_label_values(&[crate::version::CLUSTER_VERSION.short().as_str()])
             .set(1);
-        crate::api::grpc_metrics::preregister(&m);
         m
     }
 
-    /// The Prometheus text exposition of every metric, with the state gauges read from `server`.
-    pub fn render(&self, server: &EtcdServer) -> String {
-        let leader = server.raft_status.leader.load(Ordering::Relaxed);
-        self.has_leader.set((leader != 0) as i64);
-        self.is_leader
-            .set((leader != 0 && leader == server.id) as i64);
-        self.is_learner.set(server.member().is_learner as i64);
-        self.proposals_committed
-            .set(server.raft_status.commit.load(Ordering::Relaxed) as i64);
-        self.proposals_applied.set(server.applied_index() as i64);
-        self.server_id
-            .with_label_values(&[&format!("{:x}", server.id)])
-            .set(1);
-        self.quota_backend_bytes
-            .set(server.cfg.quota_backend_bytes as i64);
-        let size = server.store.size_on_disk() as i64;
-        self.db_total_size.set(size);
-        self.db_total_size_in_use.set(size);
-        self.debugging_db_total_size.set(size);
-        self.keys_total.set(server.store.live_keys() as i64);
-        self.current_revision.set(server.store.current_rev());
-        self.compact_revision.set(server.store.compact_rev());
-        self.auth_revision.set(server.auth.revision() as i64);
+    /// The Prometheus text exposition of every metric. Gauges that mirror server state are set
+    /// by the caller first (the `/metrics` handler reads the server: this module is a leaf that
+    /// every layer records into).
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "encoding metrics failed");

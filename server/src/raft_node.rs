@@ -7,8 +7,7 @@
 //! the fsync, and the leader counts its own entries as replicated only once persisted.
 
 use crate::error::EtcdError;
-use crate::lease::Lessor;
-use crate::transport::Transport;
+use crate::transport::{RaftReports, Transport};
 use crate::wal::{Replayed, Wal};
 use raft::prelude::*;
 use raft::storage::MemStorage;
@@ -98,7 +97,6 @@ pub struct NodeConfig {
     pub id: u64,
     pub election_ticks: usize,
     pub heartbeat: Duration,
-    pub election_timeout: Duration,
 }
 
 /// The in-memory Raft log from a replayed WAL, the applier's durable index and the
@@ -134,6 +132,17 @@ pub fn build_storage(
     Ok(storage)
 }
 
+/// The transport's reports reach the Raft thread as inputs.
+impl RaftReports for Sender<RaftInput> {
+    fn report_unreachable(&self, id: u64) {
+        let _ = self.send(RaftInput::Unreachable(id));
+    }
+
+    fn report_snapshot(&self, id: u64, ok: bool) {
+        let _ = self.send(RaftInput::SnapshotDone(id, ok));
+    }
+}
+
 type Reads = Vec<oneshot::Sender<Result<u64, EtcdError>>>;
 
 pub struct RaftNode {
@@ -142,10 +151,11 @@ pub struct RaftNode {
     inputs: Receiver<RaftInput>,
     apply_tx: Sender<CommittedBatch>,
     status: Arc<RaftStatus>,
-    lessor: Arc<Lessor>,
     transport: Arc<Transport>,
     refuse: Box<dyn Fn(u64, EtcdError) + Send>,
-    election_timeout: Duration,
+    /// Called when this member becomes leader (true) or stops being it: the server above
+    /// (its lessor) follows, as etcd's raft loop tells its ready handler.
+    on_leadership: Box<dyn Fn(bool) + Send>,
     heartbeat: Duration,
     pending_reads: Reads,
     /// The staged state of a snapshot stepped into Raft, until Raft asks to install it.
@@ -164,9 +174,9 @@ impl RaftNode {
         inputs: Receiver<RaftInput>,
         apply_tx: Sender<CommittedBatch>,
         status: Arc<RaftStatus>,
-        lessor: Arc<Lessor>,
         transport: Arc<Transport>,
         refuse: Box<dyn Fn(u64, EtcdError) + Send>,
+        on_leadership: Box<dyn Fn(bool) + Send>,
     ) -> raft::Result<Self> {
         let rc = Config {
             id: cfg.id,
@@ -188,10 +198,9 @@ impl RaftNode {
             inputs,
             apply_tx,
             status,
-            lessor,
             transport,
             refuse,
-            election_timeout: cfg.election_timeout,
+            on_leadership,
             heartbeat: cfg.heartbeat,
             pending_reads: Vec::new(),
             staged: None,
@@ -520,11 +529,8 @@ impl RaftNode {
             // Reads waiting on the old leader will not be answered.
             self.fail_reads(EtcdError::LeaderChanged);
         }
-        if is_leader && !was_leader {
-            // etcd extends every lease by an election timeout on promotion.
-            self.lessor.promote(self.election_timeout);
-        } else if !is_leader && was_leader {
-            self.lessor.demote();
+        if is_leader != was_leader {
+            (self.on_leadership)(is_leader);
         }
     }
 }

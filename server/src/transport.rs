@@ -6,14 +6,12 @@
 //! a member of another cluster is refused.
 
 use crate::pb::oxcdpb::{peer_client::PeerClient, PeerMessage, SnapshotChunk};
-use crate::raft_node::RaftInput;
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType, SnapshotMetadata};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::sync::mpsc::Sender as StdSender;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -47,6 +45,19 @@ struct PeerHandle {
     active: ActiveSince,
 }
 
+/// What the transport tells the Raft node about its peers (etcd's `rafthttp.Raft`): the node
+/// implements it, so the transport needs nothing of the node above it.
+pub trait RaftReports: Send + Sync + 'static {
+    /// The peer could not be reached: Raft stops optimistic replication to it.
+    fn report_unreachable(&self, id: u64);
+    /// A snapshot sent to the peer finished (or failed).
+    fn report_snapshot(&self, id: u64, ok: bool);
+}
+
+/// What a member removed from the cluster is told when it still sends Raft messages (the
+/// receiving side, `api::peer`, answers it; the sender, seeing it, stops itself).
+pub const REMOVED_MEMBER: &str = "the sending member was removed from the cluster";
+
 pub struct Transport {
     cluster_id: u64,
     /// This member's ID (the `Local` label of the peer metrics).
@@ -56,7 +67,7 @@ pub struct Transport {
     sending: Arc<Mutex<HashSet<u64>>>,
     /// Peers whose last snapshot failed, and when to try again.
     backoff: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
-    raft_tx: StdSender<RaftInput>,
+    raft: Arc<dyn RaftReports>,
     rt: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, PeerHandle>>,
     /// How peers are dialed (`--peer-*` TLS flags).
@@ -67,7 +78,7 @@ impl Transport {
     pub fn new(
         cluster_id: u64,
         local_id: u64,
-        raft_tx: StdSender<RaftInput>,
+        raft: Arc<dyn RaftReports>,
         rt: tokio::runtime::Handle,
         snapshots: Arc<dyn SnapshotSource>,
         tls: Arc<crate::tls::TlsInfo>,
@@ -79,7 +90,7 @@ impl Transport {
             snapshots,
             sending: Arc::default(),
             backoff: Arc::default(),
-            raft_tx,
+            raft,
             rt,
             peers: Mutex::new(HashMap::new()),
         }
@@ -105,7 +116,7 @@ impl Transport {
         };
         let task = self
             .rt
-            .spawn(run_peer(link, rx, self.raft_tx.clone(), active.clone()));
+            .spawn(run_peer(link, rx, self.raft.clone(), active.clone()));
         peers.insert(
             id,
             PeerHandle {
@@ -147,14 +158,14 @@ impl Transport {
                             .is_some_and(|t| *t > std::time::Instant::now()) =>
                     {
                         // Failed recently: let Raft keep probing, but do not copy the state again yet.
-                        let _ = self.raft_tx.send(RaftInput::SnapshotDone(to, false));
+                        self.raft.report_snapshot(to, false);
                     }
                     Some(p) if self.sending.lock().insert(to) => {
                         let (urls, cid, src, tx, sending, backoff, tls) = (
                             p.urls.clone(),
                             self.cluster_id,
                             self.snapshots.clone(),
-                            self.raft_tx.clone(),
+                            self.raft.clone(),
                             self.sending.clone(),
                             self.backoff.clone(),
                             self.tls.clone(),
@@ -186,7 +197,7 @@ impl Transport {
                             if !ok {
                                 backoff.lock().insert(to, std::time::Instant::now() + SNAPSHOT_RETRY);
                             }
-                            let _ = tx.send(RaftInput::SnapshotDone(to, ok));
+                            tx.report_snapshot(to, ok);
                         });
                     }
                     _ => {}
@@ -201,7 +212,7 @@ impl Transport {
                             .peer_sent_failures
                             .with_label_values(&[&format!("{to:x}")])
                             .inc();
-                        let _ = self.raft_tx.send(RaftInput::Unreachable(to));
+                        self.raft.report_unreachable(to);
                     }
                 }
                 None => tracing::debug!(to = %format!("{to:x}"), "message to unknown peer dropped"),
@@ -223,7 +234,7 @@ struct PeerLink {
 async fn run_peer(
     link: PeerLink,
     mut rx: mpsc::Receiver<Message>,
-    raft_tx: StdSender<RaftInput>,
+    raft: Arc<dyn RaftReports>,
     active: ActiveSince,
 ) {
     let PeerLink {
@@ -255,7 +266,7 @@ async fn run_peer(
                     tracing::warn!(peer = %format!("{id:x}"), error = alert, "peer refused the connection");
                 }
                 tracing::debug!(peer = %format!("{id:x}"), error = %e, "peer unreachable");
-                let _ = raft_tx.send(RaftInput::Unreachable(id));
+                raft.report_unreachable(id);
                 drain_for(&mut rx, RETRY, &failed).await;
                 continue;
             }
@@ -305,7 +316,7 @@ async fn run_peer(
                     if let Ok(Err(status)) = r {
                         if status.code() == tonic::Code::FailedPrecondition {
                             tracing::error!(peer = %format!("{id:x}"), error = %status.message(), "peer refused our messages");
-                            if status.message() == crate::api::peer::REMOVED_MEMBER {
+                            if status.message() == REMOVED_MEMBER {
                                 // etcd does the same when its peers answer "removed": this
                                 // member missed its own removal (it was down or cut off).
                                 tracing::warn!("this member has been permanently removed from the cluster; shutting down");
@@ -319,7 +330,7 @@ async fn run_peer(
         }
         prober.abort();
         drop(connection);
-        let _ = raft_tx.send(RaftInput::Unreachable(id));
+        raft.report_unreachable(id);
         drain_for(&mut rx, RETRY, &failed).await;
     }
 }
@@ -520,4 +531,17 @@ async fn receive_snapshot_body(
         .await
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
     Ok((msg, name, db))
+}
+
+/// A client of the peer API of the member at `urls` (the first that answers).
+pub async fn connect_peer(
+    urls: &[String],
+    tls: &crate::tls::TlsInfo,
+) -> Option<PeerClient<tonic::transport::Channel>> {
+    for url in urls {
+        if let Ok(ch) = crate::tls::peer_channel(url, tls, Duration::from_secs(1)).await {
+            return Some(PeerClient::new(ch));
+        }
+    }
+    None
 }

@@ -1,9 +1,10 @@
-//! etcd's Auth service: changes go through Raft (checked at apply, see `server::check_auth`);
+//! etcd's Auth service: changes go through Raft (checked at apply, see `etcdserver::apply`'s `Applier::check_auth`);
 //! reads are served locally after a read barrier. Passwords are hashed and checked here, on a
 //! blocking thread, never while applying.
 
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::{Applied, EtcdServer};
 use crate::pb::etcdserverpb::{
     auth_server::Auth, AuthDisableRequest, AuthDisableResponse, AuthEnableRequest,
     AuthEnableResponse, AuthRoleAddRequest, AuthRoleAddResponse, AuthRoleDeleteRequest,
@@ -18,7 +19,6 @@ use crate::pb::etcdserverpb::{
     AuthenticateResponse, ResponseHeader,
 };
 use crate::pb::oxcdpb::{self, raft_request::Request as Raft};
-use crate::server::{Applied, EtcdServer};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 

@@ -145,7 +145,9 @@ impl<T> AuthorityFix<T> {
                         u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]) & 0x7fff_ffff;
                     let payload = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
                     if let Some(raw) = self.first_block.as_mut() {
-                        if raw.len() + FRAME_HEADER + len > super::MAX_HEADER_LIST_BYTES as usize {
+                        if raw.len() + FRAME_HEADER + len
+                            > super::limits::MAX_HEADER_LIST_BYTES as usize
+                        {
                             return Err(Self::bad("header block over the header list limit"));
                         }
                         raw.extend_from_slice(&avail[..FRAME_HEADER + len]);
@@ -202,7 +204,7 @@ impl<T> AuthorityFix<T> {
                 return Err(Self::bad("CONTINUATION on another stream"));
             }
             // A header block the server would refuse anyway is not buffered without end.
-            if b.fragment.len() + payload.len() > super::MAX_HEADER_LIST_BYTES as usize {
+            if b.fragment.len() + payload.len() > super::limits::MAX_HEADER_LIST_BYTES as usize {
                 return Err(Self::bad("header block over the header list limit"));
             }
             b.fragment.extend_from_slice(&payload);

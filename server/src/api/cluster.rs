@@ -1,5 +1,6 @@
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::{Applied, EtcdServer};
 use crate::membership::{self, Member};
 use crate::pb::etcdserverpb::{
     cluster_client::ClusterClient, cluster_server::Cluster, MemberAddRequest, MemberAddResponse,
@@ -7,7 +8,6 @@ use crate::pb::etcdserverpb::{
     MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
-use crate::server::{Applied, EtcdServer};
 use raft::prelude::ConfChangeType;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

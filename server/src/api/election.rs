@@ -1,12 +1,12 @@
 //! `v3electionpb.Election`: etcd's leader election service, over the concurrency recipes.
 
+use super::concurrency::{self, as_service_error, LocalClient, ERR_MISSING_LEADER_KEY};
 use crate::auth::Caller;
-use crate::concurrency::{self, as_service_error, LocalClient, ERR_MISSING_LEADER_KEY};
+use crate::etcdserver::EtcdServer;
 use crate::pb::v3electionpb::{
     election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest,
     LeaderResponse, ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
 };
-use crate::server::EtcdServer;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

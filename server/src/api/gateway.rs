@@ -18,13 +18,13 @@ use super::lease::LeaseService;
 use super::lock::LockService;
 use super::maintenance::MaintenanceService;
 use crate::auth::Caller;
+use crate::etcdserver::EtcdServer;
 use crate::pb::etcdserverpb::{
     auth_server::Auth, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
     maintenance_server::Maintenance, LeaseKeepAliveRequest, WatchRequest,
 };
 use crate::pb::v3electionpb::election_server::Election;
 use crate::pb::v3lockpb::lock_server::Lock;
-use crate::server::EtcdServer;
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
@@ -36,7 +36,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, LazyLock};
 use tonic::{Code, Status};
 
-pub use crate::http::Body;
+use super::reply::{response, Body};
 
 static DESCRIPTORS: LazyLock<Option<DescriptorPool>> = LazyLock::new(|| {
     DescriptorPool::decode(&include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"))[..]).ok()
@@ -118,11 +118,11 @@ fn error_json(s: &Status) -> String {
 }
 
 pub fn error_response(s: Status) -> Response<Body> {
-    super::super::http::response(http_status(s.code()), "application/json", error_json(&s))
+    response(http_status(s.code()), "application/json", error_json(&s))
 }
 
 fn ok_json(body: String) -> Response<Body> {
-    super::super::http::response(StatusCode::OK, "application/json", body)
+    response(StatusCode::OK, "application/json", body)
 }
 
 /// A server stream as newline-separated `{"result": ...}` objects; an error ends it with
@@ -151,7 +151,7 @@ fn stream_response<T: Message + 'static>(
         };
         Ok::<_, Infallible>(Frame::data(Bytes::from(line)))
     });
-    let mut r = super::super::http::response(StatusCode::OK, "application/json", String::new());
+    let mut r = response(StatusCode::OK, "application/json", String::new());
     *r.body_mut() = BodyExt::boxed_unsync(StreamBody::new(lines));
     r
 }

@@ -3,7 +3,7 @@
 //! call's status code when it ends (for streams, when the stream ends), plus etcd's client
 //! byte counters. A tower layer around every client gRPC service.
 
-use crate::metrics::{Metrics, METRICS};
+use crate::metrics::METRICS;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -96,19 +96,25 @@ fn grpc_type(service: &str, method: &str) -> &'static str {
     }
 }
 
-pub fn preregister(m: &Metrics) {
-    for (service, methods) in METHODS {
-        for method in *methods {
-            let t = grpc_type(service, method);
-            m.grpc_started.with_label_values(&[t, service, method]);
-            m.grpc_msg_received.with_label_values(&[t, service, method]);
-            m.grpc_msg_sent.with_label_values(&[t, service, method]);
-            for code in CODES {
-                m.grpc_handled
-                    .with_label_values(&[t, service, method, code]);
+/// Every method's series at zero, as go-grpc-prometheus registers them when the server is
+/// created (dashboards see a method before its first call). Once per process.
+pub fn preregister() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        let m = &*METRICS;
+        for (service, methods) in METHODS {
+            for method in *methods {
+                let t = grpc_type(service, method);
+                m.grpc_started.with_label_values(&[t, service, method]);
+                m.grpc_msg_received.with_label_values(&[t, service, method]);
+                m.grpc_msg_sent.with_label_values(&[t, service, method]);
+                for code in CODES {
+                    m.grpc_handled
+                        .with_label_values(&[t, service, method, code]);
+                }
             }
         }
-    }
+    });
 }
 
 fn code_name(status: &[u8]) -> &'static str {

@@ -1,13 +1,14 @@
-use crate::apply;
+use super::key;
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::{Applied, EtcdServer};
 use crate::pb::etcdserverpb::{
     kv_server::Kv, range_request, request_op, CompactionRequest, CompactionResponse,
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
     RangeStreamResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
-use crate::server::{Applied, EtcdServer};
+use crate::txn;
 use prost::Message;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,7 +34,7 @@ fn next_chunk_limit(last: i64, last_size: usize, target: usize) -> i64 {
 /// target, which then sorts each chunk on its own as Range would; or KEY ascending) and
 /// without revision filters.
 fn check_range_stream(r: &RangeRequest) -> Result<(), EtcdError> {
-    apply::check_range(r)?;
+    key::check_range(r)?;
     let key_order = r.sort_order == range_request::SortOrder::None as i32
         || (r.sort_target == range_request::SortTarget::Key as i32
             && r.sort_order == range_request::SortOrder::Ascend as i32);
@@ -69,7 +70,7 @@ async fn stream_range(
     r.sort_order = range_request::SortOrder::None as i32;
     loop {
         r.limit = limit;
-        let mut resp = apply::range(&server.store.read(), &r)?;
+        let mut resp = txn::range(&server.store.read(), &r)?;
         let (rev, count) = *first
             .get_or_insert_with(|| (resp.header.as_ref().map_or(0, |h| h.revision), resp.count));
         if r.revision == 0 {
@@ -85,7 +86,7 @@ async fn stream_range(
         });
         // etcd 3.7 sorts each chunk before continuing after its last kv, so it repeats and
         // skips keys; oxcd continues in key order and then sorts the chunk.
-        apply::sort_kvs(&mut resp.kvs, sort_target, sort_order);
+        txn::sort_kvs(&mut resp.kvs, sort_target, sort_order);
         let mut out = RangeResponse {
             kvs: resp.kvs,
             ..Default::default()
@@ -136,7 +137,7 @@ impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        apply::check_range(&r)?;
+        key::check_range(&r)?;
         if !r.serializable {
             self.0.check_not_learner()?;
             self.0.read_barrier().await?;
@@ -151,7 +152,7 @@ impl Kv for KvService {
             .read_as(
                 &caller,
                 |auth, ai| auth.is_range_permitted(ai, &r.key, &r.range_end),
-                || apply::range(&self.0.store.read(), &r),
+                || txn::range(&self.0.store.read(), &r),
             )
             .await?;
         self.0.fill(&mut resp.header);
@@ -162,7 +163,7 @@ impl Kv for KvService {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        apply::check_put(&r)?;
+        key::check_put(&r)?;
         self.0.check_quota(r.encoded_len()).await?;
         match self.0.propose_as(Raft::Put(r), &caller).await? {
             Applied::Put(mut resp) => {
@@ -180,7 +181,7 @@ impl Kv for KvService {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        apply::check_delete(&r)?;
+        key::check_delete(&r)?;
         match self.0.propose_as(Raft::DeleteRange(r), &caller).await? {
             Applied::DeleteRange(mut resp) => {
                 self.0.fill(&mut resp.header);
@@ -194,8 +195,8 @@ impl Kv for KvService {
         self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        apply::check_txn(&r, self.0.cfg.max_txn_ops)?;
-        if apply::is_txn_read_only(&r) {
+        key::check_txn(&r, self.0.cfg.max_txn_ops)?;
+        if txn::is_txn_read_only(&r) {
             // Read-only txns never touch the log (etcd serves them locally too).
             if !txn_serializable(&r) {
                 self.0.read_barrier().await?;
@@ -204,14 +205,14 @@ impl Kv for KvService {
                 .0
                 .read_as(
                     &caller,
-                    |auth, ai| apply::check_txn_auth(auth, ai, &r),
-                    || apply::read_only_txn(&self.0.store.read(), &r),
+                    |auth, ai| txn::check_txn_auth(auth, ai, &r),
+                    || txn::read_only_txn(&self.0.store.read(), &r),
                 )
                 .await?;
             self.0.fill(&mut resp.header);
             return Ok(Response::new(resp));
         }
-        if apply::txn_has_puts(&r) {
+        if txn::txn_has_puts(&r) {
             self.0.check_quota(r.encoded_len()).await?;
         }
         match self.0.propose_as(Raft::Txn(r), &caller).await? {
@@ -253,7 +254,7 @@ impl Kv for KvService {
             count_only: true,
             ..r.clone()
         };
-        let resp = apply::range(&self.0.store.read(), &counted)?;
+        let resp = txn::range(&self.0.store.read(), &counted)?;
         if r.count_only {
             let mut header = Some(ResponseHeader {
                 revision: resp.header.as_ref().map_or(0, |h| h.revision),

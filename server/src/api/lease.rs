@@ -1,12 +1,12 @@
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::{Applied, EtcdServer};
 use crate::pb::etcdserverpb::{
     lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
     LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
-use crate::server::{Applied, EtcdServer};
 use futures::StreamExt;
 use prost::Message;
 use std::sync::Arc;

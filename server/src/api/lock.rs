@@ -1,11 +1,11 @@
 //! `v3lockpb.Lock`: etcd's lock service, over the concurrency recipes.
 
+use super::concurrency::{self, LocalClient};
 use crate::auth::Caller;
-use crate::concurrency::{self, LocalClient};
+use crate::etcdserver::EtcdServer;
 use crate::pb::v3lockpb::{
     lock_server::Lock, LockRequest, LockResponse, UnlockRequest, UnlockResponse,
 };
-use crate::server::EtcdServer;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 

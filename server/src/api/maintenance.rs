@@ -1,5 +1,6 @@
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::{Applied, EtcdServer};
 use crate::pb::etcdserverpb::{
     alarm_request::AlarmAction, downgrade_request::DowngradeAction,
     maintenance_server::Maintenance, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest,
@@ -9,7 +10,6 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::oxcdpb::raft_request::Request as Raft;
 use crate::pb::oxcdpb::DowngradeInfoSet;
-use crate::server::{Applied, EtcdServer};
 use crate::version::{self, Version};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

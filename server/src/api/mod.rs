@@ -4,19 +4,25 @@
 pub(crate) mod auth;
 mod authority;
 pub(crate) mod cluster;
+mod concurrency;
 pub(crate) mod election;
 pub(crate) mod gateway;
 mod grpc_errors;
 pub(crate) mod grpc_metrics;
+pub mod http;
 mod keepalive;
+pub mod key;
 pub(crate) mod kv;
 pub(crate) mod lease;
+pub(crate) mod limits;
 pub(crate) mod lock;
 pub(crate) mod maintenance;
 pub mod peer;
+mod reply;
 mod status;
 mod watch;
 
+use crate::etcdserver::EtcdServer;
 use crate::listener::{ListenAddr, Listener, Socket};
 use crate::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
@@ -24,21 +30,8 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
-use crate::server::EtcdServer;
+use limits::{GRPC_OVERHEAD_BYTES, MAX_HEADER_LIST_BYTES};
 use std::sync::Arc;
-
-/// gRPC allows this much framing beyond --max-request-bytes, as etcd does.
-pub(crate) const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
-
-/// The largest request header list a gRPC connection takes: grpc-go's server default (16 MiB),
-/// so a request etcd serves (a 1 MiB header) is served. Past it, h2 refuses that one stream
-/// (the connection's other streams go on) up to about 20 MiB, and beyond that ends the
-/// connection (its CONTINUATION-flood guard); etcd ends the connection at once.
-pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 16 << 20;
-
-/// The largest HTTP/1.1 request head (request line and headers): Go's net/http default
-/// (`DefaultMaxHeaderBytes`, 1 MiB) plus the 4 KiB it allows over; larger gets 431.
-pub(crate) const MAX_HTTP1_HEAD_BYTES: usize = (1 << 20) + 4096;
 
 /// What a client listener serves: both protocols (etcd's cmux), or one of them when
 /// --listen-client-http-urls gives HTTP its own listeners.
@@ -64,6 +57,7 @@ pub async fn serve(
         &cfg.client_tls,
     )?;
     let listener = Listener::bind(&addr).await?;
+    grpc_metrics::preregister();
     // etcd's lines: tools and tests wait for "ready to serve client requests".
     tracing::info!("ready to serve client requests");
     match mode {
@@ -175,8 +169,7 @@ fn async_stream_incoming(
                         let _ = grpc.send(Ok(authority::AuthorityFix::new(conn))).await;
                     }
                     Ok(false) => {
-                        crate::http::serve_connection(server, conn, crate::http::Endpoints::Client)
-                            .await
+                        http::serve_connection(server, conn, http::Endpoints::Client).await
                     }
                     Err(_) => {}
                 }

@@ -2,13 +2,14 @@
 //! members, and the leader's lease operations for members whose clients keep leases alive.
 
 use crate::error::EtcdError;
+use crate::etcdserver::EtcdServer;
 use crate::pb::etcdserverpb::{
     HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::oxcdpb::{peer_server::Peer, ClusterInfo, ClusterInfoRequest, PeerAck, PeerMessage};
 use crate::raft_node::RaftInput;
-use crate::server::EtcdServer;
+use crate::transport::REMOVED_MEMBER;
 use futures::StreamExt;
 use protobuf::Message as _;
 use std::sync::atomic::Ordering;
@@ -16,9 +17,6 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct PeerService(pub Arc<EtcdServer>);
-
-/// What a member removed from the cluster is told when it still sends Raft messages.
-pub const REMOVED_MEMBER: &str = "the sending member was removed from the cluster";
 
 #[tonic::async_trait]
 impl Peer for PeerService {

@@ -1,8 +1,8 @@
 use crate::auth::Caller;
 use crate::error::EtcdError;
+use crate::etcdserver::EtcdServer;
 use crate::mvcc::Store;
 use crate::pb::etcdserverpb::{watch_server::Watch, ResponseHeader, WatchRequest, WatchResponse};
-use crate::server::EtcdServer;
 use crate::watch::{WatchContext, WatchHub, WatchStream};
 use std::sync::Arc;
 use std::time::Duration;

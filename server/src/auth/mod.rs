@@ -12,19 +12,12 @@ pub mod token;
 use crate::error::{EtcdError, Result};
 use crate::membership::RecordChange;
 use crate::pb::authpb::{permission::Type as PermType, Permission, Role, User, UserAddOptions};
+use crate::schema::{ENABLED_KEY, REVISION_KEY, ROLE_PREFIX, USER_PREFIX};
 use parking_lot::RwLock;
 use perms::UnifiedPerms;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap};
 pub use token::Tokens;
-
-/// Backend records: `au/enabled` ([1] or [0]), `au/revision` (u64 big-endian), and one
-/// authpb.User / authpb.Role per name, the encodings of etcd's `auth*` buckets.
-pub const AUTH_PREFIX: &[u8] = b"au/";
-pub const ENABLED_KEY: &[u8] = b"au/enabled";
-pub const REVISION_KEY: &[u8] = b"au/revision";
-pub const USER_PREFIX: &[u8] = b"au/u/";
-pub const ROLE_PREFIX: &[u8] = b"au/r/";
 
 const ROOT: &str = "root";
 

@@ -11,6 +11,10 @@ pub mod revision;
 
 use crate::metrics::TxnOps;
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
+use crate::schema::{
+    ALARM_PREFIX, LEASE_PREFIX, LOCAL_RECORDS, META_CONSISTENT_INDEX, META_FINISHED_COMPACT,
+    META_SCHEDULED_COMPACT, META_SNAPSHOT_INDEX, META_SNAPSHOT_TERM,
+};
 use key_index::KeyIndex;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use prost::Message;
@@ -47,27 +51,6 @@ pub type Result<T> = std::result::Result<T, MvccError>;
 
 /// Raw backend records, (key, value), in key order.
 pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// This member's identity: records of this member alone, beside the replicated state. A Raft
-/// snapshot never carries them to another member, and installing one keeps the receiver's
-/// (etcd keeps them in its WAL metadata, outside the backend it sends).
-pub const META_MEMBER_ID: &[u8] = b"m/member_id";
-pub const META_CLUSTER_ID: &[u8] = b"m/cluster_id";
-pub const LOCAL_RECORDS: [&[u8]; 2] = [META_MEMBER_ID, META_CLUSTER_ID];
-
-/// The Raft configuration at the applied index (replicated state).
-pub const META_CONF_STATE: &[u8] = b"m/conf_state";
-/// The cluster's downgrade job (`version::Downgrade`), replicated like the key space.
-pub const META_DOWNGRADE: &[u8] = b"m/downgrade";
-pub const META_CONSISTENT_INDEX: &[u8] = b"m/consistent_index";
-/// The Raft point of the last snapshot installed from the leader.
-pub const META_SNAPSHOT_INDEX: &[u8] = b"m/snapshot_index";
-pub const META_SNAPSHOT_TERM: &[u8] = b"m/snapshot_term";
-pub const META_SCHEDULED_COMPACT: &[u8] = b"m/scheduled_compact_rev";
-pub const META_FINISHED_COMPACT: &[u8] = b"m/finished_compact_rev";
-/// Prefix of other replicated records kept beside the key space (leases, alarms, members).
-pub const LEASE_PREFIX: &[u8] = b"l/";
-pub const ALARM_PREFIX: &[u8] = b"a/";
 
 /// sled's page cache. Reads of values that miss it are served from the OS page cache (sled
 /// reads its files with pread), so a large one mostly doubles memory: with a million 256-byte
@@ -1331,6 +1314,7 @@ mod group_commit_tests {
 #[cfg(test)]
 mod snapshot_identity_tests {
     use super::*;
+    use crate::schema::{META_CLUSTER_ID, META_MEMBER_ID};
 
     /// A member that installs another's state stays who it is (issue 17: a follower that
     /// caught up by snapshot restarted with the leader's member ID).

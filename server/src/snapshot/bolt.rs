@@ -19,10 +19,10 @@
 
 use super::reader::BoltFile;
 use super::{Backup, Result, SnapshotError};
-use crate::auth;
 use crate::mvcc::Revision;
 use crate::pb::etcdserverpb::{AlarmMember, Member};
 use crate::pb::leasepb::Lease;
+use crate::schema::{ENABLED_KEY, REVISION_KEY, ROLE_PREFIX, USER_PREFIX};
 use bbolt_rs::{BucketRwApi, DbApi, DbRwAPI, TxRwApi, TxRwRefApi};
 use prost::Message;
 use std::path::Path;
@@ -193,22 +193,19 @@ pub fn write(path: &Path, backup: &Backup) -> Result<()> {
             let revision = backup
                 .auth
                 .iter()
-                .find(|(k, _)| k.as_slice() == auth::REVISION_KEY)
+                .find(|(k, _)| k.as_slice() == REVISION_KEY)
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| 1u64.to_be_bytes().to_vec());
             b.put(AUTH_REVISION, revision).map_err(bolt)?;
             if let Some((_, v)) = backup
                 .auth
                 .iter()
-                .find(|(k, _)| k.as_slice() == auth::ENABLED_KEY)
+                .find(|(k, _)| k.as_slice() == ENABLED_KEY)
             {
                 b.put(AUTH_ENABLED, v.clone()).map_err(bolt)?;
             }
         }
-        for (bucket, prefix) in [
-            (AUTH_USERS, auth::USER_PREFIX),
-            (AUTH_ROLES, auth::ROLE_PREFIX),
-        ] {
+        for (bucket, prefix) in [(AUTH_USERS, USER_PREFIX), (AUTH_ROLES, ROLE_PREFIX)] {
             let mut b = tx.create_bucket_if_not_exists(bucket).map_err(bolt)?;
             for (k, v) in &backup.auth {
                 if let Some(name) = k.strip_prefix(prefix) {
@@ -305,17 +302,14 @@ pub fn read(path: &Path) -> Result<Backup> {
     if let Some(b) = bucket(AUTH) {
         file.for_each(&b, |k, v| {
             if k == AUTH_ENABLED {
-                out.auth.push((auth::ENABLED_KEY.to_vec(), v.to_vec()));
+                out.auth.push((ENABLED_KEY.to_vec(), v.to_vec()));
             } else if k == AUTH_REVISION {
-                out.auth.push((auth::REVISION_KEY.to_vec(), v.to_vec()));
+                out.auth.push((REVISION_KEY.to_vec(), v.to_vec()));
             }
             Ok(())
         })?;
     }
-    for (name, prefix) in [
-        (AUTH_USERS, auth::USER_PREFIX),
-        (AUTH_ROLES, auth::ROLE_PREFIX),
-    ] {
+    for (name, prefix) in [(AUTH_USERS, USER_PREFIX), (AUTH_ROLES, ROLE_PREFIX)] {
         if let Some(b) = bucket(name) {
             file.for_each(&b, |k, v| {
                 out.auth.push(([prefix, k].concat(), v.to_vec()));

@@ -17,21 +17,21 @@
 
 use super::restore::sync_parent;
 use super::{bolt, Result, SnapshotError};
-use crate::membership::{self, MEMBER_PREFIX, REMOVED_PREFIX};
-use crate::mvcc::{self, Crc32c, Store};
-use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
+use crate::membership;
+use crate::mvcc::{Crc32c, Store};
 use crate::pb::etcdserverpb::{Member, MemberUpdateRequest};
 use crate::pb::oxcdpb::{
-    raft_request::Request, Attributes, Authenticate, ConfChangeContext, MemberAttributes,
-    RaftRequest, UserAdd, UserChangePassword,
+    raft_request::Request, Attributes, Authenticate, MemberAttributes, RaftRequest, UserAdd,
+    UserChangePassword,
+};
+use crate::schema::{
+    ALARM_PREFIX, MEMBER_PREFIX, META_CLUSTER_ID, META_CONF_STATE, META_CONSISTENT_INDEX,
+    META_MEMBER_ID, META_SNAPSHOT_INDEX, META_SNAPSHOT_TERM, REMOVED_PREFIX,
 };
 use crate::wal::Wal;
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState,
-    SnapshotMetadata,
-};
+use raft::eraftpb::{ConfChangeType, ConfState, Entry, EntryType, HardState, SnapshotMetadata};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -540,26 +540,8 @@ fn normal_entry(index: u64, term: u64, data: Vec<u8>) -> Entry {
 }
 
 fn conf_change_entry(index: u64, term: u64, change: ConfChangeType, m: Member) -> Result<Entry> {
-    let mut single = ConfChangeSingle::default();
-    single.set_change_type(change);
-    single.node_id = m.id;
-    let mut cc = ConfChangeV2::default();
-    cc.mut_changes().push(single);
-    cc.context = ConfChangeContext {
-        request_id: 0,
-        member: Some(m),
-    }
-    .encode_to_vec()
-    .into();
-    let mut e = Entry::default();
-    e.set_entry_type(EntryType::EntryConfChangeV2);
-    e.index = index;
-    e.term = term;
-    e.data = cc
-        .write_to_bytes()
-        .map_err(|e| invalid(e.to_string()))?
-        .into();
-    Ok(e)
+    let cc = membership::conf_change(change, m.id, Some(m), 0);
+    membership::conf_change_entry(index, term, &cc).map_err(|e| invalid(e.to_string()))
 }
 
 /// The member list as the log changes it: the backend's list, then every membership change
@@ -797,7 +779,7 @@ pub fn import(dir: &EtcdDataDir, bcrypt_cost: u32) -> Result<Imported> {
         records.push((membership::record_key(REMOVED_PREFIX, *id), vec![]));
     }
     for (m, a) in &backend.alarms {
-        let mut k = mvcc::ALARM_PREFIX.to_vec();
+        let mut k = ALARM_PREFIX.to_vec();
         k.extend_from_slice(&m.to_be_bytes());
         k.extend_from_slice(&a.to_be_bytes());
         records.push((k, vec![]));
@@ -809,9 +791,9 @@ pub fn import(dir: &EtcdDataDir, bcrypt_cost: u32) -> Result<Imported> {
         (META_MEMBER_ID, meta.node_id.to_be_bytes().to_vec()),
         (META_CLUSTER_ID, meta.cluster_id.to_be_bytes().to_vec()),
         (META_CONF_STATE, conf_bytes),
-        (mvcc::META_CONSISTENT_INDEX, index.to_be_bytes().to_vec()),
-        (mvcc::META_SNAPSHOT_INDEX, index.to_be_bytes().to_vec()),
-        (mvcc::META_SNAPSHOT_TERM, term.to_be_bytes().to_vec()),
+        (META_CONSISTENT_INDEX, index.to_be_bytes().to_vec()),
+        (META_SNAPSHOT_INDEX, index.to_be_bytes().to_vec()),
+        (META_SNAPSHOT_TERM, term.to_be_bytes().to_vec()),
     ] {
         records.push((k.to_vec(), v));
     }

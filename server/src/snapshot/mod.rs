@@ -11,9 +11,12 @@ pub mod etcd_dir;
 mod reader;
 pub mod restore;
 
-use crate::membership::{MEMBER_PREFIX, REMOVED_PREFIX};
 use crate::mvcc::{self, Records, Revision, Store};
 use crate::pb::etcdserverpb::Member;
+use crate::schema::{
+    ALARM_PREFIX, AUTH_PREFIX, LEASE_PREFIX, MEMBER_PREFIX, META_DOWNGRADE, META_FINISHED_COMPACT,
+    META_SCHEDULED_COMPACT, REMOVED_PREFIX,
+};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -78,7 +81,7 @@ impl Backup {
         let corrupt = |what: &str| SnapshotError::Corrupt(format!("backend record {what}"));
         let downgrade = records
             .iter()
-            .find(|(k, _)| k.as_slice() == mvcc::META_DOWNGRADE)
+            .find(|(k, _)| k.as_slice() == META_DOWNGRADE)
             .map(|(_, v)| crate::version::Downgrade::decode(v))
             .unwrap_or_default();
         let cluster = downgrade.cluster_version();
@@ -92,11 +95,11 @@ impl Backup {
         for (k, v) in records {
             if let Some((rev, tomb)) = Revision::from_backend_key(k) {
                 b.revisions.push((rev, tomb, v.clone()));
-            } else if let Some(id) = k.strip_prefix(mvcc::LEASE_PREFIX) {
+            } else if let Some(id) = k.strip_prefix(LEASE_PREFIX) {
                 let id = be_u64(id).ok_or_else(|| corrupt("lease id"))? as i64;
                 let ttl = be_u64(v).ok_or_else(|| corrupt("lease ttl"))? as i64;
                 b.leases.push((id, ttl));
-            } else if let Some(a) = k.strip_prefix(mvcc::ALARM_PREFIX) {
+            } else if let Some(a) = k.strip_prefix(ALARM_PREFIX) {
                 if a.len() == 12 {
                     let m = be_u64(&a[..8]).ok_or_else(|| corrupt("alarm"))?;
                     let t = i32::from_be_bytes(a[8..].try_into().map_err(|_| corrupt("alarm"))?);
@@ -108,11 +111,11 @@ impl Backup {
             } else if let Some(id) = k.strip_prefix(REMOVED_PREFIX) {
                 b.removed
                     .push(be_u64(id).ok_or_else(|| corrupt("removed member"))?);
-            } else if k.starts_with(crate::auth::AUTH_PREFIX) {
+            } else if k.starts_with(AUTH_PREFIX) {
                 b.auth.push((k.clone(), v.clone()));
-            } else if k.as_slice() == mvcc::META_SCHEDULED_COMPACT {
+            } else if k.as_slice() == META_SCHEDULED_COMPACT {
                 b.scheduled_compact = Some(be_u64(v).ok_or_else(|| corrupt("compaction"))? as i64);
-            } else if k.as_slice() == mvcc::META_FINISHED_COMPACT {
+            } else if k.as_slice() == META_FINISHED_COMPACT {
                 b.finished_compact = Some(be_u64(v).ok_or_else(|| corrupt("compaction"))? as i64);
             }
         }
@@ -127,19 +130,19 @@ impl Backup {
             out.push((rev.to_backend_key(*tomb), kv.clone()));
         }
         for (id, ttl) in &self.leases {
-            let mut k = mvcc::LEASE_PREFIX.to_vec();
+            let mut k = LEASE_PREFIX.to_vec();
             k.extend_from_slice(&id.to_be_bytes());
             out.push((k, ttl.to_be_bytes().to_vec()));
         }
         if let Some(r) = self.scheduled_compact {
             out.push((
-                mvcc::META_SCHEDULED_COMPACT.to_vec(),
+                META_SCHEDULED_COMPACT.to_vec(),
                 (r as u64).to_be_bytes().to_vec(),
             ));
         }
         if let Some(r) = self.finished_compact {
             out.push((
-                mvcc::META_FINISHED_COMPACT.to_vec(),
+                META_FINISHED_COMPACT.to_vec(),
                 (r as u64).to_be_bytes().to_vec(),
             ));
         }
@@ -309,6 +312,7 @@ fn table(headers: &[&str], row: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schema::{ENABLED_KEY, REVISION_KEY, ROLE_PREFIX, USER_PREFIX};
 
     #[test]
     fn sizes_read_like_go_humanize() {
@@ -370,19 +374,10 @@ mod tests {
             cluster_version: "3.6.0".into(),
             storage_version: Some("3.6.0".into()),
             auth: vec![
-                (crate::auth::ENABLED_KEY.to_vec(), vec![1]),
-                (
-                    crate::auth::REVISION_KEY.to_vec(),
-                    7u64.to_be_bytes().to_vec(),
-                ),
-                (
-                    [crate::auth::USER_PREFIX, b"root"].concat(),
-                    b"user".to_vec(),
-                ),
-                (
-                    [crate::auth::ROLE_PREFIX, b"app"].concat(),
-                    b"role".to_vec(),
-                ),
+                (ENABLED_KEY.to_vec(), vec![1]),
+                (REVISION_KEY.to_vec(), 7u64.to_be_bytes().to_vec()),
+                ([USER_PREFIX, b"root"].concat(), b"user".to_vec()),
+                ([ROLE_PREFIX, b"app"].concat(), b"role".to_vec()),
             ],
         };
         bolt::write(&path, &b).unwrap();

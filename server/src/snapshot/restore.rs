@@ -8,9 +8,12 @@
 //! damaged backup or a failure half-way leaves nothing behind.
 
 use super::{bolt, extract_db, Result, SnapshotError};
-use crate::membership::{self, Member, MEMBER_PREFIX};
-use crate::mvcc::{self, Store};
-use crate::mvcc::{META_CLUSTER_ID, META_CONF_STATE, META_MEMBER_ID};
+use crate::membership::{self, Member};
+use crate::mvcc::Store;
+use crate::schema::{
+    MEMBER_PREFIX, META_CLUSTER_ID, META_CONF_STATE, META_CONSISTENT_INDEX, META_MEMBER_ID,
+    META_SCHEDULED_COMPACT, META_SNAPSHOT_INDEX, META_SNAPSHOT_TERM,
+};
 use crate::wal::Wal;
 use prost::Message as _;
 use protobuf::Message as _;
@@ -160,9 +163,9 @@ fn build(
         (META_MEMBER_ID, member_id.to_be_bytes().to_vec()),
         (META_CLUSTER_ID, cluster_id.to_be_bytes().to_vec()),
         (META_CONF_STATE, conf_bytes),
-        (mvcc::META_CONSISTENT_INDEX, index.to_be_bytes().to_vec()),
-        (mvcc::META_SNAPSHOT_INDEX, index.to_be_bytes().to_vec()),
-        (mvcc::META_SNAPSHOT_TERM, term.to_be_bytes().to_vec()),
+        (META_CONSISTENT_INDEX, index.to_be_bytes().to_vec()),
+        (META_SNAPSHOT_INDEX, index.to_be_bytes().to_vec()),
+        (META_SNAPSHOT_TERM, term.to_be_bytes().to_vec()),
     ] {
         records.push((k.to_vec(), v));
     }
@@ -177,9 +180,9 @@ fn build(
     if cfg.bump_revision > 0 {
         // A compaction scheduled at the bumped revision: the store finishes it when it opens,
         // as etcd does with the one etcdutl schedules.
-        records.retain(|(k, _)| k.as_slice() != mvcc::META_SCHEDULED_COMPACT);
+        records.retain(|(k, _)| k.as_slice() != META_SCHEDULED_COMPACT);
         records.push((
-            mvcc::META_SCHEDULED_COMPACT.to_vec(),
+            META_SCHEDULED_COMPACT.to_vec(),
             (revision as u64).to_be_bytes().to_vec(),
         ));
     }

@@ -7,9 +7,10 @@
 //! ordinary KV, Txn or Watch call through the server's own services, so auth, quotas and
 //! linearizability are exactly those of a client's call.
 
-use crate::api::kv::KvService;
-use crate::api::lease::LeaseService;
+use super::kv::KvService;
+use super::lease::LeaseService;
 use crate::auth::Caller;
+use crate::etcdserver::EtcdServer;
 use crate::mvcc::prefix_end;
 use crate::pb::etcdserverpb::{
     compare, kv_server::Kv, lease_server::Lease, range_request, request_op, watch_request, Compare,
@@ -18,7 +19,6 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::mvccpb::{event::EventType, KeyValue};
 use crate::pb::v3electionpb::LeaderKey;
-use crate::server::EtcdServer;
 use crate::watch::WatchStream;
 use std::sync::Arc;
 use tokio::sync::mpsc;

@@ -1,6 +1,6 @@
-//! etcd's request semantics over the MVCC store (etcd's `apply.go`): Range, Put, DeleteRange,
-//! Txn with compares and nested transactions, and the request checks etcd makes before
-//! proposing (empty keys, txn size, overlapping puts and deletes).
+//! etcd's request semantics over the MVCC store (etcd's `etcdserver/txn` package): Range, Put,
+//! DeleteRange, and Txn with compares and nested transactions. The checks a request passes
+//! before it is proposed are the API's (`api::key`).
 
 use crate::auth::{AuthInfo, AuthStore};
 use crate::error::{EtcdError, Result};
@@ -8,144 +8,17 @@ use crate::lease::Lessor;
 use crate::mvcc::{RangeEnd, RangeOptions, ReadView, WriteTxn};
 use crate::pb::etcdserverpb::{
     compare, range_request, request_op, response_op, Compare, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::pb::mvccpb::KeyValue;
 use std::cmp::Ordering;
-use std::collections::HashSet;
 
 fn header(rev: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         revision: rev,
         ..Default::default()
     })
-}
-
-// ---- checks made before a request is proposed (etcd's v3rpc/key.go) ----
-
-pub fn check_range(r: &RangeRequest) -> Result<()> {
-    if r.key.is_empty() {
-        return Err(EtcdError::EmptyKey);
-    }
-    Ok(())
-}
-
-pub fn check_put(r: &PutRequest) -> Result<()> {
-    if r.key.is_empty() {
-        return Err(EtcdError::EmptyKey);
-    }
-    if r.ignore_value && !r.value.is_empty() {
-        return Err(EtcdError::ValueProvided);
-    }
-    if r.ignore_lease && r.lease != 0 {
-        return Err(EtcdError::LeaseProvided);
-    }
-    Ok(())
-}
-
-pub fn check_delete(r: &DeleteRangeRequest) -> Result<()> {
-    if r.key.is_empty() {
-        return Err(EtcdError::EmptyKey);
-    }
-    Ok(())
-}
-
-pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<()> {
-    check_txn_ops(r, max_txn_ops as i64)?;
-    check_intervals(&r.success)?;
-    check_intervals(&r.failure)?;
-    Ok(())
-}
-
-fn check_txn_ops(r: &TxnRequest, max_txn_ops: i64) -> Result<()> {
-    let opc = r.compare.len().max(r.success.len()).max(r.failure.len()) as i64;
-    if opc > max_txn_ops {
-        return Err(EtcdError::TooManyOps);
-    }
-    if r.compare.iter().any(|c| c.key.is_empty()) {
-        return Err(EtcdError::EmptyKey);
-    }
-    for op in r.success.iter().chain(r.failure.iter()) {
-        match &op.request {
-            Some(request_op::Request::RequestRange(x)) => check_range(x)?,
-            Some(request_op::Request::RequestPut(x)) => check_put(x)?,
-            Some(request_op::Request::RequestDeleteRange(x)) => check_delete(x)?,
-            Some(request_op::Request::RequestTxn(x)) => check_txn_ops(x, max_txn_ops - opc)?,
-            None => return Err(EtcdError::KeyNotFound),
-        }
-    }
-    Ok(())
-}
-
-/// A deleted interval [start, end) as etcd's affine string intervals see it: an empty end is
-/// unbounded, a single key is [key, key+"\0").
-struct Interval {
-    start: Vec<u8>,
-    end: Option<Vec<u8>>,
-}
-
-impl Interval {
-    fn contains(&self, k: &[u8]) -> bool {
-        k >= self.start.as_slice() && self.end.as_deref().is_none_or(|e| k < e)
-    }
-}
-
-/// Rejects a txn branch whose puts overlap each other or a delete (etcd's `checkIntervals`);
-/// returns the branch's put keys and delete intervals for the enclosing level.
-fn check_intervals(reqs: &[RequestOp]) -> Result<(HashSet<Vec<u8>>, Vec<Interval>)> {
-    let mut dels = Vec::new();
-    for r in reqs {
-        if let Some(request_op::Request::RequestDeleteRange(d)) = &r.request {
-            let end = if d.range_end.is_empty() {
-                let mut e = d.key.clone();
-                e.push(0);
-                Some(e)
-            } else {
-                Some(d.range_end.clone())
-            };
-            dels.push(Interval {
-                start: d.key.clone(),
-                end,
-            });
-        }
-    }
-    let mut puts: HashSet<Vec<u8>> = HashSet::new();
-    for r in reqs {
-        let Some(request_op::Request::RequestTxn(t)) = &r.request else {
-            continue;
-        };
-        let (puts_then, dels_then) = check_intervals(&t.success)?;
-        let (puts_else, dels_else) = check_intervals(&t.failure)?;
-        for k in &puts_then {
-            if puts.contains(k) || dels.iter().any(|d| d.contains(k)) {
-                return Err(EtcdError::DuplicateKey);
-            }
-            puts.insert(k.clone());
-        }
-        for k in &puts_else {
-            // The same key in then and else is fine: only one branch runs.
-            if puts.contains(k) && !puts_then.contains(k) {
-                return Err(EtcdError::DuplicateKey);
-            }
-            if dels.iter().any(|d| d.contains(k)) {
-                return Err(EtcdError::DuplicateKey);
-            }
-            puts.insert(k.clone());
-        }
-        dels.extend(dels_then);
-        dels.extend(dels_else);
-    }
-    for r in reqs {
-        let Some(request_op::Request::RequestPut(p)) = &r.request else {
-            continue;
-        };
-        if puts.contains(&p.key) || dels.iter().any(|d| d.contains(&p.key)) {
-            return Err(EtcdError::DuplicateKey);
-        }
-        puts.insert(p.key.clone());
-    }
-    Ok((puts, dels))
 }
 
 pub fn is_txn_read_only(r: &TxnRequest) -> bool {
@@ -391,8 +264,6 @@ fn compare_to_path(view: &impl ReadView, t: &TxnRequest, path: &mut Vec<bool>) {
     }
 }
 
-/// Checks the ops of the chosen branches against the state before the txn (etcd's
-/// `checkRequests`): all puts first (write txns only), then all ranges, as etcd orders them.
 /// What a txn's earlier ops on its path put (true) or deleted (false), in order, so that a
 /// later op knows whether a key still exists.
 #[derive(Default)]
@@ -408,9 +279,11 @@ impl Written {
     }
 }
 
+/// Checks the ops of the chosen branches (`path`) before any runs, as etcd's `checkTxn` does.
 fn check_path(
     view: &impl ReadView,
-    lessor: &Lessor,
+    // None for a txn that writes nothing (it has no put whose lease to check).
+    lessor: Option<&Lessor>,
     t: &TxnRequest,
     path: &[bool],
     pos: &mut usize,
@@ -438,7 +311,7 @@ fn check_path(
                         return Err(EtcdError::KeyNotFound);
                     }
                 }
-                if p.lease != 0 && !lessor.exists(p.lease) {
+                if p.lease != 0 && !lessor.is_some_and(|l| l.exists(p.lease)) {
                     return Err(EtcdError::LeaseNotFound);
                 }
                 written.0.push((p.key.clone(), Vec::new(), true));
@@ -463,8 +336,43 @@ fn check_path(
     Ok(())
 }
 
-fn apply_txn_ops(
-    txn: &mut WriteTxn,
+/// Where a txn's chosen ops run: a write transaction, or a read view for a txn that writes
+/// nothing (`is_txn_read_only`).
+trait OpTarget {
+    fn op_range(&self, r: &RangeRequest) -> Result<RangeResponse>;
+    fn op_put(&mut self, p: &PutRequest) -> Result<PutResponse>;
+    fn op_delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse>;
+}
+
+impl OpTarget for WriteTxn<'_> {
+    fn op_range(&self, r: &RangeRequest) -> Result<RangeResponse> {
+        range(self, r)
+    }
+    fn op_put(&mut self, p: &PutRequest) -> Result<PutResponse> {
+        put(self, p)
+    }
+    fn op_delete_range(&mut self, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        delete_range(self, d)
+    }
+}
+
+struct ReadOnly<'a, V>(&'a V);
+
+impl<V: ReadView> OpTarget for ReadOnly<'_, V> {
+    fn op_range(&self, r: &RangeRequest) -> Result<RangeResponse> {
+        range(self.0, r)
+    }
+    fn op_put(&mut self, _: &PutRequest) -> Result<PutResponse> {
+        Err(EtcdError::Internal("a put in a read-only txn".into()))
+    }
+    fn op_delete_range(&mut self, _: &DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        Err(EtcdError::Internal("a delete in a read-only txn".into()))
+    }
+}
+
+/// Runs the branches `path` chose (one bool per txn, outer first, in op order).
+fn execute(
+    target: &mut impl OpTarget,
     t: &TxnRequest,
     path: &[bool],
     pos: &mut usize,
@@ -475,16 +383,16 @@ fn apply_txn_ops(
     for op in if ok { &t.success } else { &t.failure } {
         let resp = match &op.request {
             Some(request_op::Request::RequestRange(r)) => {
-                Some(response_op::Response::ResponseRange(range(txn, r)?))
+                Some(response_op::Response::ResponseRange(target.op_range(r)?))
             }
             Some(request_op::Request::RequestPut(p)) => {
-                Some(response_op::Response::ResponsePut(put(txn, p)?))
+                Some(response_op::Response::ResponsePut(target.op_put(p)?))
             }
             Some(request_op::Request::RequestDeleteRange(d)) => Some(
-                response_op::Response::ResponseDeleteRange(delete_range(txn, d)?),
+                response_op::Response::ResponseDeleteRange(target.op_delete_range(d)?),
             ),
             Some(request_op::Request::RequestTxn(inner)) => Some(
-                response_op::Response::ResponseTxn(apply_txn_ops(txn, inner, path, pos)?),
+                response_op::Response::ResponseTxn(execute(target, inner, path, pos)?),
             ),
             None => None,
         };
@@ -502,13 +410,13 @@ fn apply_txn_ops(
 pub fn txn(txn: &mut WriteTxn, lessor: &Lessor, t: &TxnRequest) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_to_path(txn, t, &mut path);
-    check_path(txn, lessor, t, &path, &mut 0, &mut Written::default())?;
+    check_path(txn, Some(lessor), t, &path, &mut 0, &mut Written::default())?;
     if !is_txn_read_only(t) {
         // etcd compares and checks in a read transaction of its own, then writes in another:
         // its metrics count them as two.
         txn.take_ops().record();
     }
-    let mut resp = apply_txn_ops(txn, t, &path, &mut 0)?;
+    let mut resp = execute(txn, t, &path, &mut 0)?;
     resp.header = header(txn.rev());
     Ok(resp)
 }
@@ -564,128 +472,8 @@ impl<V: ReadView> ReadView for CountingView<'_, V> {
 fn read_only_txn_in(view: &impl ReadView, t: &TxnRequest) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_to_path(view, t, &mut path);
-    let lessor = Lessor::new(1);
-    check_path(view, &lessor, t, &path, &mut 0, &mut Written::default())?;
-    fn run(
-        view: &impl ReadView,
-        t: &TxnRequest,
-        path: &[bool],
-        pos: &mut usize,
-    ) -> Result<TxnResponse> {
-        let ok = path[*pos];
-        *pos += 1;
-        let mut responses = Vec::new();
-        for op in if ok { &t.success } else { &t.failure } {
-            let resp = match &op.request {
-                Some(request_op::Request::RequestRange(r)) => {
-                    Some(response_op::Response::ResponseRange(range(view, r)?))
-                }
-                Some(request_op::Request::RequestTxn(inner)) => Some(
-                    response_op::Response::ResponseTxn(run(view, inner, path, pos)?),
-                ),
-                _ => None,
-            };
-            responses.push(ResponseOp { response: resp });
-        }
-        Ok(TxnResponse {
-            header: Some(ResponseHeader::default()),
-            succeeded: ok,
-            responses,
-        })
-    }
-    let mut resp = run(view, t, &path, &mut 0)?;
+    check_path(view, None, t, &path, &mut 0, &mut Written::default())?;
+    let mut resp = execute(&mut ReadOnly(view), t, &path, &mut 0)?;
     resp.header = header(view.rev());
     Ok(resp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put_op(k: &str) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestPut(PutRequest {
-                key: k.into(),
-                ..Default::default()
-            })),
-        }
-    }
-    fn del_op(k: &str, end: &str) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(
-                DeleteRangeRequest {
-                    key: k.into(),
-                    range_end: end.into(),
-                    ..Default::default()
-                },
-            )),
-        }
-    }
-    fn txn_op(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
-        RequestOp {
-            request: Some(request_op::Request::RequestTxn(TxnRequest {
-                compare: vec![],
-                success,
-                failure,
-            })),
-        }
-    }
-
-    #[test]
-    fn duplicate_keys_are_rejected_as_etcd_does() {
-        let t = |s: Vec<RequestOp>| {
-            check_txn(
-                &TxnRequest {
-                    compare: vec![],
-                    success: s,
-                    failure: vec![],
-                },
-                128,
-            )
-        };
-        assert_eq!(
-            t(vec![put_op("a"), put_op("a")]),
-            Err(EtcdError::DuplicateKey)
-        );
-        assert_eq!(
-            t(vec![put_op("b"), del_op("a", "c")]),
-            Err(EtcdError::DuplicateKey)
-        );
-        assert_eq!(
-            t(vec![put_op("a"), del_op("a", "")]),
-            Err(EtcdError::DuplicateKey)
-        );
-        assert_eq!(t(vec![put_op("c"), del_op("a", "c")]), Ok(()));
-        // Deletes may overlap deletes.
-        assert_eq!(t(vec![del_op("a", "c"), del_op("b", "")]), Ok(()));
-        // Then and else of a nested txn may both write the same key.
-        assert_eq!(
-            t(vec![txn_op(vec![put_op("a")], vec![put_op("a")])]),
-            Ok(())
-        );
-        assert_eq!(
-            t(vec![put_op("a"), txn_op(vec![put_op("a")], vec![])]),
-            Err(EtcdError::DuplicateKey)
-        );
-        // A from-key delete ("\0" end) does not conflict in etcd 3.4's interval check.
-        assert_eq!(t(vec![put_op("b"), del_op("a", "\0")]), Ok(()));
-    }
-
-    #[test]
-    fn too_many_ops_and_empty_ops() {
-        let many: Vec<RequestOp> = (0..5).map(|i| put_op(&format!("k{i}"))).collect();
-        let r = TxnRequest {
-            compare: vec![],
-            success: many,
-            failure: vec![],
-        };
-        assert_eq!(check_txn(&r, 4), Err(EtcdError::TooManyOps));
-        assert_eq!(check_txn(&r, 5), Ok(()));
-        let r = TxnRequest {
-            compare: vec![],
-            success: vec![RequestOp { request: None }],
-            failure: vec![],
-        };
-        assert_eq!(check_txn(&r, 5), Err(EtcdError::KeyNotFound));
-    }
 }

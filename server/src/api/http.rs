@@ -5,12 +5,11 @@
 //! etcd serves HTTP/1.1 and gRPC on the same port (cmux). `api::serve` looks at the first bytes
 //! of each connection: the HTTP/2 preface goes to gRPC, anything else comes here.
 
+use super::reply::{json, response, text, Body};
 use crate::error::EtcdError;
+use crate::etcdserver::EtcdServer;
 use crate::metrics::METRICS;
 use crate::pb::etcdserverpb::AlarmType;
-use crate::server::EtcdServer;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -70,14 +69,12 @@ where
         async move { Ok::<_, std::convert::Infallible>(handle(&server, req, endpoints).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
-        .max_buf_size(crate::api::MAX_HTTP1_HEAD_BYTES)
+        .max_buf_size(super::limits::MAX_HTTP1_HEAD_BYTES)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "http connection ended");
     }
 }
-
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
 async fn handle(
     server: &Arc<EtcdServer>,
@@ -153,11 +150,39 @@ async fn handle(
         "/metrics" => response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            METRICS.render(server),
+            metrics_text(server),
         ),
         "/debug/vars" => json(StatusCode::OK, debug_vars(server).await.to_string()),
         _ => text(StatusCode::NOT_FOUND, "404 page not found\n"),
     }
+}
+
+/// `/metrics`: the state gauges drawn from the server at scrape time, then every metric.
+fn metrics_text(server: &EtcdServer) -> String {
+    use std::sync::atomic::Ordering;
+    let m = &*METRICS;
+    super::grpc_metrics::preregister();
+    let leader = server.raft_status.leader.load(Ordering::Relaxed);
+    m.has_leader.set((leader != 0) as i64);
+    m.is_leader.set((leader != 0 && leader == server.id) as i64);
+    m.is_learner.set(server.member().is_learner as i64);
+    m.proposals_committed
+        .set(server.raft_status.commit.load(Ordering::Relaxed) as i64);
+    m.proposals_applied.set(server.applied_index() as i64);
+    m.server_id
+        .with_label_values(&[&format!("{:x}", server.id)])
+        .set(1);
+    m.quota_backend_bytes
+        .set(server.cfg.quota_backend_bytes as i64);
+    let size = server.store.size_on_disk() as i64;
+    m.db_total_size.set(size);
+    m.db_total_size_in_use.set(size);
+    m.debugging_db_total_size.set(size);
+    m.keys_total.set(server.store.live_keys() as i64);
+    m.current_revision.set(server.store.current_rev());
+    m.compact_revision.set(server.store.compact_rev());
+    m.auth_revision.set(server.auth.revision() as i64);
+    m.render()
 }
 
 /// The JSON gateway: POST only, the body read whole, the token from `Authorization`.
@@ -169,7 +194,7 @@ async fn gateway(server: &Arc<EtcdServer>, req: Request<hyper::body::Incoming>) 
     // grpc-gateway v2 refuses a header gRPC metadata cannot carry.
     if let Some(v) = req.headers().get("authorization") {
         if v.as_bytes().iter().any(|b| !(0x20..=0x7e).contains(b)) {
-            return crate::api::gateway::error_response(tonic::Status::internal(
+            return super::gateway::error_response(tonic::Status::internal(
                 "header key \"authorization\" contains value with non-printable ASCII characters",
             ));
         }
@@ -182,12 +207,12 @@ async fn gateway(server: &Arc<EtcdServer>, req: Request<hyper::body::Incoming>) 
         // etcd ignores a client certificate's name on gateway requests.
         common_name: None,
     };
-    let limit = server.cfg.max_request_bytes + crate::api::GRPC_OVERHEAD_BYTES;
-    let body = match crate::api::gateway::read_body(req.into_body(), limit).await {
+    let limit = server.cfg.max_request_bytes + super::limits::GRPC_OVERHEAD_BYTES;
+    let body = match super::gateway::read_body(req.into_body(), limit).await {
         Ok(b) => b,
-        Err(s) => return crate::api::gateway::error_response(s),
+        Err(s) => return super::gateway::error_response(s),
     };
-    crate::api::gateway::handle(server, &path, caller, &body)
+    super::gateway::handle(server, &path, caller, &body)
         .await
         .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "Not Found\n"))
 }
@@ -279,7 +304,7 @@ async fn run_check(server: &EtcdServer, check: &str) -> Result<(), String> {
             limit: 1,
             ..Default::default()
         };
-        crate::apply::range(&server.store.read(), &r)
+        crate::txn::range(&server.store.read(), &r)
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -374,45 +399,6 @@ impl Query {
         }
         out
     }
-}
-
-/// etcd wraps its handlers in CORS headers for browser clients.
-pub(crate) fn response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    use hyper::header::HeaderValue;
-    h.insert("Content-Type", HeaderValue::from_static(content_type));
-    h.insert("Access-Control-Allow-Origin", HeaderValue::from_static("*"));
-    h.insert(
-        "Access-Control-Allow-Methods",
-        HeaderValue::from_static("POST, GET, OPTIONS, PUT, DELETE"),
-    );
-    h.insert(
-        "Access-Control-Allow-Headers",
-        HeaderValue::from_static("accept, content-type, authorization"),
-    );
-    // Go's http.Error, which etcd uses for every failure, adds this.
-    if !status.is_success() {
-        h.insert(
-            "X-Content-Type-Options",
-            HeaderValue::from_static("nosniff"),
-        );
-    }
-    r
-}
-
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
-    response(status, "text/plain; charset=utf-8", body.into())
-}
-
-fn json(status: StatusCode, body: String) -> Response<Body> {
-    response(status, "application/json", body)
 }
 
 #[cfg(test)]
