@@ -2,12 +2,15 @@
 
 use crate::backup;
 use crate::crd::{BackupRecord, EtcdCluster, EtcdClusterStatus, MemberStatus};
-use crate::decide::{self, Action, Bootstrap, ClusterState, Observed, PodObs, VolumeObs};
+use crate::decide::{
+    self, action_kind, Action, Bootstrap, ClusterState, Observed, PodObs, VolumeObs,
+};
 use crate::etcd::{self, Outcome};
+use crate::metrics::Metrics;
 use crate::resources::{self, Names, MANAGER, TEMPLATE_HASH, VOLUME_MEMBER};
+use crate::status;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -16,7 +19,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,82 +30,6 @@ pub enum Error {
     Etcd(#[from] etcd::EtcdError),
     #[error("{0}")]
     Spec(#[from] resources::SpecError),
-}
-
-/// Counters served on the operator's /metrics.
-#[derive(Default)]
-pub struct Metrics {
-    pub reconciles: AtomicU64,
-    pub reconcile_errors: AtomicU64,
-    /// Actions taken, by kind.
-    pub actions: std::sync::Mutex<BTreeMap<&'static str, u64>>,
-    pub backups_succeeded: AtomicU64,
-    pub backups_failed: AtomicU64,
-    pub backup_seconds_total_ms: AtomicU64,
-    pub backup_bytes_total: AtomicU64,
-}
-
-impl Metrics {
-    fn action(&self, kind: &'static str) {
-        if let Ok(mut m) = self.actions.lock() {
-            *m.entry(kind).or_default() += 1;
-        }
-    }
-
-    fn backup(&self, ok: bool, took: Duration, bytes: u64) {
-        let counter = if ok {
-            &self.backups_succeeded
-        } else {
-            &self.backups_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.backup_seconds_total_ms
-            .fetch_add(took.as_millis() as u64, Ordering::Relaxed);
-        self.backup_bytes_total.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP oxcd_operator_reconciles_total Reconciles started.\n# TYPE oxcd_operator_reconciles_total counter\n");
-        out.push_str(&format!(
-            "oxcd_operator_reconciles_total {}\n",
-            self.reconciles.load(Ordering::Relaxed)
-        ));
-        out.push_str("# HELP oxcd_operator_reconcile_errors_total Reconciles that failed.\n# TYPE oxcd_operator_reconcile_errors_total counter\n");
-        out.push_str(&format!(
-            "oxcd_operator_reconcile_errors_total {}\n",
-            self.reconcile_errors.load(Ordering::Relaxed)
-        ));
-        out.push_str("# HELP oxcd_operator_actions_total Actions taken, by kind.\n# TYPE oxcd_operator_actions_total counter\n");
-        if let Ok(m) = self.actions.lock() {
-            for (kind, n) in m.iter() {
-                out.push_str(&format!(
-                    "oxcd_operator_actions_total{{action=\"{kind}\"}} {n}\n"
-                ));
-            }
-        }
-        out.push_str("# HELP oxcd_operator_backups_total Backups taken, by result.\n# TYPE oxcd_operator_backups_total counter\n");
-        out.push_str(&format!(
-            "oxcd_operator_backups_total{{result=\"succeeded\"}} {}\n",
-            self.backups_succeeded.load(Ordering::Relaxed)
-        ));
-        out.push_str(&format!(
-            "oxcd_operator_backups_total{{result=\"failed\"}} {}\n",
-            self.backups_failed.load(Ordering::Relaxed)
-        ));
-        out.push_str("# HELP oxcd_operator_backup_duration_seconds_total Time spent taking backups.\n# TYPE oxcd_operator_backup_duration_seconds_total counter\n");
-        out.push_str(&format!(
-            "oxcd_operator_backup_duration_seconds_total {:.3}\n",
-            self.backup_seconds_total_ms.load(Ordering::Relaxed) as f64 / 1000.0
-        ));
-        out.push_str("# HELP oxcd_operator_backup_bytes_total Bytes of backups taken.\n# TYPE oxcd_operator_backup_bytes_total counter\n");
-        out.push_str(&format!(
-            "oxcd_operator_backup_bytes_total {}\n",
-            self.backup_bytes_total.load(Ordering::Relaxed)
-        ));
-        out
-    }
 }
 
 pub struct Context {
@@ -123,15 +49,30 @@ pub struct Context {
 const BUSY: Duration = Duration::from_secs(3);
 const IDLE: Duration = Duration::from_secs(30);
 
+/// One reconcile of `ec`, in a span naming the cluster, its duration recorded.
 pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    ctx.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "reconcile",
+        cluster = %ec.name_any(),
+        namespace = %ec.namespace().unwrap_or_default()
+    );
+    let _timer = ctx.metrics.reconcile_started();
+    reconcile_once(ec, ctx.clone()).instrument(span).await
+}
+
+async fn reconcile_once(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let ns = ec.namespace().unwrap_or_else(|| "default".into());
     let names = Names::new(&ec, &ctx.domain_suffix).with_operator_image(&ctx.operator_image);
     if let Err(e) = resources::validate(&ec) {
         let status = EtcdClusterStatus {
             observed_generation: ec.metadata.generation,
             phase: Some("Degraded".into()),
-            conditions: conditions(&ec, &[("Degraded", true, "InvalidSpec", e.to_string())]),
+            conditions: status::conditions(
+                &ec,
+                jiff::Timestamp::now(),
+                &[("Degraded", true, "InvalidSpec", e.to_string())],
+            ),
             ..ec.status.clone().unwrap_or_default()
         };
         patch_status(&ctx.client, &ec, &status).await?;
@@ -143,7 +84,11 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Requeu
             let status = EtcdClusterStatus {
                 observed_generation: ec.metadata.generation,
                 phase: Some("Degraded".into()),
-                conditions: conditions(&ec, &[("Degraded", true, "TlsSecret", why)]),
+                conditions: status::conditions(
+                    &ec,
+                    jiff::Timestamp::now(),
+                    &[("Degraded", true, "TlsSecret", why)],
+                ),
                 ..ec.status.clone().unwrap_or_default()
             };
             patch_status(&ctx.client, &ec, &status).await?;
@@ -171,7 +116,7 @@ pub async fn reconcile(ec: Arc<EtcdCluster>, ctx: Arc<Context>) -> Result<Requeu
 }
 
 pub fn error_policy(ec: Arc<EtcdCluster>, err: &Error, ctx: Arc<Context>) -> Requeue {
-    ctx.metrics.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.reconcile_failed();
     tracing::warn!(cluster = %ec.name_any(), error = %err, "reconcile failed");
     Requeue::requeue(Duration::from_secs(10))
 }
@@ -507,79 +452,7 @@ fn ignore_missing<T>(r: Result<T, kube::Error>) -> Result<(), Error> {
     }
 }
 
-fn action_kind(a: &Action) -> &'static str {
-    match a {
-        Action::CreateCluster { .. } => "CreateCluster",
-        Action::WriteBootstrap(_) => "WriteBootstrap",
-        Action::AddLearner { .. } => "AddLearner",
-        Action::ScaleStatefulSet { .. } => "ScaleStatefulSet",
-        Action::PromoteLearner { .. } => "PromoteLearner",
-        Action::MoveLeader { .. } => "MoveLeader",
-        Action::RemoveMember { .. } => "RemoveMember",
-        Action::ReplaceMember { .. } => "ReplaceMember",
-        Action::DeletePod { .. } => "DeletePod",
-        Action::RecycleVolume { .. } => "RecycleVolume",
-        Action::LabelVolume { .. } => "LabelVolume",
-        Action::Wait { .. } => "Wait",
-        Action::QuorumLost { .. } => "QuorumLost",
-        Action::Idle => "Idle",
-    }
-}
-
-/// The phase shown by `kubectl get etcdc`: Running only when nothing is left to do.
-pub fn phase(o: &Observed, action: &Action) -> &'static str {
-    match action {
-        Action::Idle => return "Running",
-        Action::ReplaceMember { .. } => return "Repairing",
-        Action::QuorumLost { .. } => return "QuorumLost",
-        Action::Wait { degraded: true, .. } => return "Degraded",
-        Action::CreateCluster { .. } => return "Creating",
-        _ => {}
-    }
-    let Some(etcd) = &o.etcd else {
-        return "Creating";
-    };
-    let members = etcd.members.len() as u32;
-    if members != o.desired_replicas || etcd.members.iter().any(|m| m.learner) {
-        return "Scaling";
-    }
-    if o.bootstrap
-        .as_ref()
-        .is_some_and(|b| b.state == ClusterState::New)
-    {
-        return "Creating";
-    }
-    // Restarting members (an upgrade, or pods that went away) until all are back.
-    "Upgrading"
-}
-
-/// Conditions with transition times kept while their status is unchanged.
-fn conditions(ec: &EtcdCluster, now: &[(&str, bool, &str, String)]) -> Vec<Condition> {
-    let old = ec
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    now.iter()
-        .map(|(type_, status, reason, message)| {
-            let status = if *status { "True" } else { "False" }.to_string();
-            let since = old
-                .iter()
-                .find(|c| c.type_ == *type_ && c.status == status)
-                .map(|c| c.last_transition_time.clone())
-                .unwrap_or(Time(jiff::Timestamp::now()));
-            Condition {
-                type_: type_.to_string(),
-                status,
-                reason: reason.to_string(),
-                message: message.clone(),
-                last_transition_time: since,
-                observed_generation: ec.metadata.generation,
-            }
-        })
-        .collect()
-}
-
+/// Events and metrics for what this reconcile did, then the status `status::status` computes.
 async fn report(
     ctx: &Context,
     ec: &EtcdCluster,
@@ -594,133 +467,10 @@ async fn report(
         ctx.metrics.action(kind);
         publish(ctx, ec, EventType::Normal, kind, note).await;
     }
-    let phase = phase(o, action);
-    let (available, degraded, progressing, why) = match action {
-        Action::QuorumLost { message } => {
-            publish(ctx, ec, EventType::Warning, "QuorumLost", message).await;
-            (false, true, false, message.clone())
-        }
-        Action::Wait {
-            reason,
-            degraded: true,
-        } => (
-            o.etcd.as_ref().is_some_and(|e| e.leader.is_some()),
-            true,
-            false,
-            reason.clone(),
-        ),
-        Action::Wait { reason, .. } => (
-            o.etcd.as_ref().is_some_and(|e| e.leader.is_some()),
-            false,
-            true,
-            reason.clone(),
-        ),
-        Action::Idle => (
-            true,
-            false,
-            false,
-            "all members healthy and up to date".to_string(),
-        ),
-        other => (
-            o.etcd.as_ref().is_some_and(|e| e.leader.is_some()),
-            false,
-            true,
-            note.clone().unwrap_or_else(|| format!("{other:?}")),
-        ),
-    };
-    let even = ec.spec.replicas % 2 == 0;
-    let old = ec.status.clone().unwrap_or_default();
-    let last_backup = backup.clone().or(old.last_backup.clone());
-    let last_successful_backup = match &backup {
-        Some(b) if b.succeeded => Some(b.clone()),
-        _ => old.last_successful_backup.clone(),
-    };
-    let mut wanted = vec![];
-    if ec.spec.backup.is_some() {
-        wanted.push(match &last_backup {
-            Some(b) if b.succeeded => (
-                "BackupReady",
-                true,
-                "BackupVerified",
-                format!(
-                    "{} (revision {}, {} bytes, verified)",
-                    b.url, b.revision, b.size
-                ),
-            ),
-            Some(b) => (
-                "BackupReady",
-                false,
-                "BackupFailed",
-                b.message.clone().unwrap_or_default(),
-            ),
-            None => (
-                "BackupReady",
-                false,
-                "NoBackupYet",
-                "no backup has run yet".to_string(),
-            ),
-        });
+    if let Action::QuorumLost { message } = action {
+        publish(ctx, ec, EventType::Warning, "QuorumLost", message).await;
     }
-    let mut conds = conditions(
-        ec,
-        &[
-            (
-                "Available",
-                available,
-                if available {
-                    "QuorumHealthy"
-                } else {
-                    "NoQuorum"
-                },
-                why.clone(),
-            ),
-            ("Progressing", progressing, kind, why.clone()),
-            (
-                "Degraded",
-                degraded,
-                if degraded { kind } else { "AsExpected" },
-                why.clone(),
-            ),
-            (
-                "EvenMemberCount",
-                even,
-                if even { "EvenReplicas" } else { "OddReplicas" },
-                if even {
-                    format!(
-                        "{} members tolerate no more failures than {}; use an odd size",
-                        ec.spec.replicas,
-                        ec.spec.replicas - 1
-                    )
-                } else {
-                    String::new()
-                },
-            ),
-        ],
-    );
-    conds.extend(conditions(ec, &wanted));
-    let leader = members.iter().find(|m| m.leader).map(|m| m.name.clone());
-    // The version every member runs: known once each pod has the current template and is ready.
-    let all_current = !o.pods.is_empty()
-        && o.pods
-            .values()
-            .all(|p| p.template == o.desired_template && p.ready && !p.terminating);
-    let status = EtcdClusterStatus {
-        observed_generation: ec.metadata.generation,
-        phase: Some(phase.into()),
-        replicas: o.etcd.as_ref().map_or(0, |e| e.members.len() as i32),
-        ready_replicas: members.iter().filter(|m| m.healthy).count() as i32,
-        selector: Some(resources::selector_string(ec)),
-        current_version: if all_current {
-            Some(ec.spec.version_label())
-        } else {
-            old.current_version.clone()
-        },
-        leader,
-        members,
-        conditions: conds,
-        last_backup,
-        last_successful_backup,
-    };
+    let status = status::status(ec, o, action, members, note, backup, jiff::Timestamp::now());
     if ec.status.as_ref() != Some(&status) {
         patch_status(&ctx.client, ec, &status).await?;
     }

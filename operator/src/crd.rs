@@ -321,6 +321,7 @@ pub fn crd_yaml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::example;
 
     #[test]
     fn committed_crds_match_the_types() {
@@ -372,30 +373,22 @@ mod tests {
         assert_eq!(replicas["maximum"].as_f64(), Some(9.0));
     }
 
-    fn cluster(spec: serde_json::Value) -> EtcdCluster {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "oxcd.io/v1alpha1", "kind": "EtcdCluster",
-            "metadata": {"name": "demo"}, "spec": spec,
-        }))
-        .unwrap()
-    }
-
     #[test]
     fn cel_rules_guard_immutable_fields_and_destinations() {
-        let old = cluster(serde_json::json!({"replicas": 3, "storage": {"size": "1Gi"}}));
-        let scaled = cluster(serde_json::json!({"replicas": 5, "storage": {"size": "1Gi"}}));
+        let old = example(serde_json::json!({"replicas": 3, "storage": {"size": "1Gi"}}));
+        let scaled = example(serde_json::json!({"replicas": 5, "storage": {"size": "1Gi"}}));
         assert!(kube::core::cel::validate_cel_update(&scaled, &old).is_ok());
-        let resized = cluster(serde_json::json!({"replicas": 3, "storage": {"size": "2Gi"}}));
+        let resized = example(serde_json::json!({"replicas": 3, "storage": {"size": "2Gi"}}));
         let err = kube::core::cel::validate_cel_update(&resized, &old).unwrap_err();
         assert!(
             format!("{err:?}").contains("storage is immutable"),
             "{err:?}"
         );
 
-        let good = cluster(serde_json::json!({"replicas": 3,
+        let good = example(serde_json::json!({"replicas": 3,
             "backup": {"destination": "s3://bucket/x", "schedule": "0 * * * *"}}));
         assert!(kube::core::cel::validate_cel(&good).is_ok());
-        let bad = cluster(serde_json::json!({"replicas": 3,
+        let bad = example(serde_json::json!({"replicas": 3,
             "backup": {"destination": "ftp://host/x"}}));
         let err = kube::core::cel::validate_cel(&bad).unwrap_err();
         assert!(
@@ -406,7 +399,7 @@ mod tests {
 
     #[test]
     fn image_and_version() {
-        let mut spec = cluster(serde_json::json!({"replicas": 1, "version": "0.2.0"})).spec;
+        let mut spec = example(serde_json::json!({"replicas": 1, "version": "0.2.0"})).spec;
         assert_eq!(spec.image(), format!("{DEFAULT_IMAGE_REPOSITORY}:0.2.0"));
         assert_eq!(spec.version_label(), "0.2.0");
         spec.image = Some("registry:5000/oxcd:dev".into());

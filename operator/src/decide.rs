@@ -453,66 +453,30 @@ fn roll(
     })
 }
 
+pub fn action_kind(a: &Action) -> &'static str {
+    match a {
+        Action::CreateCluster { .. } => "CreateCluster",
+        Action::WriteBootstrap(_) => "WriteBootstrap",
+        Action::AddLearner { .. } => "AddLearner",
+        Action::ScaleStatefulSet { .. } => "ScaleStatefulSet",
+        Action::PromoteLearner { .. } => "PromoteLearner",
+        Action::MoveLeader { .. } => "MoveLeader",
+        Action::RemoveMember { .. } => "RemoveMember",
+        Action::ReplaceMember { .. } => "ReplaceMember",
+        Action::DeletePod { .. } => "DeletePod",
+        Action::RecycleVolume { .. } => "RecycleVolume",
+        Action::LabelVolume { .. } => "LabelVolume",
+        Action::Wait { .. } => "Wait",
+        Action::QuorumLost { .. } => "QuorumLost",
+        Action::Idle => "Idle",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const NEW: &str = "template-2";
-    const OLD: &str = "template-1";
-
-    fn id(k: u32) -> u64 {
-        0x1000 + k as u64
-    }
-
-    /// A healthy cluster of `n` members (ordinals 0..n), member 0 leading, all current.
-    fn healthy(n: u32) -> Observed {
-        Observed {
-            desired_replicas: n,
-            desired_template: NEW.into(),
-            preferred_leader: None,
-            statefulset_replicas: Some(n),
-            bootstrap: Some(Bootstrap {
-                state: ClusterState::Existing,
-                members: (0..n).collect(),
-            }),
-            pods: (0..n)
-                .map(|k| {
-                    let pod = PodObs {
-                        template: NEW.into(),
-                        ready: true,
-                        terminating: false,
-                        age_secs: 1000,
-                        lost_member: None,
-                    };
-                    (k, pod)
-                })
-                .collect(),
-            volumes: (0..n)
-                .map(|k| {
-                    (
-                        k,
-                        VolumeObs {
-                            member_id: Some(id(k)),
-                        },
-                    )
-                })
-                .collect(),
-            etcd: Some(EtcdObs {
-                leader: Some(id(0)),
-                members: (0..n).map(member).collect(),
-            }),
-        }
-    }
-
-    fn member(k: u32) -> MemberObs {
-        MemberObs {
-            id: id(k),
-            ordinal: Some(k),
-            started: true,
-            learner: false,
-            healthy: true,
-        }
-    }
+    use crate::fixtures::*;
 
     fn etcd(o: &mut Observed) -> &mut EtcdObs {
         o.etcd.as_mut().unwrap()

@@ -8,6 +8,10 @@ pub mod controller;
 pub mod crd;
 pub mod decide;
 pub mod etcd;
+#[cfg(test)]
+mod fixtures;
+pub mod metrics;
 pub mod operator;
 pub mod resources;
 pub mod restore;
+pub mod status;

@@ -1,8 +1,9 @@
 //! The operator process: logging, leader election between replicas, the health and metrics
 //! endpoint, and one controller per watched namespace (or one for all).
 
-use crate::controller::{self, Context, Metrics};
+use crate::controller::{self, Context};
 use crate::crd::EtcdCluster;
+use crate::metrics::Metrics;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};

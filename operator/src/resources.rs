@@ -776,15 +776,7 @@ pub enum RenderError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub fn example(spec: serde_json::Value) -> EtcdCluster {
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "oxcd.io/v1alpha1", "kind": "EtcdCluster",
-            "metadata": {"name": "demo", "namespace": "prod", "uid": "1f2e3d4c-aaaa-bbbb-cccc-000000000000"},
-            "spec": spec,
-        }))
-        .unwrap()
-    }
+    use crate::fixtures::example;
 
     fn names(ec: &EtcdCluster) -> Names {
         Names::new(ec, "")

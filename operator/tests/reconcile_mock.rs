@@ -5,8 +5,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
-use oxcd_operator::controller::{reconcile, Context, Metrics};
+use oxcd_operator::controller::{reconcile, Context};
 use oxcd_operator::crd::EtcdCluster;
+use oxcd_operator::metrics::Metrics;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
