@@ -9,6 +9,7 @@ machine and the exact command, between the result markers of BENCHMARKS.md.
 
     scripts/bench-compare.py                 # full run: 3 rounds, 1 and 3 members, 1M keys
     scripts/bench-compare.py --quick         # a few minutes: 1 round, shorter runs, 100k keys
+    scripts/bench-compare.py --quick --server OTHER/oxcd --out /tmp/other.md   # another build
 """
 
 import argparse
@@ -26,6 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OXCD = os.path.join(ROOT, "target", "release", "oxcd")
+# The oxcd server measured (--server); the load generator is always OXCD.
+OXCD_SERVER = OXCD
 ETCD = "/usr/bin/etcd"
 ETCDCTL = "/usr/bin/etcdctl"
 DATA = os.path.join(ROOT, "target", "bench")
@@ -112,7 +115,7 @@ class ClusterRun:
         ]
 
     def start(self):
-        binary = ETCD if self.impl == "etcd" else OXCD
+        binary = ETCD if self.impl == "etcd" else OXCD_SERVER
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
         self.started = time.time()
         self.procs = []
@@ -350,7 +353,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 round, 2s runs, 100k keys")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--port", type=int, default=41000)
+    ap.add_argument("--server", default=OXCD,
+                    help="the oxcd binary to measure (another build, to compare two versions)")
     a = ap.parse_args()
+    global OXCD_SERVER
+    OXCD_SERVER = os.path.abspath(a.server)
     if a.quick:
         a.rounds, a.duration, a.keys = 1, "2s", 100_000
     ensure_tools()
@@ -360,7 +367,8 @@ def main():
     etcd_version = subprocess.run([ETCD, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     out = [MARK_START, "",
            f"Run {started:%Y-%m-%d %H:%M} UTC on {machine(fsync)}; {etcd_version} (Debian) vs oxcd "
-           f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}; "
+           f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}"
+           f"{'' if OXCD_SERVER == OXCD else f' (server binary {OXCD_SERVER})'}; "
            f"medians of {a.rounds} round(s), runs alternating etcd/oxcd, each on a fresh cluster and data dir "
            f"in `target/bench`; load generator `oxcd benchmark` for both.", "",
            "Command: `scripts/bench-compare.py " + " ".join(sys.argv[1:]) + "`", ""]
