@@ -9,20 +9,16 @@
 //! with a scheme prefix cut off the authority. All other frames pass through untouched, and the
 //! server-to-client direction is not touched at all.
 
+use super::h2::{
+    FrameHeader, CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEADER, HEADERS, PADDED, PREFACE,
+    PRIORITY,
+};
 use loona_hpack::{Decoder, Encoder};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER: usize = 9;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
 /// The server's SETTINGS_MAX_FRAME_SIZE (h2's default); re-encoded blocks are split to fit.
 const MAX_FRAME: usize = 16_384;
 
@@ -125,8 +121,14 @@ impl<T> AuthorityFix<T> {
                     if avail.len() < FRAME_HEADER {
                         break;
                     }
-                    let len = u32::from_be_bytes([0, avail[0], avail[1], avail[2]]) as usize;
-                    let kind = avail[3];
+                    let mut head = [0; FRAME_HEADER];
+                    head.copy_from_slice(&avail[..FRAME_HEADER]);
+                    let FrameHeader {
+                        len,
+                        kind,
+                        flags,
+                        stream,
+                    } = FrameHeader::parse(&head);
                     if kind != HEADERS && kind != CONTINUATION {
                         self.output.extend_from_slice(&avail[..FRAME_HEADER]);
                         pos += FRAME_HEADER;
@@ -140,9 +142,6 @@ impl<T> AuthorityFix<T> {
                     if avail.len() < FRAME_HEADER + len {
                         break;
                     }
-                    let flags = avail[4];
-                    let stream =
-                        u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]) & 0x7fff_ffff;
                     let payload = avail[FRAME_HEADER..FRAME_HEADER + len].to_vec();
                     if let Some(raw) = self.first_block.as_mut() {
                         if raw.len() + FRAME_HEADER + len
@@ -365,17 +364,9 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 
 #[cfg(test)]
 mod tests {
+    use super::super::h2::frame;
     use super::*;
     use tokio::io::AsyncReadExt;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.push(kind);
-        f.push(flags);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     #[tokio::test]
     async fn url_authority_becomes_host_port_and_other_frames_pass() {

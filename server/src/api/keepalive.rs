@@ -11,6 +11,9 @@
 //! by the client, ended by either side, pings), and writes the GOAWAY between two of the
 //! server's frames.
 
+use super::h2::{
+    FrameHeader, ACK, DATA, END_STREAM, FRAME_HEADER, GOAWAY, HEADERS, PING, PREFACE, RST_STREAM,
+};
 use std::collections::HashSet;
 use std::io;
 use std::pin::Pin;
@@ -18,15 +21,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const PREFACE_LEN: usize = 24;
-const FRAME_HEADER: usize = 9;
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// grpc-go's `maxPingStrikes`.
 const MAX_PING_STRIKES: u32 = 2;
@@ -76,11 +70,10 @@ impl Frames {
                 self.have += n;
                 bytes = &bytes[n..];
                 if self.have == FRAME_HEADER {
-                    let h = self.header;
+                    let h = FrameHeader::parse(&self.header);
                     self.have = 0;
-                    self.payload = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-                    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                    frame(h[3], h[4], stream);
+                    self.payload = h.len;
+                    frame(h.kind, h.flags, h.stream);
                 }
             }
         }
@@ -182,7 +175,7 @@ impl<T> KeepaliveEnforced<T> {
                 reset_strikes: false,
                 strikes: 0,
             },
-            incoming: Frames::new(PREFACE_LEN),
+            incoming: Frames::new(PREFACE.len()),
             outgoing: Frames::new(0),
             goaway: None,
             closed: false,
@@ -335,16 +328,8 @@ impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
 
 #[cfg(test)]
 mod tests {
+    use super::super::h2::frame;
     use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        f.push(kind);
-        f.push(flags);
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     fn policy(min_time: Duration) -> Policy {
         KeepaliveEnforced::new((), min_time).policy
@@ -357,7 +342,7 @@ mod tests {
         bytes.extend(frame(PING, 0, 0, &[0; 8]));
         bytes.extend(frame(RST_STREAM, 0, 1, &[0, 0, 0, 8]));
         let mut seen = Vec::new();
-        let mut f = Frames::new(PREFACE_LEN);
+        let mut f = Frames::new(PREFACE.len());
         for chunk in bytes.chunks(5) {
             f.feed(chunk, |k, fl, s| seen.push((k, fl, s)));
         }
