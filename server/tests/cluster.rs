@@ -1383,6 +1383,21 @@ async fn learner_rpc_outcomes(cluster: &Cluster, learner: usize) -> Vec<(&'stati
         ("put", outcome(c.put("x", "y", None).await)),
         ("member list", outcome(c.member_list().await)),
         ("lease grant", outcome(c.lease_grant(60, None).await)),
+        // The gate covers every service (etcd's interceptors): auth, maintenance, lock.
+        ("user list", outcome(c.user_list().await)),
+        (
+            "alarm list",
+            outcome(
+                c.alarm(
+                    etcd_client::AlarmAction::Get,
+                    etcd_client::AlarmType::None,
+                    None,
+                )
+                .await,
+            ),
+        ),
+        ("lock", outcome(c.lock("learner-lock", None).await)),
+        ("snapshot", outcome(c.snapshot().await)),
     ]
 }
 

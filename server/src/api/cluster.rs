@@ -158,7 +158,6 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.check_admin(&caller).await?;
         let r = req.into_inner();
@@ -218,7 +217,6 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.check_admin(&caller).await?;
         let r = req.into_inner();
@@ -246,7 +244,6 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.check_admin(&caller).await?;
         let r = req.into_inner();
@@ -278,7 +275,6 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.check_admin(&caller).await?;
         let r = req.into_inner();
@@ -323,7 +319,6 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
-        self.0.check_not_learner()?;
         self.0.require_auth_info(&Caller::of(&req)).await?;
         // etcd 3.6: a linearizable list waits until this member applied the leader's index.
         if req.get_ref().linearizable {

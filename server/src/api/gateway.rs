@@ -214,6 +214,9 @@ async fn call(
     let mnt = MaintenanceService(s.clone());
     let auth = AuthService(s.clone());
     let c = caller;
+    if !super::learner::serves_route(route) {
+        s.check_not_learner()?;
+    }
     Ok(match route {
         "kv/range" => unary!(
             kv,
@@ -581,7 +584,6 @@ async fn call(
             stream_response("etcdserverpb.SnapshotResponse", stream, ())
         }
         "watch" => {
-            s.check_not_learner()?;
             let reqs: Vec<WatchRequest> = json_messages("etcdserverpb.WatchRequest", body)?;
             let (req_tx, req_rx) = tokio::sync::mpsc::channel(reqs.len().max(1));
             for r in reqs {
@@ -598,7 +600,6 @@ async fn call(
         }
         "lease/keepalive" => {
             // etcd's keep-alive stream ends when the client's side does.
-            s.check_not_learner()?;
             let reqs: Vec<LeaseKeepAliveRequest> =
                 json_messages("etcdserverpb.LeaseKeepAliveRequest", body)?;
             let inbound = futures::stream::iter(reqs.into_iter().map(Ok));

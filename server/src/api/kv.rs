@@ -160,7 +160,6 @@ impl Kv for KvService {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
         key::check_put(&r)?;
@@ -178,7 +177,6 @@ impl Kv for KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
         key::check_delete(&r)?;
@@ -192,7 +190,6 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
         key::check_txn(&r, self.0.cfg.max_txn_ops)?;
@@ -232,7 +229,6 @@ impl Kv for KvService {
         &self,
         req: Request<RangeRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
         check_range_stream(&r)?;
@@ -289,7 +285,6 @@ impl Kv for KvService {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
         match self.0.propose_as(Raft::Compaction(r), &caller).await? {

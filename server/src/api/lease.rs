@@ -22,7 +22,6 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         // etcd 3.6 names a user for grants, revokes and TTL queries when auth is on.
         self.0.require_auth_info(&caller).await?;
@@ -46,7 +45,6 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.require_auth_info(&caller).await?;
         match self
@@ -70,7 +68,6 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        self.0.check_not_learner()?;
         Ok(Response::new(keep_alive(self.0.clone(), req.into_inner())))
     }
 
@@ -78,7 +75,6 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         self.0.require_auth_info(&caller).await?;
         let r = req.into_inner();
@@ -95,7 +91,6 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        self.0.check_not_learner()?;
         let ids = self.0.lessor.ids();
         self.0
             .check_lease_keys_readable(&Caller::of(&req), &ids)

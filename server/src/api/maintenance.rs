@@ -27,7 +27,6 @@ async fn check_admin<T>(server: &EtcdServer, req: &Request<T>) -> Result<(), Sta
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        self.0.check_not_learner()?;
         let caller = Caller::of(&req);
         if req.get_ref().action == AlarmAction::Get as i32 {
             self.0.require_auth_info(&caller).await?;
@@ -119,7 +118,6 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<DowngradeRequest>,
     ) -> Result<Response<DowngradeResponse>, Status> {
-        self.0.check_not_learner()?;
         check_admin(&self.0, &req).await?;
         let caller = Caller::of(&req);
         let r = req.into_inner();
@@ -184,7 +182,6 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        self.0.check_not_learner()?;
         check_admin(&self.0, &req).await?;
         let store = self.0.store.clone();
         let before = store.size_on_disk();
@@ -205,7 +202,6 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(DefragmentResponse { header: None }))
     }
     async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.0.check_not_learner()?;
         check_admin(&self.0, &req).await?;
         let store = self.0.store.clone();
         let (hash, rev) = tokio::task::spawn_blocking(move || store.hash())
@@ -226,7 +222,6 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        self.0.check_not_learner()?;
         check_admin(&self.0, &req).await?;
         let resp = crate::corrupt::hash_kv(&self.0, req.into_inner().revision).await?;
         Ok(Response::new(resp))
@@ -282,7 +277,6 @@ impl Maintenance for MaintenanceService {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.0.check_not_learner()?;
         let target = req.into_inner().target_id;
         let st = self.0.node_status().await?;
         if !st.is_leader {

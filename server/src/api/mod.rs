@@ -9,10 +9,12 @@ pub(crate) mod election;
 pub(crate) mod gateway;
 mod grpc_errors;
 pub(crate) mod grpc_metrics;
+mod h2;
 pub mod http;
 mod keepalive;
 pub mod key;
 pub(crate) mod kv;
+mod learner;
 pub(crate) mod lease;
 pub(crate) mod limits;
 pub(crate) mod lock;
@@ -90,6 +92,8 @@ pub async fn serve(
         })
         // Inside the metrics layer, so the counters see the codes clients get.
         .layer(grpc_errors::GrpcGoErrorsLayer)
+        // Inside both: a learner's refusal is counted and worded like a handler's.
+        .layer(learner::LearnerGateLayer(server.clone()))
         .add_service(
             KvServer::from_arc(Arc::new(kv::KvService(server.clone())))
                 .max_decoding_message_size(max),
