@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../server/src"
 layer() { case $1 in
-  error|pb|duration|version|features|listener|log|tls|failpoint|metrics) echo 0 ;;
+  error|pb|duration|version|features|listener|log|tls|tls/*|failpoint|metrics) echo 0 ;;
   schema|wal|mvcc|mvcc/*|snapshot|snapshot/bolt|snapshot/reader) echo 1 ;;
   membership|transport|raft_node) echo 2 ;;
   etcdserver|etcdserver/*|txn|lease|auth|auth/*|watch|corrupt) echo 3 ;;
@@ -19,7 +19,7 @@ deps() {
   grep -rno 'crate::[a-z_]*\(::[a-z_]*\)\?' --include=*.rs . |
   while IFS=: read -r f _ m; do
     s=${f#./}; s=${s%.rs}; s=${s%/mod}
-    t=${m#crate::}; t=${t/::/\/}
+    t=${m#crate::}; t=${t/::/\/}; t=${t%/}
     [ -e "$t.rs" ] || [ -e "$t/mod.rs" ] || t=${t%%/*}
     echo "$(layer "$s") $(layer "$t") $s $t"
   done | sort -u
